@@ -1,0 +1,172 @@
+"""The interface every privacy technique implements.
+
+Backends compute; they never time themselves. The harness calls `setup`, optionally
+`fit`, then `predict_proba` batch by batch, then `teardown`, and measures around
+each call. Traffic between parties goes through the `CommMeter` in the context.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from suite.errors import SuiteError, did_you_mean
+from suite.meter import CommMeter
+from suite.threat_model import ThreatModel
+
+TRACKS = ("reference", "inference", "training")
+
+
+@dataclass
+class BackendContext:
+    """What the harness gives a backend: the model, where to write, and the meter."""
+
+    model: Any                      # suite.models.ModelBundle (torch module + metadata)
+    meter: CommMeter
+    workdir: Path                   # private scratch folder for this backend run
+    seed: int = 0
+    threads: int = 2
+    quick: bool = False
+    cache_dir: Path | None = None
+
+
+@dataclass
+class BackendOptions:
+    """Base for per-backend option dataclasses; unknown keys are rejected by name."""
+
+    @classmethod
+    def parse(cls, raw: dict[str, Any], backend: str) -> "BackendOptions":
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        for key in raw:
+            if key not in known:
+                raise SuiteError(
+                    f"backend '{backend}' has no option '{key}'{did_you_mean(key, known)}; "
+                    f"options: {', '.join(sorted(known)) or '(none)'}"
+                )
+        values = {}
+        for key, value in raw.items():
+            values[key] = _coerce(value, known[key], backend)
+        return cls(**values)
+
+
+def _coerce(value: Any, f: dataclasses.Field, backend: str) -> Any:
+    """Turn CLI strings ('8', 'true') into the option's declared type."""
+    kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    if not isinstance(value, str):
+        return value
+    try:
+        if kind.startswith("bool"):
+            if value.lower() in ("1", "true", "yes", "on"):
+                return True
+            if value.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(value)
+        if kind.startswith("int"):
+            return int(value)
+        if kind.startswith("float"):
+            return float(value)
+        if kind.startswith("tuple") or kind.startswith("list"):
+            return tuple(float(v) if _is_number(v) else v for v in value.split("/") if v)
+    except ValueError:
+        raise SuiteError(f"backend '{backend}' option '{f.name}' expects {kind}, got '{value}'") from None
+    return value
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+class Backend(ABC):
+    """A privacy technique. Subclasses set the class attributes and implement the methods."""
+
+    name: ClassVar[str]
+    track: ClassVar[str]                       # one of TRACKS
+    extra: ClassVar[str | None] = None         # pip extra that installs its library
+    requires: ClassVar[tuple[str, ...]] = ()   # importable modules it needs (checked by `list`)
+    Options: ClassVar[type[BackendOptions]] = BackendOptions
+    # Largest |p_backend - p_plaintext| the backend promises on inference; None when the
+    # backend is not meant to reproduce plaintext outputs (training track, null).
+    tolerance: ClassVar[float | None] = None
+    # Options the shared conformance test uses to keep this backend tiny and fast.
+    test_options: ClassVar[dict[str, Any]] = {}
+    # Images per predict call the harness uses unless the options say otherwise.
+    default_batch_size: ClassVar[int] = 32
+
+    def __init__(self, options: BackendOptions | None = None) -> None:
+        self.options = options if options is not None else self.Options()
+
+    @abstractmethod
+    def threat_model(self) -> ThreatModel:
+        """The declared protection of this configuration."""
+
+    @abstractmethod
+    def setup(self, ctx: BackendContext) -> None:
+        """One-off work (key generation, sharing weights, starting parties)."""
+
+    def fit(self, train: "Any", ctx: BackendContext) -> None:
+        """Training-track backends train here on `train` (a suite.data.ImageSet)."""
+        raise NotImplementedError(f"{self.name} has no training step")
+
+    @abstractmethod
+    def predict_proba(self, images: np.ndarray) -> np.ndarray:
+        """Probabilities [B, L] in [0, 1] for images [B, 1, H, W] (float32, xrv range)."""
+
+    def teardown(self) -> None:
+        """Release processes, files and keys. Must be safe to call after a failed setup."""
+
+    def versions(self) -> dict[str, str]:
+        """Library versions that determine this backend's numbers."""
+        return {}
+
+    def batch_size(self) -> int:
+        return int(getattr(self.options, "batch_size", 0) or self.default_batch_size)
+
+    def max_images(self) -> int | None:
+        """Upper bound on test images for slow backends (a stratified subset); None = all."""
+        value = getattr(self.options, "max_images", None)
+        return int(value) if value else None
+
+    @classmethod
+    def expand(cls, options: BackendOptions) -> list["Backend"]:
+        """Configurations this entry stands for (a sweep yields several rows)."""
+        return [cls(options)]
+
+    def reference(self) -> "Backend | str | None":
+        """What this configuration is compared with: 'plaintext' for inference, a control
+        configuration (another Backend) for training, None for the reference itself."""
+        return "plaintext" if self.track == "inference" else None
+
+    def extra_rows(self) -> list[dict]:
+        """Backend-specific measured or projected figures as partial result rows.
+
+        Each dict has at least `metric`, `value`, `unit`, `higher_is_better`; anything
+        projected or simulated must say so in its metric name and `note`.
+        """
+        return []
+
+    def config_label(self) -> str:
+        """How this configuration is named on the leaderboard, e.g. 'mpc' or 'he[mode=cnn]'."""
+        defaults = self.Options()
+        changed = {
+            f.name: getattr(self.options, f.name)
+            for f in dataclasses.fields(self.options)
+            if getattr(self.options, f.name) != getattr(defaults, f.name)
+        }
+        if not changed:
+            return self.name
+        return f"{self.name}[" + ",".join(f"{k}={_fmt(v)}" for k, v in sorted(changed.items())) + "]"
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, (tuple, list)):
+        return "/".join(_fmt(v) for v in value)
+    return str(value)

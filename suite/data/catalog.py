@@ -1,0 +1,71 @@
+"""Dataset registry and on-disk cache of prepared datasets.
+
+Every loader turns a DatasetConfig into an ImageSet; the prepared set is cached as
+.npz so backend worker processes load exactly the same arrays the parent saw.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+
+from suite.config import DatasetConfig
+from suite.data.imageset import ImageSet
+from suite.errors import SuiteError
+from suite.models import cache_key
+from suite.paths import dataset_cache_dir
+from suite.registry import Registry
+
+DATASETS: Registry = Registry("dataset")
+DATASETS.register("synthetic", "suite.data.synthetic_loader:load")
+# Real data adapters (torchxrayvision loaders, folders, DICOM) register here too.
+
+
+def load_dataset(cfg: DatasetConfig, seed: int, quick: bool = False) -> tuple[ImageSet, Path]:
+    """The prepared ImageSet and its cache file (built on first use)."""
+    DATASETS.target(cfg.name)  # unknown name: fail before any work
+    key = cache_key(dataclasses.asdict(cfg), seed, quick, _loader_version(cfg.name))
+    path = dataset_cache_dir() / f"{cfg.name}-{key}.npz"
+    if path.exists():
+        try:
+            return load_npz(path), path
+        except Exception:
+            path.unlink(missing_ok=True)  # torn cache file: rebuild
+    loader = DATASETS.load(cfg.name)
+    data = loader(cfg, seed=seed, quick=quick)
+    if len(data) == 0:
+        raise SuiteError(f"dataset '{cfg.name}' is empty")
+    for split in ("train", "test"):
+        if not (data.splits == split).any():
+            raise SuiteError(f"dataset '{cfg.name}' has no '{split}' images")
+    save_npz(data, path)
+    return data, path
+
+
+def _loader_version(name: str) -> str:
+    module = DATASETS.load(name).__module__
+    import sys
+
+    return str(getattr(sys.modules[module], "LOADER_VERSION", "1"))
+
+
+def save_npz(data: ImageSet, path: Path) -> None:
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez(
+        tmp, name=np.array(data.name), images=data.images, labels=data.labels,
+        label_names=np.array(data.label_names), image_ids=data.image_ids.astype(str),
+        sites=data.sites.astype(str), patient_ids=data.patient_ids.astype(str),
+        splits=data.splits.astype(str),
+    )
+    tmp.replace(path)
+
+
+def load_npz(path: Path) -> ImageSet:
+    with np.load(path, allow_pickle=False) as z:
+        return ImageSet(
+            name=str(z["name"]), images=z["images"], labels=z["labels"],
+            label_names=[str(x) for x in z["label_names"]], image_ids=z["image_ids"],
+            sites=z["sites"], patient_ids=z["patient_ids"], splits=z["splits"],
+        )

@@ -1,0 +1,170 @@
+"""The measuring loop, run inside one backend worker process.
+
+The harness, not the backend, owns every clock and the communication meter, so all
+backends are measured the same way (LoadGen's rule). It writes the backend's
+predictions and timings as one part in the run folder; the parent turns parts into
+metric rows.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from suite.backend import Backend, BackendContext
+from suite.data.imageset import ImageSet
+from suite.meter import CommMeter
+from suite.results import write_json_atomic, write_parquet_atomic
+
+
+@dataclass
+class Job:
+    """Everything a worker needs, as plain JSON (so it can run on another host)."""
+
+    run_dir: str
+    backend_id: str
+    backend: str
+    options: dict[str, Any]
+    track: str
+    dataset_path: str
+    test_index: list[int]
+    model_ref: dict[str, Any]
+    seed: int = 0
+    threads: int = 2
+    quick: bool = False
+    cache_dir: str | None = None
+
+    def save(self, path: Path) -> None:
+        write_json_atomic(path, asdict(self))
+
+    @classmethod
+    def load(cls, path: Path) -> "Job":
+        return cls(**json.loads(Path(path).read_text()))
+
+
+@dataclass
+class Timings:
+    setup_s: float | None = None
+    fit_s: float | None = None
+    teardown_s: float | None = None
+    batch_seconds: list[float] = field(default_factory=list)
+    batch_sizes: list[int] = field(default_factory=list)
+
+
+def part_paths(run_dir: Path, backend_id: str) -> tuple[Path, Path]:
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in backend_id)
+    parts = Path(run_dir) / "parts"
+    parts.mkdir(parents=True, exist_ok=True)
+    return parts / f"{safe}.json", parts / f"{safe}.parquet"
+
+
+def check_probabilities(p: Any, batch: int, n_labels: int, backend_id: str) -> np.ndarray:
+    """Reject outputs of the wrong shape, NaN or outside [0, 1]: a backend bug, not a result."""
+    p = np.asarray(p, dtype=np.float64)
+    if p.shape != (batch, n_labels):
+        raise ValueError(f"{backend_id} returned shape {p.shape}, expected {(batch, n_labels)}")
+    if not np.all(np.isfinite(p)):
+        raise ValueError(f"{backend_id} returned non-finite probabilities")
+    if p.min() < -1e-9 or p.max() > 1 + 1e-9:
+        raise ValueError(f"{backend_id} returned probabilities outside [0, 1]")
+    return np.clip(p, 0.0, 1.0)
+
+
+def measure(backend: Backend, ctx: BackendContext, test: ImageSet, train: ImageSet | None,
+            progress: bool = True) -> tuple[np.ndarray, Timings]:
+    """setup -> fit (training track) -> predict batch by batch -> teardown, timed."""
+    from tqdm import tqdm
+
+    t = Timings()
+    meter = ctx.meter
+    try:
+        meter.set_phase("setup")
+        start = time.perf_counter()
+        backend.setup(ctx)
+        t.setup_s = time.perf_counter() - start
+        if backend.track == "training":
+            meter.set_phase("fit")
+            start = time.perf_counter()
+            backend.fit(train, ctx)
+            t.fit_s = time.perf_counter() - start
+        meter.set_phase("online")
+        bs = max(1, backend.batch_size())
+        out = np.zeros((len(test), len(test.label_names)))
+        bar = tqdm(total=len(test), desc=f"{ctx.workdir.name}", unit="img", disable=not progress,
+                   leave=False, dynamic_ncols=True)
+        for start_i in range(0, len(test), bs):
+            x = test.images[start_i:start_i + bs]
+            start = time.perf_counter()
+            p = backend.predict_proba(x)
+            t.batch_seconds.append(time.perf_counter() - start)
+            t.batch_sizes.append(len(x))
+            out[start_i:start_i + len(x)] = check_probabilities(p, len(x), len(test.label_names),
+                                                                ctx.workdir.name)
+            bar.update(len(x))
+        bar.close()
+    finally:
+        meter.set_phase("teardown")
+        start = time.perf_counter()
+        backend.teardown()
+        t.teardown_s = time.perf_counter() - start
+    return out, t
+
+
+def predictions_frame(job: Job, test: ImageSet, probs: np.ndarray) -> pd.DataFrame:
+    """Long format: one row per image x label."""
+    n, n_labels = probs.shape
+    return pd.DataFrame({
+        "backend_id": job.backend_id,
+        "backend": job.backend,
+        "dataset": test.name,
+        "image_id": np.repeat(test.image_ids.astype(str), n_labels),
+        "site": np.repeat(test.sites.astype(str), n_labels),
+        "label": np.tile(np.array(test.label_names), n),
+        "y_true": test.labels.reshape(-1).astype(float),
+        "prob": probs.reshape(-1),
+    })
+
+
+def write_part(job: Job, status: str, error: str | None, test: ImageSet | None,
+               probs: np.ndarray | None, timings: Timings | None, meter: CommMeter | None,
+               backend: Backend | None, log: str | None = None) -> None:
+    meta_path, pred_path = part_paths(Path(job.run_dir), job.backend_id)
+    if probs is not None and test is not None:
+        write_parquet_atomic(predictions_frame(job, test, probs), pred_path)
+    traffic = []
+    if meter is not None:
+        for (phase, party), tr in meter.snapshot().items():
+            traffic.append({"phase": phase, "party": party, **asdict(tr)})
+    meta = {
+        "backend_id": job.backend_id, "backend": job.backend, "status": status, "error": error,
+        "timings": asdict(timings) if timings else None, "traffic": traffic,
+        "versions": _safe(lambda: backend.versions(), {}) if backend else {},
+        "extra_rows": _safe(lambda: backend.extra_rows(), []) if backend and status == "ok" else [],
+        "n_images": len(test) if test is not None else None,
+        "batch_size": backend.batch_size() if backend else None,
+        "traceback": log,
+    }
+    write_json_atomic(meta_path, meta)
+
+
+def _safe(fn, default):
+    try:
+        return fn()
+    except Exception:
+        return default
+
+
+def format_error(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}".strip()
+
+
+def full_traceback() -> str:
+    return traceback.format_exc()

@@ -1,0 +1,90 @@
+"""Turn `--model` into a ModelBundle, training and caching the default model when needed.
+
+The parent process resolves the model once and hands workers a `model_ref` (a small
+dict) so every backend process loads the identical weights.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from suite.config import ModelConfig
+from suite.data.imageset import ImageSet
+from suite.errors import SuiteError
+from suite.models import (SMALL_DENSENET, ModelBundle, build_densenet, cache_key, load_checkpoint,
+                          load_xrv_weights, random_densenet121, save_checkpoint)
+from suite.paths import cache_dir
+from suite.training import Recipe, train_logits_model
+
+BUILTIN_MODELS = {
+    "small-densenet": "small xrv DenseNet (growth 12, blocks 2-2-2-2) trained on the fly on the training split",
+    "densenet121-random": "xrv DenseNet-121, untrained weights (for timing; AUROC ~0.5)",
+}
+
+
+def recipe_for(cfg: ModelConfig, seed: int, quick: bool) -> Recipe:
+    return Recipe(epochs=max(1, cfg.epochs // 2) if quick else cfg.epochs,
+                  batch_size=cfg.batch_size, lr=cfg.lr, seed=seed)
+
+
+def train_small_densenet(data: ImageSet, recipe: Recipe, progress=None) -> ModelBundle:
+    """The suite's own plaintext model: same recipe as `suite train` and the training controls."""
+    train = data.split("train")
+    net = build_densenet(SMALL_DENSENET, len(data.label_names)).train()
+    bundle = ModelBundle(net=net, name="small-densenet", architecture=SMALL_DENSENET,
+                         pathologies=list(data.label_names), resolution=data.resolution,
+                         source="trained-on-the-fly", data_fingerprint=data.fingerprint())
+    train_logits_model(bundle.logits, net.parameters(), train, list(range(len(data.label_names))),
+                       recipe, on_epoch=progress)
+    net.eval()
+    return bundle
+
+
+def resolve_model(cfg: ModelConfig, data: ImageSet, seed: int, quick: bool,
+                  progress=None) -> tuple[ModelBundle, dict[str, Any]]:
+    """The model for this run and a `model_ref` a worker process can load it from."""
+    name = cfg.name
+    if name == "small-densenet":
+        recipe = recipe_for(cfg, seed, quick)
+        key = cache_key("small-densenet", SMALL_DENSENET, data.fingerprint(), recipe.__dict__)
+        path = cache_dir() / "models" / f"small-densenet-{key}.pt"
+        if not path.exists():
+            bundle = train_small_densenet(data, recipe, progress)
+            save_checkpoint(bundle, path, recipe=recipe.__dict__)
+        return load_checkpoint(path), {"kind": "checkpoint", "path": str(path)}
+    if name == "densenet121-random":
+        ref = {"kind": "random", "pathologies": data.label_names, "resolution": data.resolution,
+               "seed": seed}
+        return load_model_ref(ref), ref
+    if name.startswith("xrv:"):
+        return load_xrv_weights(name[4:]), {"kind": "xrv", "weights": name[4:]}
+    if name.endswith(".pt") or Path(name).exists():
+        bundle = load_checkpoint(Path(name))
+        check_pathologies(bundle, data)
+        return bundle, {"kind": "checkpoint", "path": str(Path(name).resolve())}
+    raise SuiteError(
+        f"unknown model '{name}'; use one of {', '.join(BUILTIN_MODELS)}, xrv:<weights name>, "
+        f"or a checkpoint path (.pt)")
+
+
+def check_pathologies(bundle: ModelBundle, data: ImageSet) -> None:
+    missing = [n for n in data.label_names if n not in bundle.pathologies]
+    if missing:
+        raise SuiteError(
+            f"checkpoint '{bundle.name}' does not predict dataset label(s) {missing}; "
+            f"it was trained for {[p for p in bundle.pathologies if p]}")
+
+
+def load_model_ref(ref: dict[str, Any]) -> ModelBundle:
+    """What a worker calls: the same weights the parent resolved."""
+    import torch
+
+    if ref["kind"] == "checkpoint":
+        return load_checkpoint(Path(ref["path"]))
+    if ref["kind"] == "xrv":
+        return load_xrv_weights(ref["weights"])
+    if ref["kind"] == "random":
+        torch.manual_seed(ref["seed"])
+        return random_densenet121(ref["pathologies"], ref["resolution"])
+    raise SuiteError(f"unknown model reference {ref}")

@@ -1,0 +1,83 @@
+"""Expand the user's backend list into concrete configurations, references first.
+
+Each configuration is one leaderboard row. Inference backends are compared with
+`plaintext`; training-track backends name their own control (e.g. the non-private
+model trained with the same recipe), which is scheduled before them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from suite.backend import Backend
+from suite.config import RunConfig, parse_backend_list
+from suite.errors import BackendUnavailable, SuiteError
+from suite.registry_backends import BACKENDS
+
+
+@dataclass
+class Planned:
+    backend_id: str
+    name: str
+    track: str
+    options: dict[str, Any]          # JSON-able options, as the worker re-parses them
+    reference: str | None            # backend_id compared against
+    max_images: int | None
+    instance: Backend | None = None
+    unavailable: str | None = None   # why it cannot run here
+
+
+def options_dict(backend: Backend) -> dict[str, Any]:
+    import dataclasses
+
+    return {f.name: _jsonable(getattr(backend.options, f.name)) for f in dataclasses.fields(backend.options)}
+
+
+def _jsonable(v):
+    return list(v) if isinstance(v, tuple) else v
+
+
+def plan_backends(cfg: RunConfig) -> list[Planned]:
+    specs = parse_backend_list(cfg.backends)
+    for spec in specs:
+        BACKENDS.target(spec.name)  # unknown name -> one-line error with a suggestion
+    plans: dict[str, Planned] = {}
+
+    def add(backend: Backend) -> str:
+        ref = backend.reference()
+        ref_id = None
+        if isinstance(ref, Backend):
+            ref_id = add(ref)
+        elif isinstance(ref, str):
+            ref_id = ref if ref in plans else add(_instantiate(ref, {}, cfg))
+        bid = backend.config_label()
+        if bid not in plans:
+            plans[bid] = Planned(bid, backend.name, backend.track, options_dict(backend), ref_id,
+                                 backend.max_images(), backend)
+        return bid
+
+    add(_instantiate("plaintext", {}, cfg))
+    for spec in specs:
+        raw = spec.merged_options(cfg.backend_options)
+        try:
+            cls = BACKENDS.load(spec.name)
+        except BackendUnavailable as exc:
+            plans.setdefault(spec.name, Planned(spec.name, spec.name, "unknown", raw, None, None,
+                                                unavailable=str(exc)))
+            continue
+        for backend in cls.expand(cls.Options.parse(raw, spec.name)):
+            add(backend)
+    return list(plans.values())
+
+
+def _instantiate(name: str, raw: dict[str, Any], cfg: RunConfig) -> Backend:
+    cls = BACKENDS.load(name)
+    merged = {**cfg.backend_options.get(name, {}), **raw}
+    return cls(cls.Options.parse(merged, name))
+
+
+def validate_unique(plans: list[Planned]) -> None:
+    ids = [p.backend_id for p in plans]
+    if len(ids) != len(set(ids)):
+        raise SuiteError(f"duplicate backend configurations: {ids}")

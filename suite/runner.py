@@ -1,0 +1,278 @@
+"""`suite run`: plan, run each backend configuration in its own watched process,
+score it, and append its rows before moving on (so a crash loses nothing written).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from suite import SCHEMA_VERSION, __version__
+from suite.config import RunConfig
+from suite.data.catalog import load_dataset
+from suite.data.imageset import ImageSet
+from suite.errors import SuiteError
+from suite.evaluate import accuracy_rows, cost_rows, paired_rows
+from suite.harness import Job, part_paths
+from suite.model_source import resolve_model
+from suite.paths import REPO_ROOT, cache_dir, reports_dir
+from suite.planning import Planned, plan_backends
+from suite.procwatch import run_watched
+from suite.results import ResultRow, ResultWriter, read_results, write_json_atomic, write_parquet_atomic
+from suite.threat_model import ThreatModel
+
+FINAL = ("ok", "failed", "skipped")
+
+
+def git_sha() -> str | None:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True,
+                             text=True, timeout=5).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return (sha + ("-dirty" if dirty else "")) or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def library_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version(), "platform": platform.platform(),
+           "cpus": str(os.cpu_count())}
+    for pkg in ("torch", "torchvision", "torchxrayvision", "numpy", "scipy", "scikit-learn", "pandas"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def prepare_run_dir(out: str | None, run_id: str) -> Path:
+    run_dir = Path(out) if out else reports_dir() / run_id
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as exc:
+        raise SuiteError(f"output folder {run_dir} is not writable: {exc.strerror or exc}") from None
+    return run_dir
+
+
+def stratified_order(test: ImageSet, seed: int) -> np.ndarray:
+    """A fixed order of test rows whose every prefix is balanced over sites and findings.
+
+    Slow backends see a prefix; all prefixes are nested, so comparisons pair on the
+    same images whatever subset size each backend uses.
+    """
+    rng = np.random.default_rng(seed + 7919)
+    any_finding = np.nan_to_num(test.labels, nan=0).max(axis=1) > 0
+    per_site = []
+    for site in test.site_names():
+        rows = np.flatnonzero(test.sites == site)
+        pos, neg = rng.permutation(rows[any_finding[rows]]), rng.permutation(rows[~any_finding[rows]])
+        merged = [r for pair in zip(pos, neg) for r in pair]
+        longer = pos if len(pos) > len(neg) else neg
+        merged += list(longer[min(len(pos), len(neg)):])
+        per_site.append(merged)
+    order = [site[i] for i in range(max(map(len, per_site))) for site in per_site if i < len(site)]
+    return np.array(order, dtype=int)
+
+
+class RunState:
+    """run.json: what the run is and where each backend stands; rewritten atomically."""
+
+    def __init__(self, path: Path, data: dict[str, Any]) -> None:
+        self.path, self.data = path, data
+
+    def save(self) -> None:
+        write_json_atomic(self.path, self.data)
+
+    def backend(self, backend_id: str) -> dict[str, Any]:
+        return self.data["backends"][backend_id]
+
+
+def new_state(run_dir: Path, run_id: str, cfg: RunConfig, data: ImageSet, model_desc: dict,
+              plans: list[Planned]) -> RunState:
+    backends = {}
+    for p in plans:
+        tm = p.instance.threat_model() if p.instance else None
+        backends[p.backend_id] = {
+            "backend": p.name, "track": p.track, "status": "skipped" if p.unavailable else "pending",
+            "error": p.unavailable, "reference": p.reference, "n_images": None, "options": p.options,
+            "versions": {}, "tolerance": getattr(p.instance, "tolerance", None),
+            "threat_model": _tm_dict(tm) if tm else None,
+        }
+    state = {
+        "schema_version": SCHEMA_VERSION, "run_id": run_id,
+        "started_at": datetime.now(timezone.utc).isoformat(), "finished_at": None,
+        "git_sha": git_sha(), "suite_version": __version__, "seed": cfg.seed,
+        "config_hash": cfg.hash(), "config": cfg.as_dict(),
+        "dataset": {"name": data.name, "n_train": int((data.splits == "train").sum()),
+                    "n_test": int((data.splits == "test").sum()), "label_names": data.label_names,
+                    "sites": data.site_names(), "resolution": data.resolution,
+                    "fingerprint": data.fingerprint()},
+        "model": model_desc, "versions": library_versions(), "backends": backends,
+    }
+    return RunState(run_dir / "run.json", state)
+
+
+def _tm_dict(tm: ThreatModel) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(tm).items()}
+
+
+def row_meta(state: RunState, backend_id: str) -> dict[str, Any]:
+    d = state.data
+    meta = {"run_id": d["run_id"], "git_sha": d["git_sha"], "config_hash": d["config_hash"],
+            "seed": d["seed"], "suite_version": d["suite_version"]}
+    tm = state.backend(backend_id).get("threat_model") or {}
+    meta.update({f"tm_{k}": v for k, v in tm.items()})
+    return meta
+
+
+def base_fields(state: RunState, backend_id: str) -> dict[str, Any]:
+    b = state.backend(backend_id)
+    return {"backend": b["backend"], "backend_id": backend_id, "track": b["track"],
+            "dataset": state.data["dataset"]["name"], "meta": row_meta(state, backend_id)}
+
+
+def drop_rows(results_path: Path, backend_id: str) -> None:
+    """Resume: remove rows of a backend that was interrupted between writing rows and status."""
+    if not results_path.exists():
+        return
+    keep = [line for line in results_path.read_text().splitlines()
+            if line.strip() and json.loads(line).get("backend_id") != backend_id]
+    tmp = results_path.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    tmp.replace(results_path)
+
+
+def execute_backend(plan: Planned, state: RunState, run_dir: Path, cfg: RunConfig,
+                    data_path: Path, data: ImageSet, order: np.ndarray, model_ref: dict,
+                    writer: ResultWriter, console) -> None:
+    entry = state.backend(plan.backend_id)
+    test_rows = np.flatnonzero(data.splits == "test")
+    chosen = order if not plan.max_images else order[: plan.max_images]
+    test_index = sorted(int(test_rows[i]) for i in chosen)
+    job = Job(run_dir=str(run_dir), backend_id=plan.backend_id, backend=plan.name, options=plan.options,
+              track=plan.track, dataset_path=str(data_path), test_index=test_index, model_ref=model_ref,
+              seed=cfg.seed, threads=cfg.threads, quick=cfg.quick, cache_dir=str(cache_dir()))
+    meta_path, pred_path = part_paths(run_dir, plan.backend_id)
+    meta_path.unlink(missing_ok=True)
+    job_path = meta_path.with_suffix(".job.json")
+    job.save(job_path)
+    entry.update(status="running", n_images=len(test_index))
+    state.save()
+    env = {**os.environ, "OMP_NUM_THREADS": str(cfg.threads), "PYTHONUNBUFFERED": "1"}
+    proc = run_watched([sys.executable, "-m", "suite.worker", str(job_path)], cfg.timeout_s, env,
+                       log_path=meta_path.with_suffix(".log"))
+    part = json.loads(meta_path.read_text()) if meta_path.exists() else None
+    base = base_fields(state, plan.backend_id)
+    if proc.timed_out:
+        error = f"timed out after {cfg.timeout_s:.0f} s (limit timeout_s)"
+    elif part is None:
+        error = f"worker died with exit code {proc.returncode} before reporting"
+    elif part["status"] != "ok":
+        error = part["error"]
+    else:
+        error = None
+    if error:
+        entry.update(status="failed", error=error)
+        writer.write([ResultRow(**base, metric="status", value=None, unit="", higher_is_better=None,
+                                status="failed", error=error)])
+        state.save()
+        console.print(f"  [red]failed[/red] {plan.backend_id}: {error}")
+        return
+    preds = pd.read_parquet(pred_path)
+    labels = state.data["dataset"]["label_names"]
+    rows = accuracy_rows(base, preds, labels, cfg.seed)
+    ref = plan.reference
+    if ref and state.backend(ref)["status"] == "ok":
+        _, ref_pred_path = part_paths(run_dir, ref)
+        rows += [_with_reference(r, ref) for r in
+                 paired_rows(base, preds, pd.read_parquet(ref_pred_path), labels, cfg.seed)]
+    rows += cost_rows(base, part, proc.__dict__)
+    writer.write(rows)
+    entry.update(status="ok", error=None, versions=part.get("versions", {}))
+    state.save()
+    console.print(f"  [green]ok[/green] {plan.backend_id}: {len(test_index)} images, "
+                  f"{proc.wall_s:.1f} s wall, peak {proc.peak_rss / 2**20:.0f} MiB")
+
+
+def _with_reference(row: ResultRow, ref: str) -> ResultRow:
+    row.reference = ref
+    return row
+
+
+def consolidate_predictions(run_dir: Path, state: RunState) -> None:
+    frames = []
+    for backend_id, entry in state.data["backends"].items():
+        _, pred_path = part_paths(run_dir, backend_id)
+        if entry["status"] == "ok" and pred_path.exists():
+            frames.append(pd.read_parquet(pred_path))
+    if frames:
+        write_parquet_atomic(pd.concat(frames, ignore_index=True), run_dir / "predictions.parquet")
+
+
+def run(cfg: RunConfig, console, resume: Path | None = None) -> Path:
+    """The whole `suite run`; returns the run folder."""
+    from rich.progress import Progress
+
+    if resume is not None:
+        state_path = Path(resume) / "run.json"
+        if not state_path.exists():
+            raise SuiteError(f"--resume: {resume} has no run.json")
+        saved = json.loads(state_path.read_text())
+        from suite.config import config_from_dict
+
+        cfg = config_from_dict(saved["config"])
+        run_id, run_dir = saved["run_id"], Path(resume)
+    else:
+        run_id = time.strftime("%Y%m%d-%H%M%S") + f"-{cfg.hash()[:6]}"
+        run_dir = prepare_run_dir(cfg.out, run_id)
+    plans = plan_backends(cfg)
+    console.print(f"run [bold]{run_id}[/bold] -> {run_dir}")
+    data, data_path = load_dataset(cfg.dataset, cfg.seed, cfg.quick)
+    console.print(f"dataset {data.name}: {(data.splits == 'train').sum()} train / "
+                  f"{(data.splits == 'test').sum()} test images, {len(data.site_names())} sites, "
+                  f"{data.resolution}px, labels {', '.join(data.label_names)}")
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task(f"model {cfg.model.name}", total=None)
+        bundle, model_ref = resolve_model(cfg.model, data, cfg.seed, cfg.quick,
+                                          progress=lambda e, loss: progress.update(
+                                              task, description=f"training {cfg.model.name}: epoch {e + 1}, loss {loss:.3f}"))
+    bundle.output_index(data.label_names)
+    if resume is not None:
+        state = RunState(run_dir / "run.json", saved)
+    else:
+        state = new_state(run_dir, run_id, cfg, data, bundle.describe(), plans)
+    state.save()
+    writer = ResultWriter(run_dir / "results.jsonl")
+    order = stratified_order(data.split("test"), cfg.seed)
+    pending = [p for p in plans if state.backend(p.backend_id)["status"] not in FINAL]
+    for i, plan in enumerate(pending, 1):
+        console.print(f"[{i}/{len(pending)}] {plan.backend_id} ({plan.track})")
+        drop_rows(writer.path, plan.backend_id)
+        execute_backend(plan, state, run_dir, cfg, data_path, data, order, model_ref, writer, console)
+    for p in plans:
+        if p.unavailable and not (read_results(writer.path)["backend_id"] == p.backend_id).any():
+            writer.write([ResultRow(**base_fields(state, p.backend_id), metric="status", value=None,
+                                    unit="", higher_is_better=None, status="skipped",
+                                    error=p.unavailable)])
+    state.data["finished_at"] = datetime.now(timezone.utc).isoformat()
+    state.save()
+    consolidate_predictions(run_dir, state)
+    return run_dir

@@ -1,0 +1,43 @@
+"""What a backend protects, from whom, and on what assumptions.
+
+Every leaderboard number carries these fields, so a reader never sees a latency
+without the guarantee it bought.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+
+ASSETS = ("input_images", "model_weights", "training_membership", "predictions")
+GUARANTEES = ("none", "cryptographic", "differential_privacy", "simulated_hardware", "data_locality")
+
+
+@dataclass(frozen=True)
+class ThreatModel:
+    protects: tuple[str, ...]          # subset of ASSETS
+    from_whom: str                     # e.g. "model owner (vendor)"
+    adversary: str                     # e.g. "semi-honest, non-colluding"
+    parties: tuple[str, ...]           # who takes part, e.g. ("data owner", "model owner")
+    trust_assumptions: tuple[str, ...]
+    guarantee_kind: str                # one of GUARANTEES
+    guarantee: str                     # the guarantee in words, with its parameters
+    leaks: tuple[str, ...]             # what is revealed anyway
+    protected_scope: str               # which part of the model ran under protection
+    simulated: bool = False            # True when any part (e.g. TEE hardware) is simulated
+    notes: str = ""
+
+    def __post_init__(self) -> None:
+        bad = [a for a in self.protects if a not in ASSETS]
+        if bad:
+            raise ValueError(f"unknown protected asset(s) {bad}; use {ASSETS}")
+        if self.guarantee_kind not in GUARANTEES:
+            raise ValueError(f"unknown guarantee kind '{self.guarantee_kind}'; use {GUARANTEES}")
+
+    def missing_fields(self) -> list[str]:
+        """Fields left empty; the conformance test demands none (but `protects` may be empty)."""
+        optional = {"protects", "notes", "simulated", "leaks"}
+        return [f.name for f in fields(self) if f.name not in optional and not getattr(self, f.name)]
+
+    def as_row_fields(self) -> dict:
+        """Flat `tm_*` columns for tidy result rows (lists stay lists)."""
+        return {f"tm_{k}": (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}

@@ -1,0 +1,59 @@
+"""Entry point of one backend job: `python -m suite.worker JOB.json`.
+
+Each backend configuration runs in its own process so the parent can enforce a hard
+time limit, measure the process tree's memory, and survive a backend that crashes.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from suite.backend import BackendContext
+from suite.harness import Job, format_error, full_traceback, measure, write_part
+from suite.meter import CommMeter
+
+
+def run_job(job: Job) -> int:
+    import torch
+
+    from suite.data.catalog import load_npz
+    from suite.model_source import load_model_ref
+    from suite.registry_backends import BACKENDS
+
+    torch.set_num_threads(max(1, job.threads))
+    test = backend = meter = None
+    try:
+        data = load_npz(Path(job.dataset_path))
+        test = data.subset(job.test_index)
+        train = data.split("train") if job.track == "training" else None
+        bundle = load_model_ref(job.model_ref).restricted(data.label_names)
+        cls = BACKENDS.load(job.backend)
+        backend = cls(cls.Options.parse(job.options, job.backend))
+        meter = CommMeter()
+        workdir = Path(job.run_dir) / "work" / job.backend_id
+        workdir.mkdir(parents=True, exist_ok=True)
+        ctx = BackendContext(model=bundle, meter=meter, workdir=workdir, seed=job.seed,
+                             threads=job.threads, quick=job.quick,
+                             cache_dir=Path(job.cache_dir) if job.cache_dir else None)
+        probs, timings = measure(backend, ctx, test, train, progress=sys.stderr.isatty())
+    except BaseException as exc:  # noqa: BLE001 - every failure becomes a recorded result
+        write_part(job, "failed", format_error(exc), None, None, None, meter, backend,
+                   log=full_traceback())
+        return 1
+    write_part(job, "ok", None, test, probs, timings, meter, backend)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("usage: python -m suite.worker JOB.json", file=sys.stderr)
+        return 2
+    os.environ.setdefault("OMP_NUM_THREADS", "2")
+    return run_job(Job.load(Path(argv[0])))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,65 @@
+"""Shared fixtures: a tiny synthetic dataset and a tiny model, built once per session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+NIH_SAMPLE = REPO.parent / "shared" / "data" / "nih-cxr14-sample"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_caches(tmp_path_factory):
+    """Tests never write into the user's caches or reports."""
+    base = tmp_path_factory.mktemp("suite-home")
+    for env, sub in (("SUITE_CACHE_DIR", "cache"), ("SUITE_DATA_CACHE", "data"),
+                     ("SUITE_REPORTS_DIR", "reports")):
+        os.environ[env] = str(base / sub)
+    os.environ.setdefault("OMP_NUM_THREADS", "2")
+    yield
+
+
+@pytest.fixture(scope="session")
+def tiny_data():
+    """7 sites x (12 train + 6 test) phantoms at 32 px."""
+    from suite.data.synthetic import generate_synthetic
+
+    return generate_synthetic(n_train_per_site=12, n_test_per_site=6, size=32, seed=3)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_data):
+    """An untrained small DenseNet, seeded: enough to compare backends with plaintext."""
+    import torch
+
+    from suite.models import SMALL_DENSENET, ModelBundle, build_densenet
+
+    torch.manual_seed(0)
+    net = build_densenet(SMALL_DENSENET, len(tiny_data.label_names))
+    return ModelBundle(net=net, name="tiny", architecture=SMALL_DENSENET,
+                       pathologies=list(tiny_data.label_names), resolution=32, source="test")
+
+
+@pytest.fixture(scope="session")
+def nih_sample_dir():
+    if not NIH_SAMPLE.exists():
+        pytest.skip(f"{NIH_SAMPLE} is absent")
+    return NIH_SAMPLE
+
+
+def run_cli(*args: str, env: dict | None = None, timeout: float = 600):
+    """`python -m suite ...` in a subprocess, as a user runs it."""
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "suite", *args], capture_output=True, text=True,
+                          cwd=REPO, env={**os.environ, **(env or {})}, timeout=timeout)
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)
