@@ -15,7 +15,9 @@ from suite.errors import SuiteError
 def _console():
     from rich.console import Console
 
-    return Console(stderr=False, highlight=False)
+    # Piped output (CI logs, files) gets a wide table instead of wrapped cells.
+    width = None if sys.stdout.isatty() else 200
+    return Console(stderr=False, highlight=False, width=width)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -60,8 +60,9 @@ def accuracy_rows(base: dict[str, Any], preds: pd.DataFrame, labels: list[str],
             rows.append(_row(base, "prevalence", yj.mean() if n else None, site=site, label=label, n=n))
             if n and 0 < yj.sum() < n:
                 ci = delong_ci(yj, pj)
+                note = None if np.isfinite(ci.ci_low) else "no CI: fewer than two images of one class"
                 rows.append(_row(base, "auroc", ci.auc, site=site, label=label, n=n,
-                                 ci_low=ci.ci_low, ci_high=ci.ci_high, ci_method="delong"))
+                                 ci_low=ci.ci_low, ci_high=ci.ci_high, ci_method="delong", note=note))
             else:
                 rows.append(_row(base, "auroc", None, site=site, label=label, n=n,
                                  note="only one class present"))

@@ -1,0 +1,120 @@
+"""End to end through the CLI on a tiny run: files, failures, time limits, resume."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from suite.results import read_results
+from tests.conftest import REPO, run_cli
+from tests.faulty_backends import EXTRA
+
+TINY = str(REPO / "tests" / "tiny.toml")
+FAULTY = {"SUITE_EXTRA_BACKENDS": EXTRA}
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "r"
+    proc = run_cli("run", "--config", TINY, "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, proc
+
+
+def test_run_writes_every_file(tiny_run):
+    out, proc = tiny_run
+    for name in ("run.json", "results.jsonl", "predictions.parquet", "leaderboard.csv",
+                 "leaderboard.md", "report.html"):
+        assert (out / name).exists(), name
+    assert "plaintext" in proc.stdout  # the leaderboard is printed
+
+
+def test_results_are_tidy_rows(tiny_run):
+    out, _ = tiny_run
+    df = read_results(out / "results.jsonl")
+    for col in ("value", "ci_low", "ci_high", "n", "unit", "higher_is_better", "status", "error",
+                "schema_version", "run_id", "config_hash", "seed", "tm_guarantee", "tm_protects"):
+        assert col in df.columns, col
+    auroc = df[(df.metric == "auroc") & (df.backend_id == "plaintext")]
+    sites = set(json.loads((out / "run.json").read_text())["dataset"]["sites"])
+    assert sites | {"__all__"} == set(auroc.site)
+    assert {"__macro__", "Cardiomegaly"} <= set(auroc.label)
+    with_ci = auroc.dropna(subset=["value", "ci_low"])
+    assert len(with_ci) > len(auroc) / 2
+    assert with_ci.eval("ci_low <= value <= ci_high").all()
+    assert auroc[auroc.ci_low.isna()].note.notna().all()  # a missing CI says why
+    assert not df.duplicated(["backend_id", "site", "label", "metric", "party", "phase"]).any()
+
+
+def test_predictions_have_one_row_per_backend_image_label(tiny_run):
+    out, _ = tiny_run
+    p = pd.read_parquet(out / "predictions.parquet")
+    assert {"backend", "backend_id", "image_id", "site", "label", "y_true", "prob"} <= set(p.columns)
+    per = p.groupby("backend_id").size()
+    n_test = json.loads((out / "run.json").read_text())["dataset"]["n_test"]
+    assert (per == n_test * 5).all()
+    assert p.prob.between(0, 1).all()
+
+
+def test_report_command_rerenders_from_the_folder_alone(tiny_run, tmp_path):
+    import shutil
+
+    out, _ = tiny_run
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy, ignore=shutil.ignore_patterns("parts", "work"))
+    (copy / "report.html").unlink()
+    proc = run_cli("report", str(copy))
+    assert proc.returncode == 0, proc.stderr
+    assert (copy / "report.html").stat().st_size > 10_000
+
+
+def test_compare_two_runs(tiny_run):
+    out, _ = tiny_run
+    proc = run_cli("compare", str(out), str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert "latency_per_image_p50" in proc.stdout
+
+
+def test_failures_are_recorded_and_the_run_goes_on(tmp_path):
+    out = tmp_path / "r"
+    proc = run_cli("run", "--config", TINY, "--out", str(out), "--timeout", "40",
+                   "--backends", "raising,crashing,badshape,hanging,null", env=FAULTY)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    state = json.loads((out / "run.json").read_text())["backends"]
+    assert state["raising"]["status"] == "failed"
+    assert "deliberate failure" in state["raising"]["error"]
+    assert "exit code 9" in state["crashing"]["error"]
+    assert "shape" in state["badshape"]["error"]
+    assert "timed out" in state["hanging"]["error"]
+    assert state["null"]["status"] == "ok" and state["plaintext"]["status"] == "ok"
+    df = read_results(out / "results.jsonl")
+    failed = df[df.status == "failed"]
+    assert set(failed.backend_id) == {"raising", "crashing", "badshape", "hanging"}
+    assert failed.error.notna().all()
+
+
+def test_resume_finishes_an_interrupted_run_without_duplicates(tiny_run, tmp_path):
+    import shutil
+
+    out, _ = tiny_run
+    run = tmp_path / "r"
+    shutil.copytree(out, run)
+    state = json.loads((run / "run.json").read_text())
+    state["backends"]["null"]["status"] = "running"          # died mid-way
+    (run / "run.json").write_text(json.dumps(state))
+    before = read_results(run / "results.jsonl")
+    proc = run_cli("run", "--resume", str(run))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    after = read_results(run / "results.jsonl")
+    assert len(after) == len(before)
+    assert not after.duplicated(["backend_id", "site", "label", "metric", "party", "phase"]).any()
+    assert json.loads((run / "run.json").read_text())["backends"]["null"]["status"] == "ok"
+
+
+def test_empty_dataset_is_a_clear_error(tmp_path):
+    cfg = tmp_path / "empty.toml"
+    cfg.write_text(open(TINY).read().replace("n_test_per_site = 8", "n_test_per_site = 0"))
+    proc = run_cli("run", "--config", str(cfg), "--out", str(tmp_path / "r"))
+    assert proc.returncode == 2 and "no 'test' images" in proc.stderr
