@@ -30,6 +30,7 @@ class DatasetConfig:
     test_fraction: float = 0.3             # real data: patient-level split
     max_images: int | None = None          # real data: cap for quick looks
     on_bad_image: str = "fail"             # fail | skip
+    views: list[str] | None = None         # real data: view positions kept (None: PA and AP)
 
 
 @dataclass

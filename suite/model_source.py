@@ -34,7 +34,8 @@ def train_small_densenet(data: ImageSet, recipe: Recipe, progress=None) -> Model
     net = build_densenet(SMALL_DENSENET, len(data.label_names)).train()
     bundle = ModelBundle(net=net, name="small-densenet", architecture=SMALL_DENSENET,
                          pathologies=list(data.label_names), resolution=data.resolution,
-                         source="trained-on-the-fly", data_fingerprint=data.fingerprint())
+                         source="trained-on-the-fly", data_fingerprint=data.fingerprint(),
+                         extra={"dataset": data.name, "train_image_ids": train.image_ids.tolist()})
     train_logits_model(bundle.logits, net.parameters(), train, list(range(len(data.label_names))),
                        recipe, on_epoch=progress)
     net.eval()
@@ -62,10 +63,21 @@ def resolve_model(cfg: ModelConfig, data: ImageSet, seed: int, quick: bool,
     if name.endswith(".pt") or Path(name).exists():
         bundle = load_checkpoint(Path(name))
         check_pathologies(bundle, data)
+        check_no_leak(bundle, data)
         return bundle, {"kind": "checkpoint", "path": str(Path(name).resolve())}
     raise SuiteError(
         f"unknown model '{name}'; use one of {', '.join(BUILTIN_MODELS)}, xrv:<weights name>, "
         f"or a checkpoint path (.pt)")
+
+
+def check_no_leak(bundle: ModelBundle, data: ImageSet) -> None:
+    """A checkpoint must not have been trained on the images it is now tested on."""
+    trained = set(bundle.extra.get("train_image_ids", []))
+    overlap = trained & set(data.split("test").image_ids.tolist())
+    if overlap:
+        raise SuiteError(
+            f"checkpoint '{bundle.name}' was trained on {len(overlap)} of this run's test images "
+            f"(e.g. {sorted(overlap)[0]}); use the same dataset, seed and test_fraction as `suite train`")
 
 
 def check_pathologies(bundle: ModelBundle, data: ImageSet) -> None:

@@ -227,6 +227,28 @@ def consolidate_predictions(run_dir: Path, state: RunState) -> None:
         write_parquet_atomic(pd.concat(frames, ignore_index=True), run_dir / "predictions.parquet")
 
 
+def map_labels_to_model(data: ImageSet, data_path: Path, bundle, console):
+    """Score only labels the model predicts. For pretrained xrv weights the rest are reported
+    (run.json `unmapped_labels`), never silently dropped; a suite checkpoint must match exactly."""
+    from suite.data.catalog import save_npz
+
+    unmapped = [n for n in data.label_names if n not in bundle.pathologies]
+    if not unmapped:
+        return data, data_path, []
+    if bundle.source != "xrv-weights":
+        bundle.output_index(data.label_names)  # raises a clear error
+    keep = [j for j, n in enumerate(data.label_names) if n not in unmapped]
+    if not keep:
+        raise SuiteError(f"model '{bundle.name}' predicts none of the dataset's labels {data.label_names}")
+    console.print(f"[yellow]note[/yellow]: model {bundle.name} has no output for "
+                  f"{', '.join(unmapped)}; these labels are not scored")
+    mapped = ImageSet(**{**data.__dict__, "labels": data.labels[:, keep],
+                         "label_names": [data.label_names[j] for j in keep]})
+    path = data_path.with_name(data_path.stem + f"-for-{bundle.name.replace(':', '_')}.npz")
+    save_npz(mapped, path)
+    return mapped, path, unmapped
+
+
 def run(cfg: RunConfig, console, resume: Path | None = None) -> Path:
     """The whole `suite run`; returns the run folder."""
     from rich.progress import Progress
@@ -254,11 +276,12 @@ def run(cfg: RunConfig, console, resume: Path | None = None) -> Path:
         bundle, model_ref = resolve_model(cfg.model, data, cfg.seed, cfg.quick,
                                           progress=lambda e, loss: progress.update(
                                               task, description=f"training {cfg.model.name}: epoch {e + 1}, loss {loss:.3f}"))
-    bundle.output_index(data.label_names)
+    data, data_path, unmapped = map_labels_to_model(data, data_path, bundle, console)
     if resume is not None:
         state = RunState(run_dir / "run.json", saved)
     else:
         state = new_state(run_dir, run_id, cfg, data, bundle.describe(), plans)
+        state.data["dataset"]["unmapped_labels"] = unmapped
     state.save()
     writer = ResultWriter(run_dir / "results.jsonl")
     order = stratified_order(data.split("test"), cfg.seed)

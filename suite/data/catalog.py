@@ -20,20 +20,32 @@ from suite.registry import Registry
 
 DATASETS: Registry = Registry("dataset")
 DATASETS.register("synthetic", "suite.data.synthetic_loader:load")
-# Real data adapters (torchxrayvision loaders, folders, DICOM) register here too.
+DATASETS.register("folder", "suite.data.folder:load")
+for _name in ("nih", "chexpert", "padchest", "rsna-pneumonia", "mimic-cxr", "openi", "covid19"):
+    DATASETS.register(_name, "suite.data.xrv_sets:load")
+
+
+def _registered_name(name: str) -> str:
+    """'nih+chexpert' is served by the xrv adapter; each part must be known."""
+    parts = name.split("+")
+    for part in parts:
+        DATASETS.target(part)
+    if len(parts) > 1 and any(DATASETS.target(p) != DATASETS.target(parts[0]) for p in parts):
+        raise SuiteError(f"only torchxrayvision sets combine with '+': {name}")
+    return parts[0]
 
 
 def load_dataset(cfg: DatasetConfig, seed: int, quick: bool = False) -> tuple[ImageSet, Path]:
     """The prepared ImageSet and its cache file (built on first use)."""
-    DATASETS.target(cfg.name)  # unknown name: fail before any work
-    key = cache_key(dataclasses.asdict(cfg), seed, quick, _loader_version(cfg.name))
-    path = dataset_cache_dir() / f"{cfg.name}-{key}.npz"
+    registered = _registered_name(cfg.name)  # unknown name: fail before any work
+    key = cache_key(dataclasses.asdict(cfg), seed, quick, _loader_version(registered))
+    path = dataset_cache_dir() / f"{cfg.name.replace('+', '_')}-{key}.npz"
     if path.exists():
         try:
             return load_npz(path), path
         except Exception:
             path.unlink(missing_ok=True)  # torn cache file: rebuild
-    loader = DATASETS.load(cfg.name)
+    loader = DATASETS.load(registered)
     data = loader(cfg, seed=seed, quick=quick)
     if len(data) == 0:
         raise SuiteError(f"dataset '{cfg.name}' is empty")

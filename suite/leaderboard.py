@@ -1,0 +1,551 @@
+"""One leaderboard: what each backend configuration costs and what it protects.
+
+Built from tidy result rows (`results.jsonl`) and run metadata (`run.json`) alone, so
+it can be rebuilt at any time without re-running a backend. One row per backend
+configuration, in run order; every number sits next to the guarantee it bought.
+
+    write_leaderboard(run_dir)   -> leaderboard.csv (raw numbers) + leaderboard.md (formatted)
+    print_leaderboard(df)        -> compact rich table in the terminal
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import pandas as pd
+
+from suite.results import ALL, MACRO, NONE, read_results
+
+LEADERBOARD_COLUMNS = [
+    "backend_id", "track", "protects", "from_whom", "guarantee", "simulated", "status", "n_images",
+    "auroc_macro", "auroc_macro_ci_low", "auroc_macro_ci_high",
+    "delta_auroc_macro", "delta_ci_low", "delta_ci_high", "min_delong_p", "reference",
+    "max_abs_diff", "latency_per_image_p50", "bytes_per_image", "rounds_per_image",
+    "peak_rss", "setup_time", "fit_time", "protected_scope", "error",
+]
+
+# cost columns copied straight from rows with label __none__, site __all__
+_COST_COLUMNS = ["latency_per_image_p50", "bytes_per_image", "rounds_per_image", "peak_rss",
+                 "setup_time", "fit_time"]
+_NOT_A_LABEL = {ALL, NONE, MACRO}
+_TM_FIELDS = ["protects", "from_whom", "adversary", "parties", "trust_assumptions",
+              "guarantee_kind", "guarantee", "leaks", "protected_scope", "simulated", "notes"]
+
+
+# ---------------------------------------------------------------- reading
+
+def read_run_meta(run_dir: Path) -> dict:
+    """run.json of a run folder, or {} when it is missing or torn."""
+    path = Path(run_dir) / "run.json"
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def _numeric(results: pd.DataFrame) -> pd.DataFrame:
+    df = results.copy()
+    for col in ("value", "ci_low", "ci_high", "n"):
+        if col not in df.columns:
+            df[col] = np.nan
+        df[col] = pd.to_numeric(df[col], errors="coerce")
+    for col in ("backend_id", "metric", "site", "label", "status", "error", "reference", "track"):
+        if col not in df.columns:
+            df[col] = None
+    return df
+
+
+def _index(results: pd.DataFrame) -> pd.DataFrame:
+    """One row per (backend_id, metric, site, label); a later row (a rerun) wins.
+
+    Per-party / per-phase breakdown rows (party or phase set) are left out: every
+    leaderboard number is a whole-backend figure.
+    """
+    df = _numeric(results)
+    for col in ("party", "phase"):
+        if col in df.columns:
+            df = df[df[col].isna()]
+    if df.empty:
+        return df.set_index(["backend_id", "metric", "site", "label"])
+    df = df.drop_duplicates(["backend_id", "metric", "site", "label"], keep="last")
+    return df.set_index(["backend_id", "metric", "site", "label"]).sort_index()
+
+
+def _get(idx: pd.DataFrame, bid: str, metric: str, site: str, label: str, col: str = "value") -> float:
+    try:
+        v = idx.at[(bid, metric, site, label), col]
+    except KeyError:
+        return float("nan")
+    return float(v) if v is not None and not pd.isna(v) else float("nan")
+
+
+def _first_seen(values: Iterable[Any]) -> list:
+    out: list = []
+    for v in values:
+        if v is not None and not (isinstance(v, float) and math.isnan(v)) and v not in out:
+            out.append(v)
+    return out
+
+
+def backend_order(results: pd.DataFrame, run_meta: dict | None = None) -> list[str]:
+    """Run order of the backend configurations.
+
+    run.json's `backends` dict is in run order, unless it was written with sorted keys
+    (then its order says nothing): an alphabetical dict defers to the order in which
+    backends first appear in results.jsonl, which is appended as they run. Backends
+    known to only one of the two files are kept too.
+    """
+    meta_ids = [str(b) for b in ((run_meta or {}).get("backends") or {})]
+    seen = [str(b) for b in _first_seen(results["backend_id"])] if "backend_id" in results.columns else []
+    if len(meta_ids) > 1 and meta_ids == sorted(meta_ids) and seen:
+        first, second = seen, meta_ids
+    else:
+        first, second = meta_ids, seen
+    return first + [b for b in second if b not in first]
+
+
+def threat_model(bid: str, results: pd.DataFrame, run_meta: dict | None = None) -> dict:
+    """A backend's threat model from run.json, filled from its rows' tm_* fields."""
+    tm = dict(((run_meta or {}).get("backends", {}).get(bid) or {}).get("threat_model") or {})
+    if "backend_id" in results.columns:
+        rows = results[results["backend_id"] == bid]
+        for f in _TM_FIELDS:
+            col = f"tm_{f}"
+            if f not in tm and col in rows.columns:
+                vals = [v for v in rows[col] if _present(v)]
+                if vals:
+                    tm[f] = vals[0]
+    return tm
+
+
+def _present(v: Any) -> bool:
+    if v is None:
+        return False
+    if isinstance(v, float) and math.isnan(v):
+        return False
+    return True
+
+
+def _as_list(v: Any) -> list:
+    if not _present(v):
+        return []
+    if isinstance(v, (list, tuple, np.ndarray)):
+        return [str(x) for x in v]
+    return [str(v)]
+
+
+# ---------------------------------------------------------------- tables
+
+def build_leaderboard(results: pd.DataFrame, run_meta: dict | None = None) -> pd.DataFrame:
+    """One row per backend configuration, in run order; missing values stay NaN."""
+    run_meta = run_meta or {}
+    results = _numeric(results)
+    idx = _index(results)
+    label_names = list((run_meta.get("dataset") or {}).get("label_names") or [])
+    rows = []
+    for bid in backend_order(results, run_meta):
+        meta = (run_meta.get("backends") or {}).get(bid) or {}
+        mine = results[results["backend_id"] == bid]
+        tm = threat_model(bid, results, run_meta)
+
+        status = meta.get("status")
+        if not status:
+            st = _first_seen(mine["status"])
+            status = "failed" if "failed" in st else (st[0] if st else "pending")
+        error = meta.get("error")
+        if not _present(error):
+            errs = _first_seen(mine["error"])
+            error = errs[0] if errs else np.nan
+        reference = meta.get("reference") if "reference" in meta else None
+        if not _present(reference):
+            refs = _first_seen(mine["reference"])
+            reference = refs[0] if refs else np.nan
+        track = meta.get("track") or (_first_seen(mine["track"]) or [np.nan])[0]
+
+        n_images = _get(idx, bid, "n_images", ALL, NONE)
+        if math.isnan(n_images) and meta.get("n_images") is not None:
+            n_images = float(meta["n_images"])
+
+        p_rows = mine[(mine["metric"] == "delong_p") & (mine["site"] == ALL)
+                      & ~mine["label"].isin(_NOT_A_LABEL)]
+        if label_names:
+            p_rows = p_rows[p_rows["label"].isin(label_names)]
+        min_p = float(p_rows["value"].min()) if p_rows["value"].notna().any() else np.nan
+
+        row = {
+            "backend_id": bid,
+            "track": track,
+            "protects": ", ".join(_as_list(tm.get("protects"))),
+            "from_whom": tm.get("from_whom", np.nan),
+            "guarantee": tm.get("guarantee", np.nan),
+            "simulated": bool(tm.get("simulated", False)),
+            "status": status,
+            "n_images": n_images,
+            "auroc_macro": _get(idx, bid, "auroc", ALL, MACRO),
+            "auroc_macro_ci_low": _get(idx, bid, "auroc", ALL, MACRO, "ci_low"),
+            "auroc_macro_ci_high": _get(idx, bid, "auroc", ALL, MACRO, "ci_high"),
+            "delta_auroc_macro": _get(idx, bid, "auroc_delta", ALL, MACRO),
+            "delta_ci_low": _get(idx, bid, "auroc_delta", ALL, MACRO, "ci_low"),
+            "delta_ci_high": _get(idx, bid, "auroc_delta", ALL, MACRO, "ci_high"),
+            "min_delong_p": min_p,
+            "reference": reference,
+            "max_abs_diff": _get(idx, bid, "max_abs_diff", ALL, ALL),
+            **{c: _get(idx, bid, c, ALL, NONE) for c in _COST_COLUMNS},
+            "protected_scope": tm.get("protected_scope", np.nan),
+            "error": error,
+        }
+        rows.append(row)
+    return pd.DataFrame(rows, columns=LEADERBOARD_COLUMNS)
+
+
+def _labels_in(df: pd.DataFrame) -> list[str]:
+    return [lab for lab in _first_seen(df["label"]) if lab not in _NOT_A_LABEL]
+
+
+def per_label_table(results: pd.DataFrame, order: list[str] | None = None) -> pd.DataFrame:
+    """Rows backend_id x label (macro last), pooled site: AUROC with CI, paired delta with CI, DeLong p."""
+    df = _numeric(results)
+    idx = _index(df)
+    order = order or backend_order(df)
+    auc = df[(df["metric"] == "auroc") & (df["site"] == ALL)]
+    labels = _labels_in(auc) + ([MACRO] if (auc["label"] == MACRO).any() else [])
+    rows = []
+    for bid in order:
+        for lab in labels:
+            if (bid, "auroc", ALL, lab) not in idx.index:
+                continue
+            rows.append({
+                "backend_id": bid, "label": lab,
+                "auroc": _get(idx, bid, "auroc", ALL, lab),
+                "ci_low": _get(idx, bid, "auroc", ALL, lab, "ci_low"),
+                "ci_high": _get(idx, bid, "auroc", ALL, lab, "ci_high"),
+                "n": _get(idx, bid, "auroc", ALL, lab, "n"),
+                "auroc_delta": _get(idx, bid, "auroc_delta", ALL, lab),
+                "delta_ci_low": _get(idx, bid, "auroc_delta", ALL, lab, "ci_low"),
+                "delta_ci_high": _get(idx, bid, "auroc_delta", ALL, lab, "ci_high"),
+                "delong_p": _get(idx, bid, "delong_p", ALL, lab),
+            })
+    cols = ["backend_id", "label", "auroc", "ci_low", "ci_high", "n", "auroc_delta",
+            "delta_ci_low", "delta_ci_high", "delong_p"]
+    return pd.DataFrame(rows, columns=cols)
+
+
+def per_site_table(results: pd.DataFrame, order: list[str] | None = None) -> pd.DataFrame:
+    """Rows backend_id x site (pooled __all__ last): macro AUROC with CI and per-label AUROC with CI.
+
+    Per-label columns are `auroc_<label>`, `auroc_<label>_ci_low`, `auroc_<label>_ci_high`.
+    """
+    df = _numeric(results)
+    idx = _index(df)
+    order = order or backend_order(df)
+    auc = df[df["metric"] == "auroc"]
+    sites = [s for s in _first_seen(auc["site"]) if s != ALL] + ([ALL] if (auc["site"] == ALL).any() else [])
+    labels = _labels_in(auc)
+    cols = ["backend_id", "site", "auroc_macro", "auroc_macro_ci_low", "auroc_macro_ci_high", "n"]
+    for lab in labels:
+        cols += [f"auroc_{lab}", f"auroc_{lab}_ci_low", f"auroc_{lab}_ci_high"]
+    rows = []
+    for bid in order:
+        for site in sites:
+            if not any((bid, "auroc", site, lab) in idx.index for lab in labels + [MACRO]):
+                continue
+            row = {
+                "backend_id": bid, "site": site,
+                "auroc_macro": _get(idx, bid, "auroc", site, MACRO),
+                "auroc_macro_ci_low": _get(idx, bid, "auroc", site, MACRO, "ci_low"),
+                "auroc_macro_ci_high": _get(idx, bid, "auroc", site, MACRO, "ci_high"),
+                "n": _get(idx, bid, "auroc", site, MACRO, "n"),
+            }
+            for lab in labels:
+                row[f"auroc_{lab}"] = _get(idx, bid, "auroc", site, lab)
+                row[f"auroc_{lab}_ci_low"] = _get(idx, bid, "auroc", site, lab, "ci_low")
+                row[f"auroc_{lab}_ci_high"] = _get(idx, bid, "auroc", site, lab, "ci_high")
+            rows.append(row)
+    return pd.DataFrame(rows, columns=cols)
+
+
+# ---------------------------------------------------------------- formatting
+
+DASH = "–"
+
+
+def _nan(v: Any) -> bool:
+    try:
+        return v is None or math.isnan(float(v))
+    except (TypeError, ValueError):
+        return True
+
+
+def format_ci(value: Any, low: Any = None, high: Any = None, digits: int = 3, signed: bool = False) -> str:
+    """'0.842 [0.801, 0.880]'; the CI is left out when unknown, '–' when the value is."""
+    if _nan(value):
+        return DASH
+    f = f"{{:{'+' if signed else ''}.{digits}f}}"
+    text = f.format(float(value))
+    if not _nan(low) and not _nan(high):
+        text += f" [{f.format(float(low))}, {f.format(float(high))}]"
+    return text
+
+
+def format_p(p: Any) -> str:
+    if _nan(p):
+        return DASH
+    p = float(p)
+    return "<0.001" if p < 0.001 else f"{p:.3f}"
+
+
+def format_bytes(b: Any) -> str:
+    """Decimal units: 1 KB = 1000 B."""
+    if _nan(b):
+        return DASH
+    b = float(b)
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if abs(b) >= scale:
+            return f"{b / scale:.3g} {unit}"
+    return f"{b:.0f} B"
+
+
+def format_seconds(s: Any) -> str:
+    if _nan(s):
+        return DASH
+    s = float(s)
+    a = abs(s)
+    if a == 0:
+        return "0 s"
+    if a < 1e-3:
+        return f"{s * 1e6:.3g} µs"
+    if a < 1:
+        return f"{s * 1e3:.3g} ms"
+    if a < 120:
+        return f"{s:.3g} s"
+    if a < 7200:
+        return f"{s / 60:.3g} min"
+    return f"{s / 3600:.3g} h"
+
+
+def format_small(v: Any) -> str:
+    """Probabilities differences that may be 0 or 1e-7: two significant digits."""
+    if _nan(v):
+        return DASH
+    v = float(v)
+    if v == 0:
+        return "0"
+    return f"{v:.2g}" if 1e-3 <= abs(v) < 1e3 else f"{v:.1e}"
+
+
+def format_count(v: Any) -> str:
+    if _nan(v):
+        return DASH
+    v = float(v)
+    return f"{v:,.0f}" if abs(v) >= 100 or v == int(v) else f"{v:.3g}"
+
+
+def format_value(value: Any, unit: str | None) -> str:
+    """A number in its metric's unit (from suite.metrics or a row's `unit`)."""
+    unit = unit or ""
+    if unit == "s":
+        return format_seconds(value)
+    if unit == "bytes":
+        return format_bytes(value)
+    if _nan(value):
+        return DASH
+    v = float(value)
+    if unit in ("", "probability", "fraction"):
+        return format_small(v) if (v != 0 and abs(v) < 1e-3) else f"{v:.4g}"
+    return f"{v:.4g} {unit}"
+
+
+def _delta_with_p(row: pd.Series) -> str:
+    text = format_ci(row.get("delta_auroc_macro"), row.get("delta_ci_low"), row.get("delta_ci_high"),
+                     signed=True)
+    if not _nan(row.get("min_delong_p")):
+        text += f" (p={format_p(row['min_delong_p'])})"
+    return text
+
+
+def _text(v: Any) -> str:
+    return "" if not _present(v) else str(v)
+
+
+# ---------------------------------------------------------------- markdown
+
+def _md_cell(v: Any) -> str:
+    return _text(v).replace("|", "\\|").replace("\n", " ")
+
+
+def _md_table(headers: list[str], rows: list[list[Any]]) -> list[str]:
+    out = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    out += ["| " + " | ".join(_md_cell(c) for c in r) + " |" for r in rows]
+    return out
+
+
+def _footnote_id(bid: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_-]", "-", str(bid))
+
+
+def threat_model_line(tm: dict) -> str:
+    """One line: protects / from whom / adversary / trust / leaks / protected scope."""
+    protects = ", ".join(_as_list(tm.get("protects"))) or "nothing"
+    parts = [
+        f"protects {protects} from {_text(tm.get('from_whom')) or '?'}",
+        f"adversary: {_text(tm.get('adversary')) or '?'}",
+        f"trust: {'; '.join(_as_list(tm.get('trust_assumptions'))) or DASH}",
+        f"guarantee: {_text(tm.get('guarantee')) or DASH}",
+        f"leaks: {'; '.join(_as_list(tm.get('leaks'))) or DASH}",
+        f"protected scope: {_text(tm.get('protected_scope')) or DASH}",
+    ]
+    if tm.get("simulated"):
+        parts.append("SIMULATED" + (f" ({tm['notes']})" if tm.get("notes") else ""))
+    return "; ".join(parts)
+
+
+def leaderboard_markdown(board: pd.DataFrame, results: pd.DataFrame, run_meta: dict | None = None) -> str:
+    run_meta = run_meta or {}
+    ds = run_meta.get("dataset") or {}
+    model = run_meta.get("model") or {}
+    lines = [f"# Leaderboard — run {run_meta.get('run_id', '?')}", ""]
+    facts = [f"dataset **{ds.get('name', '?')}** ({format_count(ds.get('n_test'))} test images)",
+             f"model **{model.get('name', '?')}**", f"seed {run_meta.get('seed', '?')}",
+             f"git {str(run_meta.get('git_sha') or '?')[:12]}"]
+    lines += [", ".join(facts) + ".", ""]
+    lines += ["Macro AUROC and ΔAUROC (vs the reference, paired) with 95% CIs on pooled sites; "
+              "p is the smallest per-label paired DeLong p. *(simulated)* marks a backend whose "
+              "protection is simulated, not real. Bytes in decimal units (1 KB = 1000 B).", ""]
+    headers = ["backend", "track", "status", "protects", "macro AUROC [95% CI]", "ΔAUROC [95% CI] (p)",
+               "max \\|Δp\\|", "latency/img", "comm/img", "rounds/img", "peak RSS", "setup", "fit",
+               "images", "guarantee"]
+    rows = []
+    for _, r in board.iterrows():
+        name = f"{r['backend_id']}"
+        if r["simulated"]:
+            name += " *(simulated)*"
+        name += f" [^{_footnote_id(r['backend_id'])}]"
+        ok = r["status"] == "ok"
+        rows.append([
+            name, r["track"], r["status"] if ok else f"**{str(r['status']).upper()}**",
+            r["protects"] or "nothing",
+            format_ci(r["auroc_macro"], r["auroc_macro_ci_low"], r["auroc_macro_ci_high"]),
+            _delta_with_p(r) if not _nan(r["delta_auroc_macro"]) else DASH,
+            format_small(r["max_abs_diff"]), format_seconds(r["latency_per_image_p50"]),
+            format_bytes(r["bytes_per_image"]), format_count(r["rounds_per_image"]),
+            format_bytes(r["peak_rss"]), format_seconds(r["setup_time"]), format_seconds(r["fit_time"]),
+            format_count(r["n_images"]), r["guarantee"],
+        ])
+    lines += _md_table(headers, rows) + [""]
+
+    failed = board[board["status"] != "ok"]
+    if len(failed):
+        lines += ["## Not ok", ""]
+        lines += [f"- **{r['backend_id']}** ({r['status']}): {_text(r['error']) or 'no error recorded'}"
+                  for _, r in failed.iterrows()]
+        lines += [""]
+
+    order = list(board["backend_id"])
+    pl = per_label_table(results, order)
+    if len(pl):
+        lines += ["## Per-label AUROC (pooled sites)", ""]
+        lines += _md_table(
+            ["backend", "label", "AUROC [95% CI]", "n", "ΔAUROC [95% CI]", "DeLong p"],
+            [[r["backend_id"], r["label"], format_ci(r["auroc"], r["ci_low"], r["ci_high"]),
+              format_count(r["n"]),
+              format_ci(r["auroc_delta"], r["delta_ci_low"], r["delta_ci_high"], signed=True),
+              format_p(r["delong_p"])] for _, r in pl.iterrows()])
+        lines += [""]
+    ps = per_site_table(results, order)
+    if len(ps):
+        labels = [c[len("auroc_"):] for c in ps.columns
+                  if c.startswith("auroc_") and not c.endswith(("_ci_low", "_ci_high")) and c != "auroc_macro"]
+        lines += ["## Per-site AUROC", ""]
+        lines += _md_table(
+            ["backend", "site", "macro AUROC [95% CI]"] + labels,
+            [[r["backend_id"], r["site"], format_ci(r["auroc_macro"], r["auroc_macro_ci_low"], r["auroc_macro_ci_high"])]
+             + [format_ci(r[f"auroc_{lab}"], r[f"auroc_{lab}_ci_low"], r[f"auroc_{lab}_ci_high"]) for lab in labels]
+             for _, r in ps.iterrows()])
+        lines += [""]
+
+    lines += ["## Threat models", ""]
+    for _, r in board.iterrows():
+        tm = threat_model(r["backend_id"], results, run_meta)
+        lines.append(f"[^{_footnote_id(r['backend_id'])}]: **{r['backend_id']}** — {threat_model_line(tm)}")
+    return "\n".join(lines) + "\n"
+
+
+def write_leaderboard(run_dir: Path) -> pd.DataFrame:
+    """Read run.json + results.jsonl; write leaderboard.csv and leaderboard.md; return the table."""
+    run_dir = Path(run_dir)
+    run_meta = read_run_meta(run_dir)
+    results = read_results(run_dir / "results.jsonl")
+    board = build_leaderboard(results, run_meta)
+    board.to_csv(run_dir / "leaderboard.csv", index=False)
+    (run_dir / "leaderboard.md").write_text(leaderboard_markdown(board, results, run_meta), encoding="utf-8")
+    return board
+
+
+# ---------------------------------------------------------------- terminal
+
+_SHORT_ASSET = {"input_images": "images", "model_weights": "weights",
+                "training_membership": "membership", "predictions": "predictions"}
+
+
+def print_leaderboard(df: pd.DataFrame, console=None) -> None:
+    """A compact rich table: one row per backend configuration.
+
+    On a wide terminal every column sits in the table; on a narrow one (or a pipe, 80
+    columns) track and protects go under the backend name and each guarantee is listed
+    below the table, so the numbers never wrap into unreadable slivers.
+    """
+    from rich import box
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    console = console or Console()
+    wide = console.width >= 140
+    table = Table(title="Leaderboard", header_style="bold", box=box.HEAVY_HEAD if wide else box.SIMPLE_HEAD,
+                  pad_edge=wide)
+    num = {"justify": "right", "no_wrap": True}
+    columns = [("backend", {"no_wrap": True} if wide else {"max_width": 14, "overflow": "fold"})]
+    if wide:
+        columns += [("track", {"min_width": 9}), ("protects", {"min_width": 10})]
+    columns += [("macro AUROC [95% CI]", num), ("ΔAUROC (p)", {"justify": "right", "min_width": 9}),
+                ("max|Δp|", num), ("latency/img", num), ("comm/img", num)]
+    if wide:
+        columns += [("guarantee", {"min_width": 12, "ratio": 1})]
+    for name, kw in columns:
+        table.add_column(name, **kw)
+    for _, r in df.iterrows():
+        bid = escape(str(r["backend_id"]))
+        name = bid + (" [yellow](sim)[/]" if r.get("simulated") else "")
+        protects = ", ".join(_SHORT_ASSET.get(a.strip(), a.strip())
+                             for a in _text(r.get("protects")).split(",") if a.strip()) or "nothing"
+        ok = r.get("status") == "ok"
+        auc = (format_ci(r["auroc_macro"], r["auroc_macro_ci_low"], r["auroc_macro_ci_high"]) if ok
+               else f"[red]{escape(str(r.get('status')).upper())}[/]")
+        delta = DASH
+        if not _nan(r.get("delta_auroc_macro")):
+            delta = f"{float(r['delta_auroc_macro']):+.3f}"
+            if not _nan(r.get("min_delong_p")):
+                delta += (" " if wide else "\n") + f"(p={format_p(r['min_delong_p'])})"
+        cells = [name]
+        if wide:
+            cells += [escape(_text(r.get("track"))), escape(protects)]
+        else:
+            cells[0] += f"\n[dim]{escape(_text(r.get('track')))} · {escape(protects)}[/]"
+        cells += [auc, delta, format_small(r.get("max_abs_diff")), format_seconds(r.get("latency_per_image_p50")),
+                  format_bytes(r.get("bytes_per_image"))]
+        if wide:
+            cells.append(escape(_text(r.get("guarantee"))))
+        table.add_row(*cells)
+    console.print(table)
+    if not wide:
+        for _, r in df.iterrows():
+            console.print(f"[bold]{escape(str(r['backend_id']))}[/]: {escape(_text(r.get('guarantee')) or DASH)}",
+                          highlight=False)
+    for _, r in df[df["status"] != "ok"].iterrows():
+        console.print(f"[red]{escape(str(r['backend_id']))}[/] {escape(str(r['status']))}: "
+                      f"{escape(_text(r.get('error')) or 'no error recorded')}", highlight=False)
