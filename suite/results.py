@@ -125,7 +125,7 @@ def write_json_atomic(path: Path, data: Any) -> None:
     path = Path(path)
     tmp = path.with_suffix(path.suffix + ".tmp")
     with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(data, fh, indent=2, sort_keys=True, default=str)
+        json.dump(data, fh, indent=2, default=str)  # keys keep insertion (run) order
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)

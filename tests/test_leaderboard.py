@@ -1,0 +1,171 @@
+"""Leaderboard tables from the committed example run (tests/data/example_run)."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from suite.leaderboard import (
+    LEADERBOARD_COLUMNS, build_leaderboard, format_bytes, format_ci, format_seconds, per_label_table,
+    per_site_table, print_leaderboard, write_leaderboard,
+)
+from suite.results import ALL, MACRO, NONE, read_results
+
+EXAMPLE = Path(__file__).parent / "data" / "example_run"
+
+
+@pytest.fixture()
+def run_dir(tmp_path: Path) -> Path:
+    dst = tmp_path / "example_run"
+    shutil.copytree(EXAMPLE, dst)
+    return dst
+
+
+@pytest.fixture()
+def results() -> pd.DataFrame:
+    return read_results(EXAMPLE / "results.jsonl")
+
+
+@pytest.fixture()
+def run_meta() -> dict:
+    return json.loads((EXAMPLE / "run.json").read_text())
+
+
+def _row(results: pd.DataFrame, bid: str, metric: str, site: str, label: str) -> pd.Series:
+    hit = results[(results.backend_id == bid) & (results.metric == metric) & (results.site == site)
+                  & (results.label == label)]
+    assert len(hit) == 1, (bid, metric, site, label)
+    return hit.iloc[0]
+
+
+def test_fixture_is_small():
+    assert sum(p.stat().st_size for p in EXAMPLE.iterdir()) < 200_000
+
+
+def test_one_row_per_backend_in_run_order(results, run_meta):
+    board = build_leaderboard(results, run_meta)
+    assert list(board.columns) == LEADERBOARD_COLUMNS
+    # run.json is written with sorted keys; results.jsonl keeps the order backends ran in
+    assert list(board.backend_id) == ["plaintext", "mpc", "tee", "he"]
+
+
+def test_values_read_back_from_rows(results, run_meta):
+    board = build_leaderboard(results, run_meta).set_index("backend_id")
+    for bid in ("plaintext", "mpc", "tee"):
+        auc = _row(results, bid, "auroc", ALL, MACRO)
+        assert board.at[bid, "auroc_macro"] == auc.value
+        assert board.at[bid, "auroc_macro_ci_low"] == auc.ci_low
+        assert board.at[bid, "auroc_macro_ci_high"] == auc.ci_high
+        assert board.at[bid, "latency_per_image_p50"] == _row(results, bid, "latency_per_image_p50", ALL, NONE).value
+        assert board.at[bid, "bytes_per_image"] == _row(results, bid, "bytes_per_image", ALL, NONE).value
+        assert board.at[bid, "n_images"] == 60
+        assert board.at[bid, "status"] == "ok"
+    mpc = board.loc["mpc"]
+    delta = _row(results, "mpc", "auroc_delta", ALL, MACRO)
+    assert (mpc.delta_auroc_macro, mpc.delta_ci_low, mpc.delta_ci_high) == (delta.value, delta.ci_low, delta.ci_high)
+    ps = results[(results.backend_id == "mpc") & (results.metric == "delong_p") & (results.site == ALL)]
+    assert mpc.min_delong_p == ps.value.min()
+    assert mpc.max_abs_diff == _row(results, "mpc", "max_abs_diff", ALL, ALL).value
+    assert mpc.reference == "plaintext"
+    assert mpc.protects == "input_images, model_weights"
+    assert mpc.track == "inference"
+    # the reference compares with nothing
+    plain = board.loc["plaintext"]
+    assert math.isnan(plain.delta_auroc_macro) and math.isnan(plain.min_delong_p)
+    assert plain.protects == "" and plain.track == "reference"
+    assert math.isnan(plain.fit_time)           # inference only: no training step
+
+
+def test_failed_and_simulated_backends(results, run_meta):
+    board = build_leaderboard(results, run_meta).set_index("backend_id")
+    he = board.loc["he"]
+    assert he.status == "failed"
+    assert "MemoryError" in he.error
+    assert math.isnan(he.auroc_macro) and math.isnan(he.latency_per_image_p50)
+    assert bool(board.loc["tee"].simulated)
+    assert not board.loc["mpc"].simulated
+
+
+def test_build_without_run_meta_uses_rows(results):
+    board = build_leaderboard(results, {})
+    assert list(board.backend_id) == ["plaintext", "mpc", "tee", "he"]
+    he = board.set_index("backend_id").loc["he"]
+    assert he.status == "failed" and "MemoryError" in he.error
+    assert board.set_index("backend_id").loc["tee"].guarantee == "enclave isolation (simulated)"
+
+
+def test_empty_results():
+    board = build_leaderboard(read_results(Path("/nonexistent/results.jsonl")), {})
+    assert board.empty and list(board.columns) == LEADERBOARD_COLUMNS
+
+
+def test_per_label_table(results):
+    pl = per_label_table(results)
+    assert set(pl.backend_id) == {"plaintext", "mpc", "tee"}
+    assert list(pl[pl.backend_id == "mpc"].label) == ["Atelectasis", "Cardiomegaly", "Effusion", MACRO]
+    row = pl[(pl.backend_id == "mpc") & (pl.label == "Effusion")].iloc[0]
+    src = _row(results, "mpc", "auroc", ALL, "Effusion")
+    assert (row.auroc, row.ci_low, row.ci_high) == (src.value, src.ci_low, src.ci_high)
+    assert row.delong_p == _row(results, "mpc", "delong_p", ALL, "Effusion").value
+
+
+def test_per_site_table(results):
+    ps = per_site_table(results)
+    assert list(ps[ps.backend_id == "tee"].site) == ["site_a", "site_b", ALL]
+    row = ps[(ps.backend_id == "tee") & (ps.site == "site_b")].iloc[0]
+    src = _row(results, "tee", "auroc", "site_b", MACRO)
+    assert (row.auroc_macro, row.auroc_macro_ci_low, row.auroc_macro_ci_high) == (src.value, src.ci_low, src.ci_high)
+    assert row["auroc_Cardiomegaly"] == _row(results, "tee", "auroc", "site_b", "Cardiomegaly").value
+    assert not math.isnan(row["auroc_Cardiomegaly_ci_low"])
+
+
+def test_write_leaderboard_files(run_dir):
+    board = write_leaderboard(run_dir)
+    csv = pd.read_csv(run_dir / "leaderboard.csv")
+    assert list(csv.columns) == LEADERBOARD_COLUMNS
+    assert list(csv.backend_id) == list(board.backend_id)
+    assert csv.set_index("backend_id").at["mpc", "auroc_macro"] == pytest.approx(board.set_index("backend_id").at["mpc", "auroc_macro"])
+
+    md = (run_dir / "leaderboard.md").read_text()
+    mpc = board.set_index("backend_id").loc["mpc"]
+    assert format_ci(mpc.auroc_macro, mpc.auroc_macro_ci_low, mpc.auroc_macro_ci_high) in md
+    assert "[0." in md and "95% CI" in md
+    assert "tee *(simulated)*" in md
+    assert "mpc *(simulated)*" not in md
+    assert "**FAILED**" in md and "MemoryError" in md
+    assert "460 MB" in md and "2.35 s" in md and "11 ms" in md
+    # one threat-model footnote per backend
+    for bid in board.backend_id:
+        assert f"[^{bid}]: **{bid}** — protects" in md
+    assert "protected scope: classifier head only" in md
+    assert "## Per-label AUROC" in md and "## Per-site AUROC" in md
+    assert "| site_b |" in md
+
+
+def test_formatting():
+    assert format_ci(0.8421, 0.8012, 0.88) == "0.842 [0.801, 0.880]"
+    assert format_ci(0.84, float("nan"), 0.9) == "0.840"
+    assert format_ci(float("nan")) == "–"
+    assert format_ci(-0.0012, -0.004, 0.002, signed=True) == "-0.001 [-0.004, +0.002]"
+    assert format_bytes(0) == "0 B" and format_bytes(2100) == "2.1 KB"
+    assert format_bytes(4.6e8) == "460 MB" and format_bytes(5.2e9) == "5.2 GB"
+    assert format_seconds(2.5e-5) == "25 µs" and format_seconds(0.011) == "11 ms"
+    assert format_seconds(38) == "38 s" and format_seconds(600) == "10 min" and format_seconds(36000) == "10 h"
+
+
+def test_print_leaderboard(results, run_meta):
+    from rich.console import Console
+
+    buf = io.StringIO()
+    print_leaderboard(build_leaderboard(results, run_meta), Console(file=buf, width=200, color_system=None))
+    out = buf.getvalue()
+    assert "0.912 [0.856, 0.956]" in out
+    assert "FAILED" in out and "MemoryError" in out
+    assert "tee (sim)" in out
+    assert "460 MB" in out

@@ -1,0 +1,48 @@
+"""The example report opens in headless Debian chromium without errors, and sorts."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = Path(__file__).parent / "data" / "example_run"
+CHROMIUM = Path("/usr/bin/chromium")
+
+pytestmark = [
+    pytest.mark.chromium,
+    pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium (apt-get install -y chromium)"),
+]
+
+
+def _check(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "scripts" / "check_report_renders.py"), *args],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def test_example_report_renders_in_chromium(tmp_path: Path):
+    run_dir = tmp_path / "example_run"
+    shutil.copytree(EXAMPLE, run_dir)
+    shot = tmp_path / "report.png"
+    proc = _check(str(run_dir), "--screenshot", str(shot))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "OK" in proc.stdout
+    assert shot.exists() and shot.stat().st_size > 10_000
+
+
+def test_checker_catches_page_errors(tmp_path: Path):
+    """The checker itself fails on a script error and on an external resource."""
+    run_dir = tmp_path / "example_run"
+    shutil.copytree(EXAMPLE, run_dir)
+    assert _check(str(run_dir)).returncode == 0
+    html = (run_dir / "report.html").read_text(encoding="utf-8")
+    bad = tmp_path / "bad.html"
+    bad.write_text(html.replace("</main>", '</main><script>noSuchFunction();</script>'
+                                           '<img src="https://example.invalid/x.png">'), encoding="utf-8")
+    proc = _check(str(bad))
+    assert proc.returncode == 1
+    assert "noSuchFunction" in proc.stderr and "failed to load" in proc.stderr
