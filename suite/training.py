@@ -70,7 +70,7 @@ def train_logits_model(
             loss.backward()
             opt.step()
             sched.step()
-            total += float(loss) * len(idx)
+            total += loss.item() * len(idx)
             count += len(idx)
         history.append(total / max(count, 1))
         if on_epoch:

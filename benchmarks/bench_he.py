@@ -1,0 +1,220 @@
+"""The `he` backend's costs: head packing choices, the encrypted CNN per image, key material.
+
+asv style (`setup` + `time_*` / `track_*`); also runnable directly for a quick table:
+    .venv/bin/python -m benchmarks.bench_he
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+
+import numpy as np
+
+from benchmarks._fixtures import batch, context, small_model, synthetic
+
+
+def _features(n: int, f: int = 47, seed: int = 0) -> np.ndarray:
+    return np.abs(np.random.default_rng(seed).normal(0.5, 0.5, (n, f)))
+
+
+def _head(f: int = 47, labels: int = 5, seed: int = 1):
+    rng = np.random.default_rng(seed)
+    return rng.normal(0, 0.3, (labels, f)), rng.normal(0, 0.1, labels)
+
+
+class HEHeadBackend:
+    """The whole `he` head configuration (plaintext features + CKKS head) on the small DenseNet
+    at 64 px, through predict_proba as the harness calls it."""
+
+    params = [32, 256, 2048]
+    param_names = ["batch"]
+    number = 1
+    repeat = 3
+    timeout = 300
+
+    def setup(self, batch_size):
+        from backends.he import HEBackend
+
+        self.data = synthetic(n_per_site=max(5, batch_size // 14 + 1))
+        self.backend = HEBackend(HEBackend.Options(batch_size=batch_size))
+        self.ctx = context(small_model(self.data.label_names), tempfile.mkdtemp())
+        self.backend.setup(self.ctx)
+        self.x = batch(self.data, batch_size)
+
+    def teardown(self, batch_size):
+        self.backend.teardown()
+
+    def time_predict(self, batch_size):
+        self.backend.predict_proba(self.x)
+
+    def track_images_per_second(self, batch_size):
+        start = time.perf_counter()
+        self.backend.predict_proba(self.x)
+        return len(self.x) / (time.perf_counter() - start)
+
+    track_images_per_second.unit = "images/s"
+
+    def track_bytes_per_image(self, batch_size):
+        before = self.ctx.meter.totals().bytes_sent
+        self.backend.predict_proba(self.x)
+        return (self.ctx.meter.totals().bytes_sent - before) / len(self.x)
+
+    track_bytes_per_image.unit = "bytes"
+
+
+class HEHeadPacking:
+    """CKKS part of the head only (encrypt, evaluate, decrypt, serialisation included), per image:
+    feature-major (one ciphertext per feature, one image per slot; the backend's choice) vs one
+    CKKSVector per image with TenSEAL's vector-matrix product (F rotations per image)."""
+
+    params = ["feature-major", "per-image"]
+    param_names = ["packing"]
+    number = 1
+    repeat = 3
+    timeout = 600
+
+    def setup(self, packing):
+        import tenseal as ts
+
+        from backends.he_head import HeadDataOwner, HeadModelOwner
+        from backends.he_params import HEAD_DEFAULT, pack_message, unpack_message
+
+        self.w, self.b = _head()
+        self.ts = ts
+        if packing == "feature-major":
+            self.n = 512
+            self.feats = _features(self.n)
+            self.owner = HeadDataOwner(HEAD_DEFAULT)
+            self.server = HeadModelOwner(self.owner.public_context(), self.w, self.b)
+        else:
+            # per-image needs rotations, so a key-switching special prime as large as the others
+            self.n = 4
+            self.feats = _features(self.n)
+            ctx = ts.context(ts.SCHEME_TYPE.CKKS, 4096, -1, [40, 29, 40])
+            ctx.global_scale = 2.0 ** 29
+            ctx.generate_galois_keys()
+            self.ctx = ctx
+            self.server_ctx = ts.context_from(ctx.serialize(save_secret_key=False, save_relin_keys=False))
+            self.server_ctx.make_context_public()
+        self.pack, self.unpack = pack_message, unpack_message
+        self.packing = packing
+
+    def _run(self) -> tuple[int, int]:
+        ts = self.ts
+        if self.packing == "feature-major":
+            request = self.owner.request(self.feats)
+            response = self.server.handle(request)
+            self.owner.open_response(response, self.n)
+            return len(request), len(response)
+        up = [ts.ckks_vector(self.ctx, f.tolist()).serialize() for f in self.feats]
+        down = [(ts.ckks_vector_from(self.server_ctx, u).mm(self.w.T.tolist()) + self.b.tolist()).serialize()
+                for u in up]
+        for d in down:
+            ts.ckks_vector_from(self.ctx, d).decrypt()
+        return sum(map(len, up)), sum(map(len, down))
+
+    def time_ckks_head(self, packing):
+        self._run()
+
+    def track_images_per_second(self, packing):
+        start = time.perf_counter()
+        self._run()
+        return self.n / (time.perf_counter() - start)
+
+    track_images_per_second.unit = "images/s"
+
+    def track_bytes_per_image(self, packing):
+        up, down = self._run()
+        return (up + down) / self.n
+
+    track_bytes_per_image.unit = "bytes"
+
+
+class HECNNPerImage:
+    """Encrypted HE-friendly CNN (8 channels, default N=8192 parameters), one image."""
+
+    number = 1
+    repeat = 3
+    timeout = 600
+
+    def setup(self):
+        import torch
+
+        from backends.he_cnn import CNNDataOwner, CNNModelOwner, CNNSpec, DeployedCNN, build_net
+        from backends.he_params import CNN_DEFAULT
+
+        torch.manual_seed(0)
+        self.deployed = DeployedCNN.from_net(build_net(CNNSpec(), 5).eval())
+        self.owner = CNNDataOwner(CNN_DEFAULT)
+        self.public = self.owner.public_context()
+        self.server = CNNModelOwner(self.public, self.deployed)
+        self.x = np.random.default_rng(0).uniform(-1, 1, (28, 28))
+        self.blob = self.owner.encrypt(self.x)
+        self.out = self.server.evaluate(self.blob)
+
+    def time_encrypt(self):
+        self.owner.encrypt(self.x)
+
+    def time_server_eval(self):
+        self.server.evaluate(self.blob)
+
+    def time_decrypt(self):
+        self.owner.decrypt(self.out)
+
+    def track_upload_bytes(self):
+        return len(self.blob)
+
+    track_upload_bytes.unit = "bytes"
+
+    def track_download_bytes(self):
+        return sum(map(len, self.out))
+
+    track_download_bytes.unit = "bytes"
+
+    def track_public_context_bytes(self):
+        return len(self.public)
+
+    track_public_context_bytes.unit = "bytes"
+
+
+class HEKeySetup:
+    """Key generation and public-context serialisation for each mode's default parameters."""
+
+    params = ["head", "cnn"]
+    param_names = ["mode"]
+    number = 1
+    repeat = 2
+    timeout = 300
+
+    def time_keys_and_public_context(self, mode):
+        from backends.he_cnn import CNNDataOwner
+        from backends.he_head import HeadDataOwner
+        from backends.he_params import CNN_DEFAULT, HEAD_DEFAULT, receive_public_context
+
+        owner = HeadDataOwner(HEAD_DEFAULT) if mode == "head" else CNNDataOwner(CNN_DEFAULT)
+        receive_public_context(owner.public_context())
+
+
+def _quick_table() -> None:
+    """One pass over every benchmark, printed: a cheap look without asv."""
+    for cls in (HEHeadPacking, HEHeadBackend, HECNNPerImage, HEKeySetup):
+        for param in getattr(cls, "params", [None]):
+            bench = cls()
+            args = () if param is None else (param,)
+            if hasattr(bench, "setup"):
+                bench.setup(*args)
+            for name in sorted(dir(bench)):
+                if name.startswith(("time_", "track_")):
+                    start = time.perf_counter()
+                    value = getattr(bench, name)(*args)
+                    took = time.perf_counter() - start
+                    shown = f"{value:.4g} {getattr(getattr(bench, name), 'unit', '')}" if value is not None \
+                        else f"{took:.4f} s"
+                    print(f"{cls.__name__}{list(args) or ''}.{name}: {shown}", flush=True)
+            if hasattr(bench, "teardown"):
+                bench.teardown(*args)
+
+
+if __name__ == "__main__":
+    _quick_table()
