@@ -16,7 +16,7 @@ from typing import Any
 
 from suite.errors import SuiteError, did_you_mean
 
-DEFAULT_BACKENDS = ("plaintext", "null")
+DEFAULT_BACKENDS = ("plaintext", "null", "tee", "he")
 
 
 @dataclass
@@ -36,9 +36,9 @@ class DatasetConfig:
 @dataclass
 class ModelConfig:
     name: str = "small-densenet"
-    epochs: int = 6
+    epochs: int = 8
     batch_size: int = 64
-    lr: float = 2e-3
+    lr: float = 3e-3
 
 
 @dataclass

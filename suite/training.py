@@ -15,9 +15,9 @@ from suite.data.imageset import ImageSet
 
 @dataclass(frozen=True)
 class Recipe:
-    epochs: int = 6
+    epochs: int = 8
     batch_size: int = 64
-    lr: float = 2e-3
+    lr: float = 3e-3
     weight_decay: float = 1e-4
     seed: int = 0
     augment: bool = True
