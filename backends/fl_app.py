@@ -1,0 +1,801 @@
+"""The Flower apps behind the `fl` backend: one ServerApp, two ClientApps, both engines.
+
+Everything a run needs travels in an `FLJob` (plain JSON): the simulation engine builds the
+apps around it in-process (`make_server_app(job)`, `make_client_app(job)`); the deployment
+engine runs a generated Flower App whose entry module calls the same factories without a
+job, so the apps read the job file named by the run-config key `job`.
+
+Sites: each ClientApp is one site (`node_config["partition-id"]` indexes `job.sites`) and
+reads only `<data_dir>/<site>.npz`, its own training partition.
+
+Privacy hybrids are compositions of Flower's own parts, never flags inside the training code:
+  dp      DifferentialPrivacyClientSideFixedClipping(FedAvg) + fixedclipping_mod, with
+          Flower's RDP accountant (site-level central DP of the released model);
+  ldp     LocalDpMod on each site (clip + noise before the update leaves the site);
+  secagg  SecAgg+ (SecAggPlusWorkflow + secaggplus_mod). In Flower 1.41 SecAgg+ exists only
+          for the legacy strategy API (LegacyContext + DefaultWorkflow + flwr.server.strategy
+          + a NumPyClient behind secaggplus_mod); none of the Message-API strategies in
+          flwr.serverapp.strategy has a secure-aggregation counterpart. This path therefore
+          runs the legacy workflow on the same Grid and engines.
+
+Traffic is measured at the ServerApp's Grid (`MeteredGrid`): every message the server sends
+or receives is serialised the way Flower ships it (the deflated object tree: message
+header + RecordDict + ArrayRecord + Array chunks), and its bytes are booked per round, per
+node and per message type. Each site pulls its own copy, so bytes to a node are what that
+site downloads; HTTP framing and TLS are not included.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+JOB_KEY = "job"                  # run-config key of the job file (deployment engine)
+SUMMARY = "summary.json"
+FINAL = "final.npz"
+INITIAL = "initial.npz"
+SECAGG_QUANTIZATION = 2 ** 26    # SecAgg+ quantisation levels (sum of n < 64 sites fits 2**32)
+
+
+@dataclass
+class FLJob:
+    """One federation, as plain JSON."""
+
+    out_dir: str
+    data_dir: str
+    sites: list[str]
+    n_labels: int
+    architecture: dict[str, Any]
+    strategy: str = "fedavg"
+    proximal_mu: float = 0.0
+    rounds: int = 3
+    local_epochs: int = 1
+    fraction: float = 1.0
+    min_clients: int = 2
+    privacy: str = "none"
+    clip: float = 1.0
+    noise_multiplier: float = 1.0
+    dp_delta: float = 1e-3
+    ldp_epsilon: float = 10.0
+    ldp_delta: float = 1e-5
+    drop_site: str = ""
+    drop_round: int = 0
+    round_eval: bool = True
+    round_timeout: float = 600.0
+    batch_size: int = 64
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    augment: bool = True
+    seed: int = 0
+    threads: int = 2
+    max_site_examples: int = 1
+    started_at: float = 0.0
+
+    def save(self, path: Path) -> Path:
+        path = Path(path)
+        path.write_text(json.dumps(dataclasses.asdict(self), indent=1))
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "FLJob":
+        return cls(**json.loads(Path(path).read_text()))
+
+    def to_ref(self) -> str:
+        """The job inline, for the run config: nothing but the data has to be shared."""
+        import base64
+
+        return "b64:" + base64.b64encode(json.dumps(dataclasses.asdict(self)).encode()).decode()
+
+    @classmethod
+    def from_ref(cls, ref: str) -> "FLJob":
+        """A run-config value: 'b64:<job JSON>' or a path to a job file."""
+        import base64
+
+        if ref.startswith("b64:"):
+            return cls(**json.loads(base64.b64decode(ref[4:]).decode()))
+        return cls.load(ref)
+
+    def n_sampled(self) -> int:
+        n = len(self.sites)
+        return min(n, max(int(n * self.fraction), self.min_train()))
+
+    def min_train(self) -> int:
+        return max(1, min(self.min_clients, len(self.sites)))
+
+
+# ---------------------------------------------------------------------------------------
+# model helpers (torch), shared with backends.fl
+# ---------------------------------------------------------------------------------------
+
+def set_threads(n: int) -> None:
+    import torch
+
+    if torch.get_num_threads() != max(1, n):
+        torch.set_num_threads(max(1, n))
+
+
+def calibrate_bn(net, resolution: int, seed: int) -> None:
+    """Data-free BatchNorm statistics: the running stats of uniform noise in xrv range.
+
+    Only the initial model gets this (shared by every mode): it puts running statistics on
+    the right scale before anyone trains, which SecAgg+'s fixed-point encoding needs and
+    which makes a round-0 evaluation meaningful. No site data is involved.
+    """
+    import torch
+
+    bns = [m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    saved = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None          # cumulative average over the calibration batch
+    gen = torch.Generator().manual_seed(seed + 4242)
+    net.train()
+    with torch.no_grad():
+        net.features2(torch.rand(32, 1, resolution, resolution, generator=gen) * 2048 - 1024)
+    for m, mom in zip(bns, saved):
+        m.momentum = mom
+    net.eval()
+
+
+def initial_model(architecture: dict[str, Any], n_labels: int, resolution: int, seed: int):
+    """The seeded starting point every mode (federated, centralised, local) trains from."""
+    import torch
+
+    from suite.models import build_densenet
+
+    torch.manual_seed(seed)
+    net = build_densenet(architecture, n_labels)
+    calibrate_bn(net, resolution, seed)
+    return net
+
+
+def array_keys(net) -> list[str]:
+    """What travels: every parameter and BatchNorm running statistic (not the int counters)."""
+    return [k for k, v in net.state_dict().items() if v.is_floating_point()]
+
+
+def get_arrays(net) -> dict[str, np.ndarray]:
+    state = net.state_dict()
+    return {k: state[k].detach().cpu().numpy().astype(np.float32, copy=True) for k in array_keys(net)}
+
+
+def set_arrays(net, arrays: dict[str, np.ndarray]) -> None:
+    """Load arrays; a noised running variance is clamped to stay positive (post-processing)."""
+    import torch
+
+    state = {k: torch.from_numpy(np.asarray(v, dtype=np.float32).copy()) for k, v in arrays.items()}
+    for k, v in state.items():
+        if k.endswith("running_var"):
+            v.clamp_(min=1e-5)
+    missing = set(array_keys(net)) - set(state)
+    if missing:
+        raise ValueError(f"update lacks arrays {sorted(missing)[:3]}...")
+    net.load_state_dict(state, strict=False)
+
+
+def site_path(data_dir: str | Path, site: str) -> Path:
+    return Path(data_dir) / f"{site}.npz"
+
+
+def save_site(data_dir: Path, site: str, images: np.ndarray, labels: np.ndarray) -> Path:
+    path = site_path(data_dir, site)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, images=images.astype(np.float32), labels=labels.astype(np.float32))
+    return path
+
+
+_SITE_CACHE: dict[str, Any] = {}
+
+
+def load_site(data_dir: str | Path, site: str, data_path: str | None = None):
+    """A site's training partition as an ImageSet (cached per process).
+
+    `data_path` (a SuperNode's `--node-config data-path=...`) overrides
+    `<data_dir>/<site>.npz`: on real machines each site points at its own file.
+    """
+    from suite.data.imageset import ImageSet
+
+    path = str(data_path or site_path(data_dir, site))
+    if path not in _SITE_CACHE:
+        with np.load(path) as z:
+            images, labels = z["images"], z["labels"]
+        n = len(images)
+        ids = np.array([f"{site}-{i}" for i in range(n)])
+        _SITE_CACHE[path] = ImageSet(name=site, images=images, labels=labels,
+                                     label_names=[f"l{j}" for j in range(labels.shape[1])],
+                                     image_ids=ids, sites=np.full(n, site), patient_ids=ids,
+                                     splits=np.full(n, "train"))
+    return _SITE_CACHE[path]
+
+
+def train_local(net, data, epochs: int, job: FLJob, seed: int, proximal_mu: float = 0.0,
+                crash_after_batches: int | None = None) -> float:
+    """The suite's one plaintext recipe (suite.training) on one site's data.
+
+    FedProx adds mu * (w - w_global) to each gradient (the gradient of the proximal term
+    mu/2 * ||w - w_global||^2) through tensor hooks, so the recipe itself is untouched.
+    Returns the mean training loss of the last epoch.
+    """
+    import torch
+
+    from suite.training import Recipe, train_logits_model
+
+    recipe = Recipe(epochs=epochs, batch_size=job.batch_size, lr=job.lr,
+                    weight_decay=job.weight_decay, seed=seed, augment=job.augment)
+    params = list(net.parameters())
+    hooks = []
+    if proximal_mu > 0:
+        for p in params:
+            anchor = p.detach().clone()
+            hooks.append(p.register_hook(lambda g, p=p, a=anchor: g + proximal_mu * (p.detach() - a)))
+    forward = lambda x: net.classifier(net.features2(x))  # noqa: E731
+    if crash_after_batches is not None:
+        seen = {"n": 0}
+
+        def forward(x, _f=forward):  # noqa: F811 - a site that dies mid-round
+            seen["n"] += 1
+            if seen["n"] > crash_after_batches:
+                raise SiteCrash("simulated crash mid-round")
+            return _f(x)
+    net.train()
+    try:
+        history = train_logits_model(forward, params, data, list(range(data.labels.shape[1])), recipe)
+    finally:
+        for h in hooks:
+            h.remove()
+        net.eval()
+    return float(history[-1]) if history else float("nan")
+
+
+class SiteCrash(RuntimeError):
+    """Raised by a site told to drop out (option drop_site / drop_round)."""
+
+
+def predict(net, images: np.ndarray, batch: int = 256) -> np.ndarray:
+    import torch
+
+    net.eval()
+    out = []
+    with torch.inference_mode():
+        for i in range(0, len(images), batch):
+            x = torch.from_numpy(np.ascontiguousarray(images[i:i + batch], dtype=np.float32))
+            out.append(torch.sigmoid(net.classifier(net.features2(x)).double()).numpy())
+    return np.concatenate(out) if out else np.zeros((0, 0))
+
+
+def evaluate_local(net, data) -> tuple[float, float]:
+    """(masked BCE, macro AUROC over labels with both classes) of `net` on one site's data."""
+    from sklearn.metrics import roc_auc_score
+
+    p = predict(net, data.images)
+    y = data.labels
+    eps = 1e-7
+    known = ~np.isnan(y)
+    pc = np.clip(p, eps, 1 - eps)
+    yk = np.nan_to_num(y)
+    bce = -(yk * np.log(pc) + (1 - yk) * np.log(1 - pc))
+    loss = float(bce[known].mean()) if known.any() else float("nan")
+    aucs = []
+    for j in range(y.shape[1]):
+        k = known[:, j]
+        if k.sum() and 0 < y[k, j].sum() < k.sum():
+            aucs.append(roc_auc_score(y[k, j], p[k, j]))
+    return loss, float(np.mean(aucs)) if aucs else float("nan")
+
+
+def round_seed(job: FLJob, server_round: int, site_index: int) -> int:
+    return job.seed * 10007 + server_round * 101 + site_index
+
+
+def secagg_scales(arrays: list[np.ndarray]) -> list[float]:
+    """Per-array divisor both sides derive from the global model, so SecAgg+'s fixed-point
+    range [-8, 8] holds weights (~0.1) and BatchNorm variances (~1e5) alike."""
+    return [max(1.0, float(np.abs(a).max())) if a.size else 1.0 for a in arrays]
+
+
+# ---------------------------------------------------------------------------------------
+# client side
+# ---------------------------------------------------------------------------------------
+
+_JOB_CACHE: dict[str, FLJob] = {}
+
+
+def _job_from_context(context, job: FLJob | None) -> FLJob:
+    if job is not None:
+        return job
+    ref = str(context.run_config[JOB_KEY])
+    if ref not in _JOB_CACHE:
+        _JOB_CACHE[ref] = FLJob.from_ref(ref)
+    return _JOB_CACHE[ref]
+
+
+def _site_index(context) -> int:
+    return int(context.node_config["partition-id"])
+
+
+def _data_path(context) -> str | None:
+    value = context.node_config.get("data-path")
+    return str(value) if value else None
+
+
+def _build(job: FLJob):
+    from suite.models import build_densenet
+
+    set_threads(job.threads)
+    return build_densenet(job.architecture, job.n_labels)
+
+
+def _crash_point(job: FLJob, site: str, server_round: int) -> int | None:
+    """Batches after which this site dies in this round (None: it does not).
+
+    0: it has received the round's model and dies as local training starts, so the server
+    has sent its message and waits for a reply that comes back as an error.
+    """
+    if job.drop_site and site == job.drop_site and server_round == job.drop_round:
+        return 0
+    return None
+
+
+def client_train(job: FLJob, site_index: int, arrays: dict[str, np.ndarray], server_round: int,
+                 proximal_mu: float, data_path: str | None = None) -> tuple[dict[str, np.ndarray], int, float]:
+    site = job.sites[site_index]
+    data = load_site(job.data_dir, site, data_path)
+    net = _build(job)
+    set_arrays(net, arrays)
+    loss = train_local(net, data, job.local_epochs, job, round_seed(job, server_round, site_index),
+                       proximal_mu, crash_after_batches=_crash_point(job, site, server_round))
+    return get_arrays(net), len(data), loss
+
+
+def client_evaluate(job: FLJob, site_index: int, arrays: dict[str, np.ndarray],
+                    data_path: str | None = None) -> tuple[int, float, float]:
+    data = load_site(job.data_dir, job.sites[site_index], data_path)
+    net = _build(job)
+    set_arrays(net, arrays)
+    loss, auroc = evaluate_local(net, data)
+    return len(data), loss, auroc
+
+
+def _privacy_mod(job: FLJob | None):
+    """A client mod that applies Flower's own DP mod the job asks for (composition)."""
+
+    def mod(msg, context, call_next):
+        from flwr.clientapp.mod import LocalDpMod, fixedclipping_mod
+
+        j = _job_from_context(context, job)
+        if j.privacy == "dp":
+            return fixedclipping_mod(msg, context, call_next)
+        if j.privacy == "ldp":
+            return LocalDpMod(j.clip, j.clip, j.ldp_epsilon, j.ldp_delta)(msg, context, call_next)
+        return call_next(msg, context)
+
+    return mod
+
+
+def make_client_app(job: FLJob | None = None):
+    """Message-API ClientApp (FedAvg, FedProx, DP, LDP). `job=None`: read it from run config."""
+    from flwr.app import ArrayRecord, Array, Message, MetricRecord, RecordDict
+    from flwr.clientapp import ClientApp
+
+    app = ClientApp()
+
+    @app.train(mods=[_privacy_mod(job)])
+    def train(msg: Message, context):
+        j = _job_from_context(context, job)
+        idx = _site_index(context)
+        record = msg.content["arrays"]
+        arrays = {k: record[k].numpy() for k in record.keys()}
+        config = msg.content["config"]
+        mu = float(config.get("proximal-mu", 0.0))
+        new, n, loss = client_train(j, idx, arrays, int(config["server-round"]), mu,
+                                    _data_path(context))
+        metrics = MetricRecord({"num-examples": n, "unit-weight": 1, "train-loss": loss,
+                                "partition-id": idx})
+        out = ArrayRecord({k: Array(new[k]) for k in record.keys()})
+        return Message(RecordDict({"arrays": out, "metrics": metrics}), reply_to=msg)
+
+    @app.evaluate()
+    def evaluate(msg: Message, context):
+        j = _job_from_context(context, job)
+        idx = _site_index(context)
+        record = msg.content["arrays"]
+        n, loss, auroc = client_evaluate(j, idx, {k: record[k].numpy() for k in record.keys()},
+                                         _data_path(context))
+        metrics = MetricRecord({"num-examples": n, "unit-weight": 1, "eval-loss": loss,
+                                "eval-auroc": auroc, "partition-id": idx})
+        return Message(RecordDict({"metrics": metrics}), reply_to=msg)
+
+    return app
+
+
+def make_secagg_client_app(job: FLJob | None = None):
+    """Legacy ClientApp (NumPyClient behind secaggplus_mod): what SecAgg+ needs in 1.41.
+
+    The site uploads its update divided by public per-array scales (`secagg_scales`), so the
+    fixed-point encoding holds every array; the server multiplies the unmasked mean back.
+    """
+    from flwr.client import NumPyClient
+    from flwr.client.mod import secaggplus_mod
+    from flwr.clientapp import ClientApp
+
+    class SiteClient(NumPyClient):
+        def __init__(self, j: FLJob, idx: int, data_path: str | None) -> None:
+            self.job, self.idx, self.data_path = j, idx, data_path
+
+        def _arrays(self, parameters):
+            net = _build(self.job)
+            return dict(zip(array_keys(net), parameters))
+
+        def fit(self, parameters, config):
+            arrays = self._arrays(parameters)
+            new, n, loss = client_train(self.job, self.idx, arrays, int(config["server-round"]), 0.0,
+                                        self.data_path)
+            keys = list(arrays)
+            scales = secagg_scales([arrays[k] for k in keys])
+            delta = [((new[k] - arrays[k]) / s).astype(np.float32) for k, s in zip(keys, scales)]
+            return delta, n, {"train-loss": loss, "partition-id": self.idx}
+
+        def evaluate(self, parameters, config):
+            n, loss, auroc = client_evaluate(self.job, self.idx, self._arrays(parameters),
+                                             self.data_path)
+            return loss, n, {"eval-auroc": auroc, "partition-id": self.idx}
+
+    def client_fn(context):
+        return SiteClient(_job_from_context(context, job), _site_index(context),
+                          _data_path(context)).to_client()
+
+    return ClientApp(client_fn=client_fn, mods=[secaggplus_mod])
+
+
+# ---------------------------------------------------------------------------------------
+# server side
+# ---------------------------------------------------------------------------------------
+
+def message_bytes(msg) -> int:
+    """Bytes of a message as Flower serialises it for transport (header + object tree)."""
+    from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+
+    try:
+        return sum(len(obj.deflate()) for obj in get_all_nested_objects(msg).values())
+    except Exception:   # an error reply without content still has a header
+        try:
+            from flwr.common.serde import message_to_proto
+
+            return len(message_to_proto(msg).SerializeToString())
+        except Exception:
+            return 0
+
+
+def _partition_id(msg) -> int | None:
+    if msg.has_error():
+        return None
+    for rec in msg.content.metric_records.values():
+        if "partition-id" in rec:
+            return int(round(float(rec["partition-id"])))
+    return None
+
+
+@dataclass
+class Traffic:
+    round: int
+    node: int
+    kind: str
+    down: int = 0        # server -> node
+    up: int = 0          # node -> server
+    messages: int = 0
+    errors: int = 0
+    missing: int = 0     # sent, no reply before the timeout
+
+
+class MeteredGrid:
+    """Wraps the ServerApp's Grid: books the serialised size of every message it carries."""
+
+    def __init__(self, grid) -> None:
+        self._grid = grid
+        self.round = 0
+        self.traffic: dict[tuple[int, int, str], Traffic] = {}
+        self.node_site: dict[int, int] = {}
+        self.first_reply_at: float | None = None
+
+    def __getattr__(self, name):            # run, set_run, get_node_ids, create_message, ...
+        return getattr(self._grid, name)
+
+    def _round_of(self, msg) -> int:
+        group = str(msg.metadata.group_id or "")
+        return int(group) if group.isdigit() else self.round
+
+    def _book(self, r: int, node: int, kind: str) -> Traffic:
+        key = (r, int(node), kind)
+        if key not in self.traffic:
+            self.traffic[key] = Traffic(r, int(node), kind)
+        return self.traffic[key]
+
+    def send_and_receive(self, messages, *, timeout=None):
+        messages = list(messages)
+        sent = {}
+        for m in messages:
+            t = self._book(self._round_of(m), m.metadata.dst_node_id, str(m.metadata.message_type))
+            t.down += message_bytes(m)
+            t.messages += 1
+            sent[int(m.metadata.dst_node_id)] = t
+        replies = list(self._grid.send_and_receive(messages, timeout=timeout))
+        if replies and self.first_reply_at is None:
+            self.first_reply_at = time.time()
+        answered = set()
+        for r in replies:
+            node = int(r.metadata.src_node_id)
+            answered.add(node)
+            t = sent.get(node) or self._book(self._round_of(r), node, str(r.metadata.message_type))
+            t.up += message_bytes(r)
+            t.messages += 1
+            if r.has_error():
+                t.errors += 1
+            pid = _partition_id(r)
+            if pid is not None:
+                self.node_site[node] = pid
+        for node, t in sent.items():
+            if node not in answered:
+                t.missing += 1
+        return replies
+
+    def push_messages(self, messages):
+        messages = list(messages)
+        for m in messages:
+            t = self._book(self._round_of(m), m.metadata.dst_node_id, str(m.metadata.message_type))
+            t.down += message_bytes(m)
+            t.messages += 1
+        return self._grid.push_messages(messages)
+
+    def pull_messages(self, message_ids):
+        replies = list(self._grid.pull_messages(message_ids))
+        for r in replies:
+            t = self._book(self._round_of(r), r.metadata.src_node_id, str(r.metadata.message_type))
+            t.up += message_bytes(r)
+            t.messages += 1
+            t.errors += int(r.has_error())
+        return replies
+
+
+@dataclass
+class RoundLog:
+    round: int
+    replies: int = 0
+    failures: int = 0
+    aggregated: bool = False
+    note: str = ""
+    train: dict[str, float] = field(default_factory=dict)
+    evaluate: dict[str, float] = field(default_factory=dict)
+    started: float = 0.0
+    finished: float = 0.0
+
+
+def _quorum_strategy(inner, min_replies: int, metered: MeteredGrid, log: dict[int, RoundLog]):
+    """Wrap any Message-API strategy: a round aggregates only with >= min_replies results."""
+    from flwr.serverapp.strategy import Strategy
+
+    class Quorum(Strategy):
+        def __init__(self) -> None:
+            self.strategy = inner
+
+        def _log(self, r: int) -> RoundLog:
+            return log.setdefault(r, RoundLog(r, started=time.time()))
+
+        def configure_train(self, server_round, arrays, config, grid):
+            metered.round = server_round
+            self._log(server_round)
+            return self.strategy.configure_train(server_round, arrays, config, grid)
+
+        def aggregate_train(self, server_round, replies):
+            replies = list(replies)
+            entry = self._log(server_round)
+            ok = [m for m in replies if not m.has_error()]
+            entry.replies, entry.failures = len(ok), len(replies) - len(ok)
+            if len(ok) < min_replies:
+                entry.note = f"only {len(ok)} of {len(replies)} sites replied (< min_clients {min_replies})"
+                entry.finished = time.time()
+                return None, None
+            arrays, metrics = self.strategy.aggregate_train(server_round, replies)
+            entry.aggregated = arrays is not None
+            if arrays is None:
+                entry.note = "the strategy skipped aggregation (Flower's DP wrappers refuse rounds with failures)"
+            entry.train = {k: float(v) for k, v in (metrics or {}).items() if isinstance(v, (int, float))}
+            entry.finished = time.time()
+            return arrays, metrics
+
+        def configure_evaluate(self, server_round, arrays, config, grid):
+            metered.round = server_round
+            return self.strategy.configure_evaluate(server_round, arrays, config, grid)
+
+        def aggregate_evaluate(self, server_round, replies):
+            metrics = self.strategy.aggregate_evaluate(server_round, replies)
+            self._log(server_round).evaluate = {k: float(v) for k, v in (metrics or {}).items()
+                                                if isinstance(v, (int, float))}
+            return metrics
+
+        def summary(self) -> None:
+            self.strategy.summary()
+
+    return Quorum()
+
+
+def _message_api_run(metered: MeteredGrid, job: FLJob, init: dict[str, np.ndarray],
+                     log: dict[int, RoundLog]) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    from flwr.app import Array, ArrayRecord, ConfigRecord
+    from flwr.serverapp.strategy import (DifferentialPrivacyClientSideFixedClipping, FedAvg,
+                                         FedProx)
+
+    n = len(job.sites)
+    kwargs = dict(fraction_train=job.fraction, fraction_evaluate=1.0 if job.round_eval else 0.0,
+                  min_train_nodes=job.min_train(), min_evaluate_nodes=job.min_train(),
+                  min_available_nodes=n,
+                  weighted_by_key="unit-weight" if job.privacy == "dp" else "num-examples")
+    if job.strategy == "fedprox":
+        base = FedProx(proximal_mu=job.proximal_mu, **kwargs)
+    else:
+        base = FedAvg(**kwargs)
+    strategy, info = base, {}
+    accountant = None
+    if job.privacy == "dp":
+        from flwr.serverapp import NeighboringRelation, PrivacyConfig, SamplingMethod
+
+        try:   # RdpAccountant needs dp-accounting (flwr's [dp] extra)
+            from flwr.serverapp import RdpAccountant
+
+            accountant = RdpAccountant(PrivacyConfig(
+                target_delta=job.dp_delta, population_size=n,
+                neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
+                sampling_method=SamplingMethod.NO_AMPLIFICATION))
+        except ImportError as exc:
+            info["dp_accounting"] = f"unavailable: {exc}"
+        strategy = DifferentialPrivacyClientSideFixedClipping(
+            base, job.noise_multiplier, job.clip, job.n_sampled(), accountant=accountant)
+    strategy = _quorum_strategy(strategy, job.min_train(), metered, log)
+    keys = list(init)
+    result = strategy.start(grid=metered, initial_arrays=ArrayRecord({k: Array(init[k]) for k in keys}),
+                            num_rounds=job.rounds, timeout=job.round_timeout,
+                            train_config=ConfigRecord({}), evaluate_config=ConfigRecord({}))
+    final = result.arrays
+    arrays = {k: final[k].numpy() for k in final.keys()} if final is not None and len(final) else init
+    if accountant is not None:
+        spent = accountant.get_privacy_spent()
+        info.update(dp_epsilon=float(spent.epsilon), dp_delta=float(spent.delta),
+                    dp_releases=int(spent.num_releases))
+    return arrays, info
+
+
+def _secagg_run(metered: MeteredGrid, context, job: FLJob, init: dict[str, np.ndarray],
+                log: dict[int, RoundLog]) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
+    from flwr.server import LegacyContext, ServerConfig
+    from flwr.server.strategy import FedAvg as LegacyFedAvg
+    from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
+
+    keys = list(init)
+    n = len(job.sites)
+
+    def weighted(metrics):
+        total = sum(k for k, _ in metrics) or 1
+        names = {name for _, m in metrics for name in m if name != "partition-id"}
+        return {name: sum(k * float(m.get(name, 0.0)) for k, m in metrics) / total for name in names}
+
+    class DeltaFedAvg(LegacyFedAvg):
+        """FedAvg over scaled updates: the server only ever holds the SecAgg+ mean."""
+
+        def configure_fit(self, server_round, parameters, client_manager):
+            metered.round = server_round
+            log.setdefault(server_round, RoundLog(server_round, started=time.time()))
+            self.current = parameters_to_ndarrays(parameters)
+            return super().configure_fit(server_round, parameters, client_manager)
+
+        def aggregate_fit(self, server_round, results, failures):
+            entry = log.setdefault(server_round, RoundLog(server_round))
+            entry.replies, entry.failures = len(results), len(failures)
+            if len(results) < job.min_train():
+                entry.note = f"only {len(results)} sites in the aggregate (< min_clients)"
+                entry.finished = time.time()
+                return None, {}
+            params, metrics = super().aggregate_fit(server_round, results, failures)
+            if params is None:
+                entry.finished = time.time()
+                return None, metrics
+            mean_delta = parameters_to_ndarrays(params)
+            scales = secagg_scales(self.current)
+            new = [(g + d * s).astype(np.float32) for g, d, s in zip(self.current, mean_delta, scales)]
+            entry.aggregated = True
+            entry.train = {k: float(v) for k, v in (metrics or {}).items()}
+            entry.finished = time.time()
+            return ndarrays_to_parameters(new), metrics
+
+        def configure_evaluate(self, server_round, parameters, client_manager):
+            metered.round = server_round
+            return super().configure_evaluate(server_round, parameters, client_manager)
+
+        def aggregate_evaluate(self, server_round, results, failures):
+            loss, metrics = super().aggregate_evaluate(server_round, results, failures)
+            entry = log.setdefault(server_round, RoundLog(server_round))
+            if loss is not None:
+                entry.evaluate = {"eval-loss": float(loss),
+                                  **{k: float(v) for k, v in (metrics or {}).items()}}
+            return loss, metrics
+
+    strategy = DeltaFedAvg(
+        fraction_fit=job.fraction, fraction_evaluate=1.0 if job.round_eval else 0.0,
+        min_fit_clients=max(2, job.min_train()), min_evaluate_clients=max(1, job.min_train()),
+        min_available_clients=n, initial_parameters=ndarrays_to_parameters([init[k] for k in keys]),
+        on_fit_config_fn=lambda r: {"server-round": r},
+        fit_metrics_aggregation_fn=weighted, evaluate_metrics_aggregation_fn=weighted)
+    legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=job.rounds,
+                                                                round_timeout=job.round_timeout),
+                           strategy=strategy)
+    workflow = DefaultWorkflow(fit_workflow=SecAggPlusWorkflow(
+        num_shares=1.0, reconstruction_threshold=0.5, max_weight=float(job.max_site_examples),
+        clipping_range=8.0, quantization_range=SECAGG_QUANTIZATION, modulus_range=2 ** 32,
+        timeout=job.round_timeout))
+    workflow(metered, legacy)
+    from flwr.compat.common import recorddict_compat as compat
+    from flwr.server.workflow.constant import MAIN_PARAMS_RECORD
+
+    params = compat.arrayrecord_to_parameters(legacy.state.array_records[MAIN_PARAMS_RECORD], keep_input=True)
+    final = parameters_to_ndarrays(params)
+    shares = job.n_sampled()          # num_shares=1.0: every sampled site holds a share
+    info = {"secagg_shares": shares, "secagg_threshold": max(2, round(0.5 * shares)),
+            "secagg_quantization": SECAGG_QUANTIZATION}
+    return dict(zip(keys, final)), info
+
+
+def server_main(grid, context, job: FLJob) -> None:
+    """Run the federation and write summary.json + final.npz into job.out_dir."""
+    import logging
+
+    logging.getLogger("flwr").setLevel(logging.WARNING)
+    random.seed(job.seed)
+    np.random.seed(job.seed)
+    set_threads(job.threads)
+    out = Path(job.out_dir)
+    started = time.time()
+    with np.load(out / INITIAL) as z:
+        init = {k: z[k] for k in z.files}
+    metered = MeteredGrid(grid)
+    log: dict[int, RoundLog] = {}
+    if job.privacy == "secagg":
+        arrays, info = _secagg_run(metered, context, job, init, log)
+    else:
+        arrays, info = _message_api_run(metered, job, init, log)
+    np.savez(out / FINAL, **arrays)
+    summary = {
+        "rounds": [dataclasses.asdict(log[r]) for r in sorted(log)],
+        "traffic": [dataclasses.asdict(t) for t in metered.traffic.values()],
+        "node_site": {str(k): job.sites[v] for k, v in metered.node_site.items() if 0 <= v < len(job.sites)},
+        "model_bytes": int(sum(a.nbytes for a in init.values())),
+        "n_sampled": job.n_sampled(),
+        "server_started": started,
+        "first_reply_at": metered.first_reply_at,
+        "finished": time.time(),
+        **info,
+    }
+    tmp = out / (SUMMARY + ".tmp")
+    tmp.write_text(json.dumps(summary, indent=1))
+    tmp.replace(out / SUMMARY)
+
+
+def make_server_app(job: FLJob | None = None):
+    from flwr.serverapp import ServerApp
+
+    app = ServerApp()
+
+    @app.main()
+    def main(grid, context) -> None:
+        server_main(grid, context, _job_from_context(context, job))
+
+    return app

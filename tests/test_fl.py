@@ -1,0 +1,389 @@
+"""The federated-learning backend: engines, controls, faults, traffic, hybrids and the audit.
+
+Engine tests run the real Flower engines on the tiny synthetic set (7 sites x 12 images at
+32 px). Strategy-level tests run the same ServerApp and ClientApps through an in-process
+Grid (`InlineGrid`), which delivers each message to the right site's ClientApp directly:
+the apps, strategies, wrappers and mods are Flower's, only the transport is replaced.
+"""
+
+from __future__ import annotations
+
+import json
+from importlib.util import find_spec
+from types import SimpleNamespace
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+
+pytestmark = pytest.mark.skipif(find_spec("flwr") is None or find_spec("ray") is None,
+                                reason="fl backend needs the [fl] extra")
+
+
+# -------------------------------------------------------------------------------------------
+# helpers
+# -------------------------------------------------------------------------------------------
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """These tests train on one thread (two spin-waiting OpenMP threads crawl on a loaded
+    host); the process's setting is restored afterwards."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _ctx(tiny_model, workdir: Path, threads: int = 1):
+    from suite.backend import BackendContext
+    from suite.meter import CommMeter
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    return BackendContext(model=tiny_model, meter=CommMeter(), workdir=workdir, seed=0,
+                          threads=threads, quick=True)
+
+
+def _backend(**options):
+    from backends.fl import FLBackend, FLOptions
+
+    return FLBackend(FLOptions.parse(options, "fl"))
+
+
+def _rows(backend, metric, phase=None):
+    return [r for r in backend.extra_rows() if r["metric"] == metric
+            and (phase is None or r.get("phase") == phase)]
+
+
+def _flower_processes():
+    out = []
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = " ".join(p.info.get("cmdline") or [])
+        if any(name in cmd for name in ("flower-superlink", "flower-supernode", "flower-superexec",
+                                        "flwr-serverapp", "flwr-clientapp", "raylet", "gcs_server")):
+            out.append(p)
+    return out
+
+
+def _mine(procs, workdir: Path):
+    """Flower processes that belong to this test (their FLWR_HOME is under workdir)."""
+    mine = []
+    for p in procs:
+        try:
+            if str(workdir) in p.environ().get("FLWR_HOME", ""):
+                mine.append(p)
+        except psutil.Error:
+            pass
+    return mine
+
+
+class InlineGrid:
+    """A Grid that hands each message straight to the destination site's ClientApp.
+
+    Node ids 101.., one Context per node (SecAgg+ keeps per-node state there); each site
+    gets its own copy of a message, as after transport (Flower's mods mutate what they
+    receive); a ClientApp exception becomes an error reply, as the real engines do.
+    """
+
+    def __init__(self, client_app, n_nodes: int) -> None:
+        from flwr.app import Context, RecordDict
+        from flwr.common.constant import SUPERLINK_NODE_ID
+        from flwr.supercore.task_identity import TaskIdentity
+
+        # what the engines set before a ServerApp runs (messages are stamped with it)
+        TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID
+        self.run = SimpleNamespace(run_id=1)
+        self.app = client_app
+        self.contexts = {101 + k: Context(run_id=1, node_id=101 + k,
+                                          node_config={"partition-id": k, "num-partitions": n_nodes},
+                                          state=RecordDict(), run_config={})
+                         for k in range(n_nodes)}
+
+    def get_node_ids(self):
+        return list(self.contexts)
+
+    def send_and_receive(self, messages, *, timeout=None):
+        from flwr.app import Error, Message
+
+        replies = []
+        for i, msg in enumerate(messages):
+            msg.metadata.__dict__["_message_id"] = f"m{id(msg)}-{i}"
+            delivered = _transported(msg)
+            try:
+                replies.append(self.app(delivered, self.contexts[msg.metadata.dst_node_id]))
+            except Exception as exc:  # noqa: BLE001 - a crashed site
+                replies.append(Message(Error(code=0, reason=f"{type(exc).__name__}: {exc}"), reply_to=msg))
+        return replies
+
+
+def _transported(msg):
+    """The message as the receiver gets it: deflated to Flower's wire objects and inflated."""
+    from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+    from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_contents
+
+    contents = {k: o.deflate() for k, o in get_all_nested_objects(msg).items()}
+    out = inflate_object_from_contents(msg.object_id, contents)
+    out.metadata.__dict__["_message_id"] = msg.metadata.message_id
+    return out
+
+
+def _inline_job(tmp_path: Path, tiny_data, tiny_model, **overrides):
+    """Write sites + initial model for an in-process federation; returns the job."""
+    from backends.fl import FLOptions, partition_clients
+    from backends.fl_app import INITIAL, FLJob, get_arrays, initial_model, save_site
+
+    train = tiny_data.split("train")
+    clients = partition_clients(train, FLOptions(), 0)
+    out = tmp_path / "server"
+    out.mkdir(parents=True)
+    for site, idx in clients.items():
+        save_site(tmp_path / "sites", site, train.images[idx], train.labels[idx])
+    init = initial_model(tiny_model.architecture, len(tiny_data.label_names), 32, 0)
+    np.savez(out / INITIAL, **get_arrays(init))
+    fields = dict(out_dir=str(out), data_dir=str(tmp_path / "sites"), sites=list(clients),
+                  n_labels=len(tiny_data.label_names), architecture=tiny_model.architecture,
+                  rounds=1, local_epochs=1, round_eval=False, threads=1,
+                  max_site_examples=max(len(i) for i in clients.values()))
+    fields.update(overrides)
+    return FLJob(**fields)
+
+
+def _run_inline(job):
+    from flwr.app import Context, RecordDict
+
+    from backends.fl_app import (FINAL, SUMMARY, make_client_app, make_secagg_client_app,
+                                 server_main)
+
+    app = make_secagg_client_app(job) if job.privacy == "secagg" else make_client_app(job)
+    grid = InlineGrid(app, len(job.sites))
+    server_main(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={}), job)
+    out = Path(job.out_dir)
+    with np.load(out / FINAL) as z:
+        final = {k: z[k] for k in z.files}
+    return json.loads((out / SUMMARY).read_text()), final
+
+
+def _distance(a, b):
+    return float(np.sqrt(sum(((a[k] - b[k]) ** 2).sum() for k in a if "running" not in k)))
+
+
+# -------------------------------------------------------------------------------------------
+# configurations, threat models, partitions (fast)
+# -------------------------------------------------------------------------------------------
+
+def test_expand_yields_federated_and_local_with_centralised_reference():
+    from backends.fl import FLBackend, FLOptions
+
+    configs = FLBackend.expand(FLOptions())
+    assert [c.config_label() for c in configs] == ["fl", "fl[mode=local]"]
+    ref = configs[0].reference()
+    assert ref.config_label() == "fl[mode=centralised]"
+    assert configs[1].reference().config_label() == "fl[mode=centralised]"
+    assert ref.reference() is None
+    # variants share one control; the control keeps the budget
+    dp = FLBackend(FLOptions(privacy="dp", rounds=4))
+    assert dp.reference().config_label() == "fl[mode=centralised,rounds=4]"
+    assert [c.config_label() for c in FLBackend.expand(FLOptions(privacy="secagg"))] == ["fl[privacy=secagg]"]
+
+
+def test_bad_options_are_rejected_by_name():
+    from suite.errors import SuiteError
+
+    with pytest.raises(SuiteError, match="strategy"):
+        _backend(strategy="fedsgd")
+    with pytest.raises(SuiteError, match="no option 'round'"):
+        _backend(round=3)
+
+
+@pytest.mark.parametrize("privacy,kind", [("none", "data_locality"), ("dp", "differential_privacy"),
+                                          ("ldp", "differential_privacy"), ("secagg", "cryptographic")])
+def test_threat_models_are_complete(privacy, kind):
+    tm = _backend(privacy=privacy).threat_model()
+    assert tm.missing_fields() == []
+    assert tm.guarantee_kind == kind
+    assert "input_images" in tm.protects
+    if privacy == "dp":
+        assert "epsilon=" in tm.guarantee
+    assert _backend(mode="centralised").threat_model().guarantee_kind == "none"
+    assert _backend(mode="local").threat_model().guarantee_kind == "data_locality"
+
+
+def test_dirichlet_partition_covers_every_image_once(tiny_data):
+    from backends.fl import FLOptions, partition_clients
+
+    train = tiny_data.split("train")
+    parts = partition_clients(train, FLOptions(partition="dirichlet", n_clients=4, alpha=0.3), 0)
+    rows = np.concatenate(list(parts.values()))
+    assert len(parts) == 4 and sorted(rows.tolist()) == list(range(len(train)))
+    assert min(len(p) for p in parts.values()) >= 2
+    by_site = partition_clients(train, FLOptions(), 0)
+    assert list(by_site) == [f"site-{k}" for k in range(1, 8)]
+
+
+# -------------------------------------------------------------------------------------------
+# strategies, DP, SecAgg+, faults: the real apps over an in-process Grid
+# -------------------------------------------------------------------------------------------
+
+def test_fedprox_differs_from_fedavg(tmp_path, tiny_data, tiny_model):
+    from backends.fl_app import INITIAL
+
+    # 3 local steps: the proximal gradient is zero on the first step (w = w_global)
+    avg, avg_final = _run_inline(_inline_job(tmp_path / "avg", tiny_data, tiny_model, local_epochs=3))
+    prox, prox_final = _run_inline(_inline_job(tmp_path / "prox", tiny_data, tiny_model,
+                                               local_epochs=3, strategy="fedprox", proximal_mu=5.0))
+    with np.load(tmp_path / "avg" / "server" / INITIAL) as z:
+        init = {k: z[k] for k in z.files}
+    assert avg["rounds"][0]["aggregated"] and prox["rounds"][0]["aggregated"]
+    assert _distance(avg_final, prox_final) > 0
+    # the proximal term pulls every site, hence the aggregate, towards the global model
+    assert _distance(prox_final, init) < _distance(avg_final, init)
+
+
+def test_dropout_round_completes_with_the_remaining_sites(tmp_path, tiny_data, tiny_model):
+    summary, _ = _run_inline(_inline_job(tmp_path, tiny_data, tiny_model, rounds=2,
+                                         drop_site="site-3", drop_round=2))
+    r1, r2 = summary["rounds"]
+    assert r1["replies"] == 7 and r1["failures"] == 0
+    assert r2["replies"] == 6 and r2["failures"] == 1 and r2["aggregated"]
+    from backends.fl import FLOptions, federation_rows
+
+    rows = federation_rows(summary, FLOptions(rounds=2))
+    dropped = {r.get("phase"): r for r in rows if r["metric"] == "dropped_clients"}
+    assert dropped["round-2"]["value"] == 1 and "site-3" in dropped["round-2"]["note"]
+    assert dropped["round-1"]["value"] == 0 and dropped[None]["value"] == 1
+
+
+def test_too_few_sites_leave_the_round_unaggregated(tmp_path, tiny_data, tiny_model):
+    summary, final = _run_inline(_inline_job(tmp_path, tiny_data, tiny_model, min_clients=7,
+                                             drop_site="site-1", drop_round=1))
+    assert not summary["rounds"][0]["aggregated"] and "min_clients" in summary["rounds"][0]["note"]
+    from backends.fl_app import INITIAL
+
+    with np.load(tmp_path / "server" / INITIAL) as z:
+        assert _distance({k: z[k] for k in z.files}, final) == 0
+
+
+def test_central_dp_wraps_fedavg_and_is_accounted(tmp_path, tiny_data, tiny_model):
+    plain, plain_final = _run_inline(_inline_job(tmp_path / "a", tiny_data, tiny_model))
+    dp, dp_final = _run_inline(_inline_job(tmp_path / "b", tiny_data, tiny_model, privacy="dp",
+                                           clip=0.5, noise_multiplier=1.0, rounds=1))
+    assert dp["rounds"][0]["aggregated"]
+    assert dp["dp_epsilon"] > 0 and dp["dp_releases"] == 1
+    assert _distance(plain_final, dp_final) > 0
+
+
+def test_secagg_aggregate_matches_plain_fedavg(tmp_path, tiny_data, tiny_model):
+    """SecAgg+ (masking, secret sharing, fixed point) gives the plain FedAvg model back."""
+    plain, plain_final = _run_inline(_inline_job(tmp_path / "a", tiny_data, tiny_model))
+    sec, sec_final = _run_inline(_inline_job(tmp_path / "b", tiny_data, tiny_model, privacy="secagg"))
+    assert sec["rounds"][0]["aggregated"]
+    rel = _distance(plain_final, sec_final) / _distance(plain_final, {k: 0 * v for k, v in plain_final.items()})
+    assert rel < 1e-4
+    # the protocol's extra stages cost traffic: more than the plain round
+    train_bytes = lambda s: sum(t["down"] + t["up"] for t in s["traffic"] if t["kind"].startswith("train"))  # noqa: E731
+    assert train_bytes(sec) > train_bytes(plain)
+
+
+# -------------------------------------------------------------------------------------------
+# the real engines
+# -------------------------------------------------------------------------------------------
+
+@pytest.mark.timeout(300)
+def test_simulation_engine_end_to_end(tmp_path, tiny_data, tiny_model):
+    from suite.harness import measure
+
+    backend = _backend(rounds=2, audit=False, resolution=32)
+    ctx = _ctx(tiny_model, tmp_path / "fl")
+    test = tiny_data.split("test")
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    probs, timings = measure(backend, ctx, test, tiny_data.split("train"), progress=False)
+    assert probs.shape == (len(test), len(tiny_data.label_names))
+    assert np.all((probs >= 0) & (probs <= 1))
+    # convergence curve: one row per round, round number in `phase`
+    assert [r["phase"] for r in _rows(backend, "round_auroc")] == ["round-1", "round-2"]
+    assert len(_rows(backend, "round_train_loss")) == 2
+    # traffic measured from the serialised messages, against the floor
+    floor = _rows(backend, "comm_floor_bytes")[0]["value"]
+    model = _rows(backend, "model_bytes")[0]["value"]
+    assert floor == model * 7 * 2
+    ratio = _rows(backend, "comm_ratio_vs_floor")[0]["value"]
+    assert 1.0 <= ratio < 1.5
+    snap = ctx.meter.snapshot()
+    assert ("fit", "server") in snap and ("fit", "site-3") in snap
+    server = snap[("fit", "server")]
+    assert server.bytes_sent >= 2 * 7 * model and server.bytes_received >= 2 * 7 * model
+    sites_sent = sum(t.bytes_sent for (ph, party), t in snap.items() if party.startswith("site-"))
+    assert sites_sent == server.bytes_received
+    assert _rows(backend, "engine_startup_time")[0]["value"] > 0
+    # Ray and every worker are gone
+    import ray
+
+    assert not ray.is_initialized()
+    after = {p.pid for p in psutil.Process().children(recursive=True)
+             if p.is_running() and p.status() != psutil.STATUS_ZOMBIE}
+    assert not (after - before)
+
+
+@pytest.mark.timeout(420)
+def test_deployment_engine_end_to_end(tmp_path, tiny_data, tiny_model):
+    """SuperLink + one SuperNode per site as processes, `flwr run`, everything stopped."""
+    from suite.harness import measure
+
+    three = tiny_data.subset(np.isin(tiny_data.sites, ["site-1", "site-2", "site-3"]))
+    backend = _backend(rounds=1, audit=False, round_eval=False, engine="deployment", resolution=32)
+    work = tmp_path / "fl-dep"
+    ctx = _ctx(tiny_model, work)
+    probs, _ = measure(backend, ctx, three.split("test"), three.split("train"), progress=False)
+    assert probs.shape == (len(three.split("test")), len(three.label_names))
+    assert (work / "flwr-app" / "pyproject.toml").exists()
+    assert _rows(backend, "dropped_clients", "round-1")[0]["value"] == 0
+    snap = ctx.meter.snapshot()
+    assert {"site-1", "site-2", "site-3", "server"} <= {party for _, party in snap}
+    assert 1.0 <= _rows(backend, "comm_ratio_vs_floor")[0]["value"] < 1.5
+    assert not _mine(_flower_processes(), work), "flower processes left running"
+    assert not [p for p in psutil.Process().children(recursive=True)
+                if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
+
+# -------------------------------------------------------------------------------------------
+# the privacy audit
+# -------------------------------------------------------------------------------------------
+
+def test_attack_reconstructs_better_without_protection(tmp_path, tiny_data):
+    """Positive control: on a CNN that leaks, plain updates invert; LDP noise and SecAgg's
+    aggregate do not; pictures are written."""
+    from backends.fl_attack import AttackConfig, control_cnn, control_forward, run_audit
+
+    train = tiny_data.split("train")
+    batches = []
+    for site in tiny_data.site_names():
+        idx = np.flatnonzero(train.sites == site)[:2]
+        batches.append((train.images[idx], train.labels[idx]))
+    results = {r.view: r for r in run_audit(
+        control_cnn(len(tiny_data.label_names)), batches, AttackConfig(images=2, steps=120),
+        lr=2e-3, clip=1.0, epsilon=10.0, delta=1e-5, forward=control_forward, workdir=tmp_path)}
+    assert results["update"].psnr > results["update-ldp"].psnr + 5
+    assert results["update"].psnr > results["baseline"].psnr + 5
+    assert results["update"].ssim > results["update-ldp"].ssim + 0.3
+    assert results["update"].psnr > results["aggregate"].psnr
+    assert (tmp_path / "inversion-overview.png").exists()
+    assert (tmp_path / "inversion-update.png").exists()
+
+
+def test_audit_rows_from_the_backend(tmp_path, tiny_data, tiny_model):
+    """The backend's audit emits PSNR/SSIM rows per view (few steps: shape only)."""
+    from backends.fl import FLBackend, FLOptions, partition_clients
+
+    backend = FLBackend(FLOptions(audit_steps=3, audit_images=2, resolution=32))
+    ctx = _ctx(tiny_model, tmp_path / "fl")
+    backend.setup(ctx)
+    train = tiny_data.split("train")
+    rows = backend._audit(train, train.images, partition_clients(train, backend.options, 0),
+                          backend._initial(), ctx.workdir)
+    views = {r["phase"] for r in rows if r["metric"] == "inversion_psnr"}
+    assert views == {"baseline", "update", "update-ldp", "aggregate"}
+    assert {r["metric"] for r in rows} == {"inversion_psnr", "inversion_ssim",
+                                           "control_inversion_psnr", "control_inversion_ssim"}
+    assert (ctx.workdir / "audit" / "inversion-overview.png").exists()
