@@ -176,7 +176,10 @@ def execute_backend(plan: Planned, state: RunState, run_dir: Path, cfg: RunConfi
     job.save(job_path)
     entry.update(status="running", n_images=len(test_index))
     state.save()
-    env = {**os.environ, "OMP_NUM_THREADS": str(cfg.threads), "PYTHONUNBUFFERED": "1"}
+    # PASSIVE: idle OpenMP threads sleep instead of spinning; with spinning, a busy 2-core
+    # machine made one forward/backward 100x slower and skewed every comparison.
+    env = {**os.environ, "OMP_NUM_THREADS": str(cfg.threads), "OMP_WAIT_POLICY": "PASSIVE",
+           "PYTHONUNBUFFERED": "1"}
     proc = run_watched([sys.executable, "-m", "suite.worker", str(job_path)], cfg.timeout_s, env,
                        log_path=meta_path.with_suffix(".log"))
     part = json.loads(meta_path.read_text()) if meta_path.exists() else None

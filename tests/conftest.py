@@ -8,6 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+# Before torch loads OpenMP (see suite/runner.py for why PASSIVE).
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 REPO = Path(__file__).resolve().parents[1]
 NIH_SAMPLE = REPO.parent / "shared" / "data" / "nih-cxr14-sample"
 
@@ -19,7 +23,6 @@ def _isolated_caches(tmp_path_factory):
     for env, sub in (("SUITE_CACHE_DIR", "cache"), ("SUITE_DATA_CACHE", "data"),
                      ("SUITE_REPORTS_DIR", "reports")):
         os.environ[env] = str(base / sub)
-    os.environ.setdefault("OMP_NUM_THREADS", "2")
     yield
 
 
