@@ -1,0 +1,345 @@
+"""The model owner's side of secure DenseNet inference: fold BatchNorm, then a plan.
+
+A torchxrayvision DenseNet is rewritten, in plaintext by the model owner before anything
+is secret-shared, into a `Plan`: a small list of convolutions, per-channel pre-activation
+maps, poolings and a classifier whose parameters live in one dict (name -> tensor). The
+same `run_plan` then executes it on plaintext torch tensors (`TorchOps`, for tests) or on
+CrypTen shares (`backends.mpc_party.CrypTenOps`), so what the tests check in plaintext is
+the code path that runs under MPC.
+
+What is folded, and why it is exact (s = gamma / sqrt(var + eps), t = beta - mean * s):
+
+* norm0 follows conv0 with nothing in between: conv0 weights * s, bias t.
+* norm2 follows conv1 (1x1) directly: conv1 weights * s, bias t.
+* relu0 -> pool0: max-pooling commutes with ReLU (both monotone), so the stem computes
+  conv0 -> max-pool -> ReLU: the ReLU runs on the 4x smaller pooled map.
+* transition: norm -> relu -> conv1x1 -> avgpool2x2. A 1x1 convolution and an average
+  pool are both linear and per-pixel / per-channel respectively, so they commute; the
+  stem pools first (a local sum of shares) and the 1/4 goes into the conv weights.
+* global average pool: a local sum of shares, then division by the public integer H*W
+  (local truncation, exact to one least significant bit).
+* norm1 / transition norm / norm5 are *pre-activation*: each consumer of the concatenated
+  features applies its own per-channel affine before a ReLU, so it cannot be folded into
+  the producers (every channel has several consumers with different affines) nor into the
+  following conv (the ReLU is in between). Two exact translations are offered
+  (`pre_mode`):
+    - "mul":   relu(s * x + t) with s, t secret-shared: one secure elementwise
+               multiplication per pre-activation (the weights are the model owner's secret,
+               so multiplying by a shared s is a Beaver multiplication).
+    - "split": with z = x + t/s (a free addition of a shared constant),
+               relu(s*z) = |s| * relu(z) + min(s, 0) * z   (exact for either sign of s),
+               so the consumer's linear map takes [relu(z), z] with weights
+               [W*|s|, W*min(s,0)]: no secure elementwise multiplication, and the sign of
+               each s stays secret. Channels with s == 0 are constant relu(t): their
+               weights are zero and W[:, c] * relu(t_c) goes into the bias. Cost: the
+               consumer's input channels double (extra conv work and opened values in the
+               same round), and precision degrades when |t/s| is large.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+PRE_MODES = ("mul", "split")
+#: value the max-pool pads with (real units); far below any activation, far above ring overflow
+POOL_PAD = -(2.0 ** 20)
+#: public input scaling: xrv pixels in [-1024, 1024] -> [-1, 1]
+INPUT_SCALE = 2.0 ** -10
+
+
+@dataclass
+class Conv:
+    w: str
+    b: str | None
+    stride: int = 1
+    padding: int = 0
+
+
+@dataclass
+class Pre:
+    """Per-channel pre-activation relu(s * x + t); params named by `prefix`."""
+    mode: str
+    s: str | None      # "mul": shared scale s
+    t: str             # "mul": shift t;  "split": u = t / s
+
+
+@dataclass
+class Layer:
+    pre: Pre
+    conv1: Conv
+    conv2: Conv
+
+
+@dataclass
+class Transition:
+    pre: Pre
+    conv: Conv
+
+
+@dataclass
+class Plan:
+    """DenseNet as secure-friendly ops. `shapes` is what the data owner learns (architecture)."""
+    stem: Conv
+    pool: tuple[int, int, int]            # max-pool kernel, stride, padding
+    blocks: list[list[Layer]]
+    transitions: list[Transition]
+    final: Pre
+    fc_w: str
+    fc_b: str
+    pre_mode: str
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    # the data owner multiplies its images by this public power of two before sharing and the
+    # model owner divides conv0's weights by it: both exact, and it balances fixed-point
+    # precision between the [-1024, 1024] pixels and conv0's (BN-folded, hence tiny) weights
+    input_scale: float = INPUT_SCALE
+
+    def n_params(self) -> int:
+        n = 0
+        for shape in self.shapes.values():
+            k = 1
+            for d in shape:
+                k *= d
+            n += k
+        return n
+
+
+def bn_affine(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eval-mode BatchNorm as y = s * x + t (float64)."""
+    var = bn.running_var.double()
+    s = (bn.weight.double() if bn.affine else torch.ones_like(var)) / torch.sqrt(var + bn.eps)
+    beta = bn.bias.double() if bn.affine else torch.zeros_like(var)
+    return s, beta - bn.running_mean.double() * s
+
+
+def fold_bn_into_conv(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """bn(conv(x)) as one conv: exact (no nonlinearity between them)."""
+    s, t = bn_affine(bn)
+    w = conv.weight.double() * s[:, None, None, None]
+    b = t if conv.bias is None else conv.bias.double() * s + t
+    return w, b
+
+
+def _split_pre(w: torch.Tensor, b: torch.Tensor, s: torch.Tensor, t: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fold relu(s*x+t) ahead of a linear map (w: [out, C, ...]) as relu(z), z with z = x + u.
+
+    Returns (weights over [relu(z), z] channels, bias, u).
+    """
+    zero = s == 0
+    u = torch.where(zero, torch.zeros_like(t), t / torch.where(zero, torch.ones_like(s), s))
+    view = (1, -1) + (1,) * (w.dim() - 2)
+    w_rel = w * s.abs().view(view)
+    w_lin = w * torch.clamp(s, max=0).view(view)
+    const = torch.where(zero, torch.relu(t), torch.zeros_like(t))       # constant channels
+    w_rel = torch.where(zero.view(view), torch.zeros_like(w_rel), w_rel)
+    w_lin = torch.where(zero.view(view), torch.zeros_like(w_lin), w_lin)
+    extra = (w.sum(dim=tuple(range(2, w.dim()))) * const[None, :]).sum(1) if w.dim() > 2 \
+        else (w * const[None, :]).sum(1)
+    return torch.cat([w_rel, w_lin], dim=1), b + extra, u
+
+
+def build_plan(net: nn.Module, pre_mode: str = "split") -> tuple[Plan, dict[str, torch.Tensor]]:
+    """Fold and translate an eval-mode xrv/torchvision DenseNet. Returns (plan, params)."""
+    if pre_mode not in PRE_MODES:
+        raise ValueError(f"pre_mode must be one of {PRE_MODES}, got {pre_mode!r}")
+    _check_supported(net)
+    params: dict[str, torch.Tensor] = {}
+    feats = net.features
+
+    def put(name: str, value: torch.Tensor) -> str:
+        params[name] = value.detach().double().contiguous()
+        return name
+
+    def pre(prefix: str, bn: nn.BatchNorm2d, w: torch.Tensor, b: torch.Tensor | None
+            ) -> tuple[Pre, torch.Tensor, torch.Tensor]:
+        s, t = bn_affine(bn)
+        b = torch.zeros(w.shape[0], dtype=torch.float64) if b is None else b
+        if pre_mode == "mul":
+            # the pre-activation always acts on a [B, C, H, W] feature map
+            return Pre("mul", put(f"{prefix}.s", s.view(1, -1, 1, 1)),
+                       put(f"{prefix}.t", t.view(1, -1, 1, 1))), w, b
+        w2, b2, u = _split_pre(w, b, s, t)
+        return Pre("split", None, put(f"{prefix}.u", u.view(1, -1, 1, 1))), w2, b2
+
+    conv0 = feats.conv0
+    w0, b0 = fold_bn_into_conv(conv0, feats.norm0)
+    stem = Conv(put("conv0.w", w0 / INPUT_SCALE), put("conv0.b", b0), conv0.stride[0], conv0.padding[0])
+    pool0 = feats.pool0
+    pool = tuple(int(v if isinstance(v, int) else v[0]) for v in (pool0.kernel_size, pool0.stride, pool0.padding))
+
+    blocks: list[list[Layer]] = []
+    transitions: list[Transition] = []
+    names = [n for n, _ in feats.named_children()]
+    for name in names:
+        mod = getattr(feats, name)
+        if name.startswith("denseblock"):
+            layers = []
+            for lname, layer in mod.named_children():
+                p = f"{name}.{lname}"
+                w1, b1 = fold_bn_into_conv(layer.conv1, layer.norm2)
+                pr, w1, b1 = pre(f"{p}.norm1", layer.norm1, w1, b1)
+                c1 = Conv(put(f"{p}.conv1.w", w1), put(f"{p}.conv1.b", b1))
+                c2 = layer.conv2
+                conv2 = Conv(put(f"{p}.conv2.w", c2.weight), put(f"{p}.conv2.b", c2.bias) if c2.bias is not None else None,
+                             c2.stride[0], c2.padding[0])
+                layers.append(Layer(pr, c1, conv2))
+            blocks.append(layers)
+        elif name.startswith("transition"):
+            conv = mod.conv
+            pr, w, b = pre(f"{name}.norm", mod.norm, conv.weight.double(),
+                           conv.bias.double() if conv.bias is not None else None)
+            # avgpool2x2 before the 1x1 conv (they commute); its 1/4 goes into the weights
+            transitions.append(Transition(pr, Conv(put(f"{name}.conv.w", w / 4.0), put(f"{name}.conv.b", b))))
+    fc = net.classifier
+    pr, w, b = pre("norm5", feats.norm5, fc.weight.double(), fc.bias.double())
+    plan = Plan(stem=stem, pool=pool, blocks=blocks, transitions=transitions, final=pr,
+                fc_w=put("fc.w", w), fc_b=put("fc.b", b), pre_mode=pre_mode)
+    plan.shapes = {k: tuple(v.shape) for k, v in params.items()}
+    return plan, params
+
+
+def _check_supported(net: nn.Module) -> None:
+    """Refuse models whose forward differs from the plan (dropout at eval is fine)."""
+    for m in net.modules():
+        if isinstance(m, nn.BatchNorm2d) and not m.track_running_stats:
+            raise ValueError("BatchNorm without running statistics cannot be folded")
+    pool = net.features.pool0
+    if not isinstance(pool, nn.MaxPool2d) or pool.dilation not in (1, (1, 1)) or pool.ceil_mode:
+        raise ValueError("stem pool must be a plain MaxPool2d")
+
+
+# --------------------------------------------------------------------------- execution
+
+def run_plan(plan: Plan, params: dict[str, Any], x: Any, ops: Any) -> Any:
+    """Logits for images x (already multiplied by `plan.input_scale`), using `ops` (plaintext
+    TorchOps or CrypTen ops) and `params`."""
+    h = ops.conv(x, params[plan.stem.w], params[plan.stem.b], plan.stem.stride, plan.stem.padding)
+    k, s, p = plan.pool
+    h = ops.relu(max_pool_separable(h, k, s, p, ops))
+    for i, block in enumerate(plan.blocks):
+        for layer in block:
+            a = pre_activation(h, layer.pre, params, ops)
+            a = ops.relu(ops.conv(a, params[layer.conv1.w], params[layer.conv1.b], 1, 0))
+            c2 = layer.conv2
+            n = ops.conv(a, params[c2.w], params[c2.b] if c2.b else None, c2.stride, c2.padding)
+            h = ops.cat([h, n], dim=1)
+        if i < len(plan.transitions):
+            t = plan.transitions[i]
+            a = ops.sum_pool2(pre_activation(h, t.pre, params, ops))
+            h = ops.conv(a, params[t.conv.w], params[t.conv.b], 1, 0)
+    a = pre_activation(h, plan.final, params, ops)
+    a = ops.global_avg(a)
+    return ops.linear(a, params[plan.fc_w], params[plan.fc_b])
+
+
+def pre_activation(x: Any, pre: Pre, params: dict[str, Any], ops: Any) -> Any:
+    if pre.mode == "mul":
+        return ops.relu(ops.add(ops.mul(x, params[pre.s]), params[pre.t]))
+    z = ops.add(x, params[pre.t])
+    return ops.cat([ops.relu(z), z], dim=1)
+
+
+def max_pool_separable(x: Any, k: int, s: int, p: int, ops: Any) -> Any:
+    """k x k max-pool (stride s, padding p) as a k-wide max along W, then along H.
+
+    Each 1-D pass pads with POOL_PAD (a public constant below any activation) and reduces
+    the k strided slices pairwise, max(a, b) = b + relu(a - b): k-1 comparisons per output
+    of the pass in ceil(log2 k) rounds. For DenseNet's 3x3/2 stem pool that is ~6
+    comparisons per pooled value in 4 rounds (2 per row-window on twice as many rows, then 2),
+    against 8 for a 9-way tree and ~30 plus an argmax one-hot and random tie-breaking in
+    CrypTen's max_pool2d. The stem's ReLU then runs on the pooled map (they commute).
+    """
+    for dim in (3, 2):
+        x = _max_1d(x, dim, k, s, p, ops)
+    return x
+
+
+def _max_1d(x: Any, dim: int, k: int, s: int, p: int, ops: Any) -> Any:
+    n = x.shape[dim] if hasattr(x, "shape") else x.size(dim)
+    if p:
+        x = ops.pad(x, dim, p, POOL_PAD)
+    length = (n + 2 * p - k) // s + 1
+    slices = [ops.strided(x, dim, i, s, length) for i in range(k)]
+    while len(slices) > 1:
+        half = len(slices) // 2
+        merged = ops.maximum_many(slices[:half], slices[half:2 * half])
+        slices = merged + slices[2 * half:]
+    return slices[0]
+
+
+class TorchOps:
+    """Plaintext float64 ops with the same interface as the CrypTen ops."""
+
+    def conv(self, x, w, b, stride, padding):
+        return F.conv2d(x, w, b, stride=stride, padding=padding)
+
+    def linear(self, x, w, b):
+        return F.linear(x, w, b)
+
+    def relu(self, x):
+        return torch.relu(x)
+
+    def maximum_many(self, a_list, b_list):
+        return [torch.maximum(a, b) for a, b in zip(a_list, b_list)]
+
+    def mul(self, x, s):
+        return x * s
+
+    def add(self, x, t):
+        return x + t
+
+    def cat(self, xs, dim):
+        return torch.cat(xs, dim=dim)
+
+    def pad(self, x, dim, p, value):
+        pads = [0, 0] * (x.dim() - dim - 1) + [p, p]
+        return F.pad(x, pads, value=value)
+
+    def strided(self, x, dim, start, step, length):
+        return x.narrow(dim, start, (length - 1) * step + 1)[(slice(None),) * dim + (slice(None, None, step),)]
+
+    def sum_pool2(self, x):
+        h, w = x.shape[2] // 2 * 2, x.shape[3] // 2 * 2
+        x = x[:, :, :h, :w]
+        return x[:, :, 0::2, 0::2] + x[:, :, 1::2, 0::2] + x[:, :, 0::2, 1::2] + x[:, :, 1::2, 1::2]
+
+    def global_avg(self, x):
+        return x.sum(dim=(2, 3)) / (x.shape[2] * x.shape[3])
+
+
+def plaintext_logits(net: nn.Module, x: torch.Tensor, pre_mode: str = "split") -> torch.Tensor:
+    """The folded plan run in plaintext float64 (what the tests compare with the model)."""
+    plan, params = build_plan(net, pre_mode)
+    with torch.no_grad():
+        return run_plan(plan, params, x.double() * plan.input_scale, TorchOps())
+
+
+# --------------------------------------------------------------------------- skeleton
+
+def plan_to_dict(plan: Plan) -> dict[str, Any]:
+    """The architecture only (names, shapes, strides): what party 0 sends party 1.
+
+    Plain builtins, so it passes CrypTen's restricted unpickler.
+    """
+    from dataclasses import asdict
+
+    return asdict(plan)
+
+
+def plan_from_dict(d: dict[str, Any]) -> Plan:
+    def pre(p):
+        return Pre(**p)
+
+    def layer(l):
+        return Layer(pre(l["pre"]), Conv(**l["conv1"]), Conv(**l["conv2"]))
+
+    return Plan(stem=Conv(**d["stem"]), pool=tuple(d["pool"]),
+                blocks=[[layer(l) for l in block] for block in d["blocks"]],
+                transitions=[Transition(pre(t["pre"]), Conv(**t["conv"])) for t in d["transitions"]],
+                final=pre(d["final"]), fc_w=d["fc_w"], fc_b=d["fc_b"], pre_mode=d["pre_mode"],
+                shapes={k: tuple(v) for k, v in d["shapes"].items()}, input_scale=d["input_scale"])

@@ -1,0 +1,229 @@
+"""asv benchmarks for the two-party CrypTen backend (backends/mpc.py).
+
+Always on (a tiny DenseNet; ~1 min in all, most of it starting parties):
+  MPCTinyInference   latency of one secure batch, CPU per image, bytes per image and rounds
+                     per batch, for both triple sources and both ReLU protocols
+  MPCPackedReLU      the packed MSB circuit alone, on a plaintext simulation (no parties)
+
+Only when asked (minutes each; set MPC_BENCH_DENSENET121=1):
+  MPCDenseNet121     random-weight DenseNet-121 at 64x64, batch 1 and 8 (the 27.4 s/image
+                     baseline of CrypTen's own operators); MPC_BENCH_RESOLUTION=224 for the
+                     full size (~20 s per image, ~1.1 GB per party here);
+                     MPC_BENCH_TRIPLES=tfp for the trusted-first-party triples
+
+Parties are started outside the timed code (`setup_cache` / `setup`) and stopped after. On a
+machine shared with other jobs the wall-clock timings swing widely (two parties, and with
+ttp a dealer, compete for the same cores); `track_cpu_seconds_per_image` (CPU time of the
+busier party) is the steadier figure.
+
+    asv run --quick --bench bench_mpc            # under asv
+    .venv/bin/python benchmarks/bench_mpc.py      # standalone: prints the figures
+    MPC_BENCH_DENSENET121=1 .venv/bin/python benchmarks/bench_mpc.py
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+TINY = dict(growth_rate=4, block_config=(1, 1), num_init_features=8, bn_size=2)
+LABELS = ["a", "b", "c"]
+
+
+def _bundle(arch, resolution, seed=0):
+    import torch
+
+    from suite.models import ModelBundle, build_densenet
+
+    torch.manual_seed(seed)
+    net = build_densenet(arch, len(LABELS))
+    return ModelBundle(net=net.eval(), name="bench", architecture=arch, pathologies=LABELS,
+                       resolution=resolution, source="random-init")
+
+
+def _images(n, resolution, seed=0):
+    rng = np.random.default_rng(seed)
+    return (rng.random((n, 1, resolution, resolution), dtype=np.float32) * 2048 - 1024)
+
+
+class _Running:
+    """A started backend plus its images; `run` does one secure batch."""
+
+    def start(self, bundle, images, **options):
+        from backends.mpc import MPCBackend, MPCOptions
+        from suite.backend import BackendContext
+        from suite.meter import CommMeter
+
+        self.images = images
+        self.backend = MPCBackend(MPCOptions(**{"timeout_s": 3600, "batch_size": len(images), **options}))
+        self._tmp = tempfile.TemporaryDirectory(prefix="bench-mpc-")
+        self.ctx = BackendContext(model=bundle, meter=CommMeter(), workdir=Path(self._tmp.name), threads=2)
+        self.backend.setup(self.ctx)
+        self.ctx.meter.set_phase("online")
+
+    def run(self):
+        return self.backend.predict_proba(self.images)
+
+    def traffic(self):
+        """(bytes sent by the busier party per image, rounds per batch) of the last batch."""
+        last = self.backend._batches[-1]
+        t = last["traffic"]
+        return max(t[r]["sent"] for r in (0, 1)) / last["n"], max(t[r]["rounds"] for r in (0, 1))
+
+    def cpu_per_image(self):
+        """CPU seconds of the busier party per image, last batch."""
+        last = self.backend._batches[-1]
+        return max(last["cpu_s"].values()) / last["n"]
+
+    def stop(self):
+        self.backend.teardown()
+        self._tmp.cleanup()
+
+
+class MPCTinyInference:
+    """Secure batches of 4 images through a tiny DenseNet (growth 4, blocks (1,1), 32 px).
+
+    All four configurations are measured once in `setup_cache` (starting parties costs
+    seconds; asv would otherwise start them for every method x parameter), and the track_*
+    methods report from it: median wall time of 3 batches after a warm-up, CPU time of the
+    busier party, bytes it sent per image, rounds per batch.
+    """
+
+    params = (["tfp", "ttp"], ["packed", "crypten"])
+    param_names = ["triples", "relu"]
+    timeout = 600
+
+    def setup_cache(self):
+        import statistics
+        import time
+
+        results = {}
+        for triples in self.params[0]:
+            for relu in self.params[1]:
+                r = _Running()
+                r.start(_bundle(TINY, 32), _images(4, 32), triples=triples, relu=relu)
+                try:
+                    r.run()                          # warm-up (allocations, first-use imports)
+                    walls = []
+                    for _ in range(3):
+                        start = time.perf_counter()
+                        r.run()
+                        walls.append(time.perf_counter() - start)
+                    sent, rounds = r.traffic()
+                    results[f"{triples}-{relu}"] = {"seconds": statistics.median(walls), "bytes": sent,
+                                                    "rounds": rounds, "cpu": r.cpu_per_image()}
+                finally:
+                    r.stop()
+        return results
+
+    def track_seconds_per_batch(self, results, triples, relu):
+        return results[f"{triples}-{relu}"]["seconds"]
+    track_seconds_per_batch.unit = "seconds"
+
+    def track_cpu_seconds_per_image(self, results, triples, relu):
+        return results[f"{triples}-{relu}"]["cpu"]
+    track_cpu_seconds_per_image.unit = "seconds"
+
+    def track_bytes_per_image(self, results, triples, relu):
+        return results[f"{triples}-{relu}"]["bytes"]
+    track_bytes_per_image.unit = "bytes"
+
+    def track_rounds_per_batch(self, results, triples, relu):
+        return results[f"{triples}-{relu}"]["rounds"]
+    track_rounds_per_batch.unit = "rounds"
+
+
+class MPCPackedReLU:
+    """The packed MSB circuit on 2^16 elements, both parties simulated in one process."""
+
+    def setup(self):
+        import torch
+
+        from backends.mpc_protocol import MASK63, TOP
+
+        g = torch.Generator().manual_seed(0)
+        n = 1 << 16
+        self.s0 = torch.randint(-2 ** 63, 2 ** 63 - 1, (n,), generator=g, dtype=torch.long)
+        self.s1 = torch.randint(-2 ** 40, 2 ** 40, (n,), generator=g, dtype=torch.long) - self.s0
+        self.low = torch.stack([self.s0 & MASK63, self.s1 & MASK63])
+        self.top = TOP
+
+    def time_msb_circuit(self):
+        import torch
+
+        from backends.mpc_protocol import carry_tree
+
+        def sim_and(xs, ys):
+            return [torch.stack([(x[0] ^ x[1]) & (y[0] ^ y[1]), torch.zeros_like(x[0])])
+                    for x, y in zip(xs, ys)]
+
+        zero = torch.zeros_like(self.low[0])
+        (g,) = sim_and([torch.stack([self.low[0], zero])], [torch.stack([zero, self.low[1]])])
+        carry_tree(g, torch.stack([self.low[0] ^ self.top, self.low[1]]), sim_and)
+
+
+class MPCDenseNet121:
+    """Random-weight DenseNet-121, one secure batch (only with MPC_BENCH_DENSENET121=1)."""
+
+    params = ([1, 8],)
+    param_names = ["batch"]
+    timeout = 3600
+    number = 1
+    repeat = 1
+    warmup_time = 0
+
+    def setup(self, batch):
+        if os.environ.get("MPC_BENCH_DENSENET121") != "1":
+            raise NotImplementedError("set MPC_BENCH_DENSENET121=1 to run (minutes per batch)")
+        from suite.models import DENSENET121
+
+        resolution = int(os.environ.get("MPC_BENCH_RESOLUTION", "64"))
+        self.r = _Running()
+        self.r.start(_bundle(DENSENET121, resolution), _images(batch, resolution),
+                     triples=os.environ.get("MPC_BENCH_TRIPLES", "ttp"))
+
+    def teardown(self, batch):
+        if hasattr(self, "r"):               # setup skipped: nothing started
+            self.r.stop()
+
+    def time_secure_batch(self, batch):
+        self.r.run()
+
+    def track_seconds_per_image(self, batch):
+        import time
+
+        start = time.perf_counter()
+        self.r.run()
+        return (time.perf_counter() - start) / batch
+    track_seconds_per_image.unit = "seconds"
+
+
+def main() -> None:
+    results = MPCTinyInference().setup_cache()
+    for key, r in results.items():
+        triples, relu = key.split("-")
+        print(f"tiny  triples={triples:3s} relu={relu:7s} batch of 4: {r['seconds']:6.2f} s wall, "
+              f"{r['cpu'] * 1e3:6.1f} ms CPU/image (busier party), "
+              f"{r['bytes'] / 1e6:6.2f} MB/image sent (busier party), {r['rounds']} rounds", flush=True)
+    if os.environ.get("MPC_BENCH_DENSENET121") == "1":
+        for batch in MPCDenseNet121.params[0]:
+            bench = MPCDenseNet121()
+            bench.setup(batch)
+            try:
+                seconds = bench.track_seconds_per_image(batch)
+                sent, rounds = bench.r.traffic()
+                print(f"DenseNet-121 {os.environ.get('MPC_BENCH_RESOLUTION', '64')} px batch {batch}: "
+                      f"{seconds:.2f} s/image wall, {bench.r.cpu_per_image():.2f} s CPU/image, "
+                      f"{sent / 1e6:.1f} MB/image sent, {rounds} rounds/batch", flush=True)
+            finally:
+                bench.teardown(batch)
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    main()

@@ -1,0 +1,292 @@
+"""Security and robustness properties of the two-party CrypTen backend, with real parties.
+
+Tiny DenseNets (growth 4, blocks (1, 1), 32 px) keep this to a few party start-ups:
+  * the model owner's process receives nothing equal to, or correlated with, the image;
+  * the data owner's process receives nothing equal to, or correlated with, the weights;
+  * the CrypTen evaluation matches torch (max |logit error| <= 1e-3 at 16 bits);
+  * killing either party mid-run ends the backend with a clear error, in bounded time,
+    and teardown leaves no process behind.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from importlib.util import find_spec
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(find_spec("crypten") is None, reason="needs the [mpc] extra")
+
+ARCH = dict(growth_rate=4, block_config=(1, 1), num_init_features=8, bn_size=2)
+LABELS = ["a", "b", "c"]
+SIZE = 32
+
+
+@pytest.fixture(scope="module")
+def bundle():
+    from suite.models import ModelBundle, build_densenet
+
+    torch.manual_seed(0)
+    net = build_densenet(ARCH, len(LABELS))
+    for m in net.modules():                 # calibrated BN with random (also negative) scales
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.weight.data = torch.randn_like(m.weight)
+            m.bias.data = torch.randn_like(m.bias) * 0.5
+            m.momentum = None
+    net.train()
+    with torch.no_grad():
+        net.features2(torch.rand(16, 1, SIZE, SIZE) * 2048 - 1024)
+    return ModelBundle(net=net.eval(), name="tiny-mpc", architecture=ARCH, pathologies=LABELS,
+                       resolution=SIZE, source="test")
+
+
+def _images(n, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    # smooth, image-like content (a correlated field), so a leak would correlate strongly
+    base = torch.rand(n, 1, SIZE // 4, SIZE // 4, generator=g)
+    img = torch.nn.functional.interpolate(base, size=(SIZE, SIZE), mode="bilinear", align_corners=False)
+    return (img * 2048 - 1024).numpy().astype(np.float32)
+
+
+def _backend(tmp_path, bundle, **options):
+    from backends.mpc import MPCBackend, MPCOptions
+    from suite.backend import BackendContext
+    from suite.meter import CommMeter
+
+    backend = MPCBackend(MPCOptions(**{"timeout_s": 120, **options}))
+    ctx = BackendContext(model=bundle, meter=CommMeter(), workdir=tmp_path, threads=2)
+    return backend, ctx
+
+
+def _children() -> set[int]:
+    return {p.pid for p in psutil.Process().children(recursive=True)
+            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE}
+
+
+# ------------------------------------------------------------------ leak detector
+
+ENC_BITS = 16
+
+
+def _encoded(values: torch.Tensor) -> torch.Tensor:
+    return torch.round(values.double() * 2.0 ** ENC_BITS).long().flatten()
+
+
+def _tensors(record):
+    for _, payload in record:
+        items = payload if isinstance(payload, list) else [payload]
+        for t in items:
+            if isinstance(t, torch.Tensor) and t.dtype == torch.int64 and t.numel():
+                yield t
+
+
+def leak_report(record, secrets: list[torch.Tensor]) -> dict:
+    """How much of `record` (what a party received) looks like the `secrets` (plain values).
+
+    * equal:       received elements equal to a fixed-point encoding of a secret value
+                   (values with |v| > 2^8, so protocol bits and zeros do not count)
+    * small:       fraction of received elements with 2 < |v| < 2^48: shares are uniform on
+                   Z_2^64, so this is ~1e-5; plaintext fixed-point data is all below 2^48
+    * corr_z:      largest |Pearson r| * sqrt(n) between a received tensor and a secret of
+                   equal size n >= 100 (about N(0, 1) for independent data; a leak gives
+                   r ~ 1, i.e. corr_z ~ sqrt(n) >= 10)
+    """
+    received = [t.flatten() for t in _tensors(record)]
+    allv = torch.cat(received) if received else torch.zeros(0, dtype=torch.long)
+    enc = torch.cat([_encoded(s) for s in secrets])
+    enc = enc[enc.abs() > 2 ** 8]
+    equal = int(torch.isin(allv, enc).sum()) if len(allv) else 0
+    mag = allv.abs()
+    small = float(((mag > 2) & (mag < 2 ** 48)).double().mean()) if len(allv) else 0.0
+    corr_z = 0.0
+    for t in received:
+        for s in secrets:
+            s = s.double().flatten()
+            if t.numel() == s.numel() >= 100 and s.std() > 0:
+                r = torch.corrcoef(torch.stack([t.double(), s]))[0, 1].abs().item()
+                corr_z = max(corr_z, r * s.numel() ** 0.5)
+    return {"equal": equal, "small": small, "corr_z": corr_z, "elements": int(len(allv)),
+            "tensors": len(received)}
+
+
+def test_leak_detector_catches_a_plaintext_leak():
+    """Positive control: the detector flags a received plaintext (or lightly masked) image."""
+    img = torch.from_numpy(_images(2))
+    leaked = [("recv", _encoded(img * 2 ** -10).view(img.shape))]
+    report = leak_report(leaked, [img * 2 ** -10])
+    assert report["equal"] > 0 and report["small"] > 0.9 and report["corr_z"] > 40
+    masked = [("recv", _encoded(img) + torch.randint(-2 ** 20, 2 ** 20, (img.numel(),)))]
+    assert leak_report(masked, [img])["corr_z"] > 40
+
+
+@pytest.fixture(scope="module")
+def recorded_run(bundle, tmp_path_factory):
+    """One TTP run in recording mode: each party saves everything it receives."""
+    tmp = tmp_path_factory.mktemp("mpc-record")
+    record_dir = tmp / "received"
+    record_dir.mkdir()
+    os.environ["MPC_RECORD_DIR"] = str(record_dir)
+    try:
+        backend, ctx = _backend(tmp, bundle, triples="ttp", batch_size=2)
+        images = _images(2)
+        try:
+            backend.setup(ctx)
+            ctx.meter.set_phase("online")
+            probs = backend.predict_proba(images)
+        finally:
+            backend.teardown()
+    finally:
+        del os.environ["MPC_RECORD_DIR"]
+    return {"dir": record_dir, "images": images, "probs": probs, "meter": ctx.meter,
+            "backend": backend}
+
+
+def test_model_owner_never_receives_the_image(recorded_run):
+    record = torch.load(recorded_run["dir"] / "model_owner_batch0.pt", weights_only=False)
+    img = torch.from_numpy(recorded_run["images"])
+    report = leak_report(record, [img, img * 2 ** -10])
+    assert report["elements"] > 10_000, report          # it did receive plenty (masked values)
+    assert report["equal"] == 0, report
+    assert report["small"] < 1e-3, report
+    assert report["corr_z"] < 6, report
+
+
+def test_data_owner_never_receives_the_weights(recorded_run, bundle):
+    from backends.mpc_plan import build_plan
+
+    record = torch.load(recorded_run["dir"] / "data_owner_batch0.pt", weights_only=False)
+    _, params = build_plan(bundle.net)
+    weights = list(params.values()) + [p.detach() for p in bundle.net.parameters()]
+    report = leak_report(record, weights)
+    assert report["elements"] > 10_000, report
+    assert report["equal"] == 0, report
+    assert report["small"] < 1e-3, report
+    assert report["corr_z"] < 6, report
+
+
+def test_secure_logits_match_torch_and_traffic_is_metered(recorded_run, bundle):
+    probs = recorded_run["probs"]
+    with torch.no_grad():
+        ref = bundle.logits(torch.from_numpy(recorded_run["images"])).double()
+    logits = torch.logit(torch.from_numpy(probs))
+    assert (logits - ref).abs().max().item() <= 1e-3
+    snap = recorded_run["meter"].snapshot()
+    online = {party: t for (phase, party), t in snap.items() if phase == "online"}
+    assert set(online) == {"model_owner", "data_owner", "dealer"}
+    assert online["model_owner"].bytes_sent > 0 and online["data_owner"].bytes_sent > 0
+    assert online["model_owner"].rounds == online["data_owner"].rounds > 50
+    # the dealer only ever talks to party 0: what it sends, party 0 receives
+    assert online["dealer"].bytes_sent > 0
+    rows = {r["metric"]: r for r in recorded_run["backend"].extra_rows()}
+    assert rows["projected_latency_per_image_wan"]["value"] > rows["projected_latency_per_image_lan"]["value"]
+
+
+@pytest.mark.parametrize("victim", [0, 1, 2])
+def test_killing_a_party_mid_run_fails_fast_and_cleanly(victim, bundle, tmp_path):
+    """Party 0 / 1 (trusted-first-party triples) or the dealer (party 2) is SIGKILLed."""
+    from backends.mpc import MPCPartyError
+
+    before = _children()
+    backend, ctx = _backend(tmp_path, bundle, triples="ttp" if victim == 2 else "tfp",
+                            batch_size=4, timeout_s=60)
+    outcome: dict = {}
+    try:
+        backend.setup(ctx)
+        images = _images(4)
+
+        def run():
+            try:
+                while True:                 # keep the parties busy until one is killed
+                    backend.predict_proba(images)
+            except BaseException as exc:  # noqa: BLE001
+                outcome["exc"] = exc
+                outcome["at"] = time.monotonic()
+
+        worker = threading.Thread(target=run, daemon=True)
+        worker.start()
+        time.sleep(1.0)
+        killed_at = time.monotonic()
+        os.kill(backend._procs[victim].pid, signal.SIGKILL)
+        worker.join(timeout=45)
+        assert not worker.is_alive(), "the backend hung after a party was killed"
+    finally:
+        backend.teardown()
+    exc = outcome["exc"]
+    assert isinstance(exc, MPCPartyError), repr(exc)
+    who = {0: "model owner", 1: "data owner", 2: "triple dealer"}[victim]
+    assert f"{who} (party {victim}) exited (killed by signal 9)" in str(exc), str(exc)
+    assert outcome["at"] - killed_at < 30
+    time.sleep(0.5)
+    assert not (_children() - before), "teardown left party processes behind"
+
+
+def _standalone_model_owner(tmp_path, bundle, port, *extra):
+    import subprocess
+    import sys
+
+    from suite.models import save_checkpoint
+
+    ckpt = tmp_path / "vendor-model.pt"
+    save_checkpoint(bundle, ckpt)
+    repo = Path(__file__).resolve().parents[1]
+    return subprocess.Popen(
+        [sys.executable, "-m", "backends.mpc_party", "model-owner", "--master-addr", "127.0.0.1",
+         "--master-port", str(port), "--checkpoint", str(ckpt), "--labels", ",".join(LABELS),
+         "--triples", "tfp", "--timeout-s", "120", *extra],
+        cwd=repo, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def test_model_owner_on_another_host(bundle, tmp_path):
+    """local_parties=data_owner: the model owner runs as its own program (here on localhost),
+    loading its own checkpoint; the benchmark starts only the data owner."""
+    from backends.mpc import _free_port
+
+    port = _free_port("127.0.0.1")
+    owner = _standalone_model_owner(tmp_path, bundle, port)
+    backend, ctx = _backend(tmp_path, bundle, triples="tfp", batch_size=2, local_parties="data_owner",
+                            master_addr="127.0.0.1", master_port=port)
+    try:
+        backend.setup(ctx)
+        ctx.meter.set_phase("online")
+        images = _images(2)
+        probs = backend.predict_proba(images)
+    finally:
+        backend.teardown()
+        try:
+            owner.wait(timeout=30)
+        finally:
+            if owner.poll() is None:
+                owner.kill()
+    assert owner.returncode == 0, owner.stderr.read()[-2000:]
+    with torch.no_grad():
+        ref = torch.sigmoid(bundle.logits(torch.from_numpy(images)).double()).numpy()
+    assert np.abs(probs - ref).max() <= 1e-3
+    parties = {party for (_, party) in ctx.meter.snapshot()}
+    assert parties == {"data_owner"}
+
+
+def test_parties_refuse_mismatched_settings(bundle, tmp_path):
+    from backends.mpc import MPCPartyError, _free_port
+
+    port = _free_port("127.0.0.1")
+    owner = _standalone_model_owner(tmp_path, bundle, port, "--precision-bits", "12")
+    backend, ctx = _backend(tmp_path, bundle, triples="tfp", local_parties="data_owner",
+                            master_addr="127.0.0.1", master_port=port)
+    try:
+        with pytest.raises(MPCPartyError, match="disagree on the protocol settings"):
+            backend.setup(ctx)
+    finally:
+        backend.teardown()
+        try:
+            owner.wait(timeout=30)
+        finally:
+            if owner.poll() is None:
+                owner.kill()
+    assert owner.returncode != 0
