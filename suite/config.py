@@ -16,7 +16,7 @@ from typing import Any
 
 from suite.errors import SuiteError, did_you_mean
 
-DEFAULT_BACKENDS = ("plaintext", "null", "tee", "he")
+DEFAULT_BACKENDS = ("plaintext", "null", "mpc", "he", "tee", "dp", "fl")
 
 
 @dataclass

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from rich.markup import escape
 
 from suite import SCHEMA_VERSION, __version__
 from suite.config import RunConfig
@@ -197,7 +198,7 @@ def execute_backend(plan: Planned, state: RunState, run_dir: Path, cfg: RunConfi
         writer.write([ResultRow(**base, metric="status", value=None, unit="", higher_is_better=None,
                                 status="failed", error=error)])
         state.save()
-        console.print(f"  [red]failed[/red] {plan.backend_id}: {error}")
+        console.print(f"  [red]failed[/red] {escape(plan.backend_id)}: {escape(error)}")
         return
     preds = pd.read_parquet(pred_path)
     labels = state.data["dataset"]["label_names"]
@@ -211,7 +212,7 @@ def execute_backend(plan: Planned, state: RunState, run_dir: Path, cfg: RunConfi
     writer.write(rows)
     entry.update(status="ok", error=None, versions=part.get("versions", {}))
     state.save()
-    console.print(f"  [green]ok[/green] {plan.backend_id}: {len(test_index)} images, "
+    console.print(f"  [green]ok[/green] {escape(plan.backend_id)}: {len(test_index)} images, "
                   f"{proc.wall_s:.1f} s wall, peak {proc.peak_rss / 2**20:.0f} MiB")
 
 
@@ -290,7 +291,7 @@ def run(cfg: RunConfig, console, resume: Path | None = None) -> Path:
     order = stratified_order(data.split("test"), cfg.seed)
     pending = [p for p in plans if state.backend(p.backend_id)["status"] not in FINAL]
     for i, plan in enumerate(pending, 1):
-        console.print(f"[{i}/{len(pending)}] {plan.backend_id} ({plan.track})")
+        console.print(f"[{i}/{len(pending)}] {escape(plan.backend_id)} ({plan.track})")
         drop_rows(writer.path, plan.backend_id)
         execute_backend(plan, state, run_dir, cfg, data_path, data, order, model_ref, writer, console)
     for p in plans:
