@@ -121,11 +121,13 @@ def cost_rows(base: dict[str, Any], part: dict[str, Any], proc: dict[str, Any]) 
     traffic = pd.DataFrame(part.get("traffic") or [],
                            columns=["phase", "party", "bytes_sent", "bytes_received", "rounds", "messages"])
     online = traffic[traffic.phase == "online"]
-    setup = traffic[traffic.phase.isin(["setup", "fit"])]
+    setup = traffic[traffic.phase == "setup"]
+    fit = traffic[traffic.phase == "fit"]
     sent, received = int(online.bytes_sent.sum()), int(online.bytes_received.sum())
     rounds = int(online.rounds.max()) if len(online) else 0
     rows += [_row(base, "bytes_sent", sent), _row(base, "bytes_received", received),
              _row(base, "setup_bytes", int(setup.bytes_sent.sum())),
+             _row(base, "fit_bytes", int(fit.bytes_sent.sum())),
              _row(base, "rounds", rounds)]
     if n_images:
         rows += [_row(base, "bytes_per_image", sent / n_images, n=n_images),

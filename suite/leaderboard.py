@@ -26,12 +26,12 @@ LEADERBOARD_COLUMNS = [
     "auroc_macro", "auroc_macro_ci_low", "auroc_macro_ci_high",
     "delta_auroc_macro", "delta_ci_low", "delta_ci_high", "min_delong_p", "reference",
     "max_abs_diff", "latency_per_image_p50", "bytes_per_image", "rounds_per_image",
-    "peak_rss", "setup_time", "fit_time", "protected_scope", "error",
+    "peak_rss", "setup_time", "fit_time", "fit_bytes", "protected_scope", "error",
 ]
 
 # cost columns copied straight from rows with label __none__, site __all__
 _COST_COLUMNS = ["latency_per_image_p50", "bytes_per_image", "rounds_per_image", "peak_rss",
-                 "setup_time", "fit_time"]
+                 "setup_time", "fit_time", "fit_bytes"]
 _NOT_A_LABEL = {ALL, NONE, MACRO}
 _TM_FIELDS = ["protects", "from_whom", "adversary", "parties", "trust_assumptions",
               "guarantee_kind", "guarantee", "leaks", "protected_scope", "simulated", "notes"]
@@ -418,7 +418,7 @@ def leaderboard_markdown(board: pd.DataFrame, results: pd.DataFrame, run_meta: d
               "protection is simulated, not real. Bytes in decimal units (1 KB = 1000 B).", ""]
     headers = ["backend", "track", "status", "protects", "macro AUROC [95% CI]", "ΔAUROC [95% CI] (p)",
                "max \\|Δp\\|", "latency/img", "comm/img", "rounds/img", "peak RSS", "setup", "fit",
-               "images", "guarantee"]
+               "training comm", "images", "guarantee"]
     rows = []
     for _, r in board.iterrows():
         name = f"{r['backend_id']}"
@@ -434,6 +434,7 @@ def leaderboard_markdown(board: pd.DataFrame, results: pd.DataFrame, run_meta: d
             format_small(r["max_abs_diff"]), format_seconds(r["latency_per_image_p50"]),
             format_bytes(r["bytes_per_image"]), format_count(r["rounds_per_image"]),
             format_bytes(r["peak_rss"]), format_seconds(r["setup_time"]), format_seconds(r["fit_time"]),
+            format_bytes(r["fit_bytes"]) if r["fit_bytes"] else DASH,
             format_count(r["n_images"]), r["guarantee"],
         ])
     lines += _md_table(headers, rows) + [""]
@@ -536,8 +537,11 @@ def print_leaderboard(df: pd.DataFrame, console=None) -> None:
             cells += [escape(_text(r.get("track"))), escape(protects)]
         else:
             cells[0] += f"\n[dim]{escape(_text(r.get('track')))} · {escape(protects)}[/]"
+        comm = format_bytes(r.get("bytes_per_image"))
+        if not _nan(r.get("fit_bytes")) and r.get("fit_bytes"):
+            comm += f"\ntraining {format_bytes(r.get('fit_bytes'))}"
         cells += [auc, delta, format_small(r.get("max_abs_diff")), format_seconds(r.get("latency_per_image_p50")),
-                  format_bytes(r.get("bytes_per_image"))]
+                  comm]
         if wide:
             cells.append(escape(_text(r.get("guarantee"))))
         table.add_row(*cells)

@@ -53,6 +53,7 @@ METRICS: dict[str, MetricSpec] = dict([
     _m("bytes_sent", "bytes", False, None, "bytes sent by all parties, online phase"),
     _m("bytes_received", "bytes", False, None, "bytes received by all parties, online phase"),
     _m("bytes_per_image", "bytes", False, None, "online bytes sent by all parties / images"),
+    _m("fit_bytes", "bytes", False, None, "bytes sent by all parties while training (training track)"),
     _m("setup_bytes", "bytes", False, None, "bytes sent by all parties during setup"),
     _m("rounds", "rounds", False, None, "communication rounds, online phase (max over parties)"),
     _m("rounds_per_image", "rounds", False, None, "online rounds / images"),
