@@ -46,7 +46,7 @@ def test_train_then_run_on_the_rest(nih_sample_dir, tmp_path):
     cfg = tmp_path / "nih.toml"
     cfg.write_text(f"""
 [run]
-backends = ["plaintext", "null"]
+backends = ["plaintext", "null", "tee", "he", "mpc:max_images=8"]
 [dataset]
 name = "nih"
 data_dir = "{nih_sample_dir / 'images'}"
@@ -68,7 +68,13 @@ epochs = 1
     out = tmp_path / "run"
     proc = run_cli("run", "--config", str(cfg), "--model", str(ckpt), "--out", str(out))
     assert proc.returncode == 0, proc.stderr[-2000:]
+    state = json.loads((out / "run.json").read_text())["backends"]
+    assert {b: s["status"] for b, s in state.items()} == {b: "ok" for b in state}
     preds = pd.read_parquet(out / "predictions.parquet")
+    ref = preds[preds.backend_id == "plaintext"].set_index(["image_id", "label"]).prob
+    for backend in ("tee", "he", "mpc[max_images=8]"):
+        got = preds[preds.backend_id == backend].set_index(["image_id", "label"]).prob
+        assert len(got) and (got - ref.reindex(got.index)).abs().max() < 1e-3, backend
     trained = set(meta["extra"]["train_image_ids"])
     assert trained and not (trained & set(preds.image_id))
     assert preds.prob.between(0, 1).all()

@@ -170,6 +170,54 @@ def _site_figure(ps: pd.DataFrame, order: list[str], colors: dict) -> str | None
     return _svg(fig, "per-site")
 
 
+def _privacy_figure(board: pd.DataFrame, results: pd.DataFrame) -> str | None:
+    """Utility and attack success against the privacy budget, side by side.
+
+    Any backend that reports an `epsilon` row is a point; its reference (the non-private
+    control) is drawn as a dashed line, so the price of each epsilon reads off directly.
+    """
+    pooled = results[(results["site"] == ALL) & (results["label"] == NONE)]
+    eps = pooled[pooled["metric"] == "epsilon"].groupby("backend_id")["value"].last().dropna()
+    if eps.empty:
+        return None
+    mia = pooled[pooled["metric"] == "mia_auroc"].groupby("backend_id")["value"].last()
+    b = board.set_index("backend_id")
+    fig = _figure(9.5, 3.2)
+    ax_auc, ax_mia = fig.subplots(1, 2)
+    for bid, e in sorted(eps.items(), key=lambda kv: kv[1]):
+        if bid not in b.index:
+            continue
+        r = b.loc[bid]
+        v, lo, hi = _f(r["auroc_macro"]), _f(r["auroc_macro_ci_low"]), _f(r["auroc_macro_ci_high"])
+        ax_auc.errorbar([e], [v], yerr=[[max(v - lo, 0)], [max(hi - v, 0)]], fmt="o", color="#1f77b4", capsize=3)
+        ax_auc.annotate(bid, (e, v), fontsize=7, xytext=(4, 4), textcoords="offset points")
+        if bid in mia.index:
+            ax_mia.plot([e], [mia[bid]], "s", color="#d62728")
+            ax_mia.annotate(bid, (e, mia[bid]), fontsize=7, xytext=(4, 4), textcoords="offset points")
+    refs = {r for r in b.loc[[x for x in eps.index if x in b.index], "reference"] if isinstance(r, str)}
+    for ref in refs:
+        if ref in b.index and np.isfinite(_f(b.loc[ref, "auroc_macro"])):
+            ax_auc.axhline(_f(b.loc[ref, "auroc_macro"]), color="#888", ls="--", lw=1, label=f"{ref} (non-private)")
+        if ref in mia.index:
+            ax_mia.axhline(mia[ref], color="#888", ls="--", lw=1, label=f"{ref} (non-private)")
+    ax_mia.axhline(0.5, color="#bbb", ls=":", lw=0.8)
+    seen = [v for v in mia.to_numpy(float) if np.isfinite(v)]
+    ax_mia.set_ylim(min([0.45] + seen) - 0.02, max([0.6] + seen) + 0.02)  # do not magnify noise at 0.5
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
+
+    for ax, ylabel in ((ax_auc, "macro AUROC [95% CI]"), (ax_mia, "membership attack AUROC")):
+        ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlabel("achieved epsilon (log)", fontsize=9)
+        ax.set_ylabel(ylabel, fontsize=9)
+        ax.grid(color="#eee")
+        ax.spines[["top", "right"]].set_visible(False)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7, frameon=False)
+    return _svg(fig, "privacy-utility")
+
+
 def _cost_figure(board: pd.DataFrame, extras: pd.DataFrame, colors: dict) -> str | None:
     """Two log-scale bar charts: latency per image (measured, plus each projected setting
     hatched on its own row) and online communication per image."""
@@ -508,6 +556,7 @@ def build_context(run_dir: Path) -> dict:
         "site_svg": _site_figure(ps, order, colors), "per_site": _per_site_cells(ps),
         "per_label": _per_label_rows(pl),
         "cost_svg": _cost_figure(board, extras, colors),
+        "privacy_svg": _privacy_figure(board, results),
         "extras": _extras_view(extras, order),
         "failed": failed,
     }
@@ -532,7 +581,7 @@ def render_report(run_dir: Path) -> Path:
         fig["svg"] = Markup(fig["svg"])
     for a in ctx["agreement"]:
         a["svg"] = Markup(a["svg"]) if a["svg"] else None
-    for key in ("site_svg", "cost_svg"):
+    for key in ("site_svg", "cost_svg", "privacy_svg"):
         ctx[key] = Markup(ctx[key]) if ctx[key] else None
     out = run_dir / "report.html"
     tmp = out.with_suffix(".html.tmp")
