@@ -19,6 +19,7 @@ from suite.training import Recipe, train_logits_model
 
 BUILTIN_MODELS = {
     "small-densenet": "small xrv DenseNet (growth 12, blocks 2-2-2-2) trained on the fly on the training split",
+    "small-densenet-untrained": "the small xrv DenseNet with seeded random weights (fidelity checks; AUROC ~0.5)",
     "densenet121-random": "xrv DenseNet-121, untrained weights (for timing; AUROC ~0.5)",
 }
 
@@ -54,6 +55,10 @@ def resolve_model(cfg: ModelConfig, data: ImageSet, seed: int, quick: bool,
             bundle = train_small_densenet(data, recipe, progress)
             save_checkpoint(bundle, path, recipe=recipe.__dict__)
         return load_checkpoint(path), {"kind": "checkpoint", "path": str(path)}
+    if name == "small-densenet-untrained":
+        ref = {"kind": "random", "architecture": "small", "pathologies": data.label_names,
+               "resolution": data.resolution, "seed": seed}
+        return load_model_ref(ref), ref
     if name == "densenet121-random":
         ref = {"kind": "random", "pathologies": data.label_names, "resolution": data.resolution,
                "seed": seed}
@@ -98,5 +103,10 @@ def load_model_ref(ref: dict[str, Any]) -> ModelBundle:
         return load_xrv_weights(ref["weights"])
     if ref["kind"] == "random":
         torch.manual_seed(ref["seed"])
+        if ref.get("architecture") == "small":
+            net = build_densenet(SMALL_DENSENET, len(ref["pathologies"]))
+            return ModelBundle(net=net, name="small-densenet-untrained", architecture=SMALL_DENSENET,
+                               pathologies=list(ref["pathologies"]), resolution=ref["resolution"],
+                               source="random-init")
         return random_densenet121(ref["pathologies"], ref["resolution"])
     raise SuiteError(f"unknown model reference {ref}")
