@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from backends.fl_app import JOB_KEY, SUMMARY, FLJob
+from suite.procwatch import terminate_then_kill
 
 QUIET_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "RAY_USAGE_STATS_ENABLED": "0",
              "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "PYTHONUNBUFFERED": "1",
@@ -269,17 +270,7 @@ def stop_by_home(home: Path, grace: float = 5.0) -> None:
                 mine.append(proc)
         except psutil.Error:
             continue
-    for proc in mine:
-        try:
-            proc.terminate()
-        except psutil.Error:
-            pass
-    _, alive = psutil.wait_procs(mine, timeout=grace)
-    for proc in alive:
-        try:
-            proc.kill()
-        except psutil.Error:
-            pass
+    terminate_then_kill(mine, grace)
 
 
 def stop_tree(procs: list[subprocess.Popen], grace: float = 5.0) -> None:
@@ -294,18 +285,7 @@ def stop_tree(procs: list[subprocess.Popen], grace: float = 5.0) -> None:
             victims[root.pid] = root
         except psutil.Error:
             pass
-    for v in victims.values():
-        try:
-            v.terminate()
-        except psutil.Error:
-            pass
-    _, alive = psutil.wait_procs(list(victims.values()), timeout=grace)
-    for v in alive:
-        try:
-            v.kill()
-        except psutil.Error:
-            pass
-    psutil.wait_procs(alive, timeout=grace)
+    terminate_then_kill(list(victims.values()), grace)
     for p in procs:       # reap our direct children (no zombies left for the harness)
         try:
             p.wait(timeout=1)

@@ -60,16 +60,8 @@ class TreeMemorySampler(threading.Thread):
         self.join(timeout=2)
 
 
-def kill_tree(pid: int, grace_s: float = 3.0) -> None:
-    """SIGTERM the process group and every descendant, then SIGKILL what is left."""
-    try:
-        procs = [psutil.Process(pid)] + psutil.Process(pid).children(recursive=True)
-    except psutil.Error:
-        procs = []
-    try:
-        os.killpg(pid, signal.SIGTERM)
-    except (ProcessLookupError, PermissionError):
-        pass
+def terminate_then_kill(procs: list[psutil.Process], grace_s: float = 3.0) -> None:
+    """SIGTERM each process, wait up to `grace_s`, SIGKILL the ones still alive."""
     for p in procs:
         try:
             p.terminate()
@@ -81,6 +73,20 @@ def kill_tree(pid: int, grace_s: float = 3.0) -> None:
             p.kill()
         except psutil.Error:
             pass
+    psutil.wait_procs(alive, timeout=grace_s)
+
+
+def kill_tree(pid: int, grace_s: float = 3.0) -> None:
+    """SIGTERM the process group and every descendant, then SIGKILL what is left."""
+    try:
+        procs = [psutil.Process(pid)] + psutil.Process(pid).children(recursive=True)
+    except psutil.Error:
+        procs = []
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except (ProcessLookupError, PermissionError):
+        pass
+    terminate_then_kill(procs, grace_s)
     try:
         os.killpg(pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
