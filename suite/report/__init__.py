@@ -218,6 +218,21 @@ def _privacy_figure(board: pd.DataFrame, results: pd.DataFrame) -> str | None:
     return _svg(fig, "privacy-utility")
 
 
+def _audit_pictures(run_dir: Path) -> list[dict]:
+    """Reconstructions a backend's privacy audit saved in its work folder (e.g. gradient
+    inversion in `fl`), embedded as data URIs so the report stays one file."""
+    import base64
+
+    pictures = []
+    for png in sorted((run_dir / "work").glob("*/audit*/inversion-*.png")):
+        if png.stat().st_size > 2_000_000:
+            continue
+        pictures.append({"backend_id": png.parent.parent.name, "audit": png.parent.name,
+                         "view": png.stem.removeprefix("inversion-"),
+                         "src": "data:image/png;base64," + base64.b64encode(png.read_bytes()).decode()})
+    return pictures
+
+
 def _cost_figure(board: pd.DataFrame, extras: pd.DataFrame, colors: dict) -> str | None:
     """Two log-scale bar charts: latency per image (measured, plus each projected setting
     hatched on its own row) and online communication per image."""
@@ -557,6 +572,7 @@ def build_context(run_dir: Path) -> dict:
         "per_label": _per_label_rows(pl),
         "cost_svg": _cost_figure(board, extras, colors),
         "privacy_svg": _privacy_figure(board, results),
+        "audit_pictures": _audit_pictures(run_dir),
         "extras": _extras_view(extras, order),
         "failed": failed,
     }
