@@ -12,14 +12,9 @@ def synthetic(n_per_site: int = 8, size: int = 64, seed: int = 0):
 
 
 def small_model(labels, size: int = 64):
-    import torch
+    from suite.models import random_small_densenet
 
-    from suite.models import SMALL_DENSENET, ModelBundle, build_densenet
-
-    torch.manual_seed(0)
-    net = build_densenet(SMALL_DENSENET, len(labels))
-    return ModelBundle(net=net, name="bench", architecture=SMALL_DENSENET, pathologies=list(labels),
-                       resolution=size, source="benchmark")
+    return random_small_densenet(labels, resolution=size, seed=0)
 
 
 def context(model, workdir):

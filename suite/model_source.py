@@ -13,7 +13,7 @@ from suite.config import ModelConfig
 from suite.data.imageset import ImageSet
 from suite.errors import SuiteError
 from suite.models import (SMALL_DENSENET, ModelBundle, build_densenet, cache_key, load_checkpoint,
-                          load_xrv_weights, random_densenet121, save_checkpoint)
+                          load_xrv_weights, random_densenet121, random_small_densenet, save_checkpoint)
 from suite.paths import cache_dir
 from suite.training import Recipe, train_logits_model
 
@@ -102,11 +102,8 @@ def load_model_ref(ref: dict[str, Any]) -> ModelBundle:
     if ref["kind"] == "xrv":
         return load_xrv_weights(ref["weights"])
     if ref["kind"] == "random":
-        torch.manual_seed(ref["seed"])
         if ref.get("architecture") == "small":
-            net = build_densenet(SMALL_DENSENET, len(ref["pathologies"]))
-            return ModelBundle(net=net, name="small-densenet-untrained", architecture=SMALL_DENSENET,
-                               pathologies=list(ref["pathologies"]), resolution=ref["resolution"],
-                               source="random-init")
+            return random_small_densenet(ref["pathologies"], ref["resolution"], ref["seed"])
+        torch.manual_seed(ref["seed"])
         return random_densenet121(ref["pathologies"], ref["resolution"])
     raise SuiteError(f"unknown model reference {ref}")

@@ -144,6 +144,14 @@ def load_xrv_weights(weights: str) -> ModelBundle:
                        pathologies=list(net.pathologies), resolution=224, source="xrv-weights")
 
 
+def random_small_densenet(pathologies: list[str], resolution: int, seed: int = 0) -> ModelBundle:
+    """The suite's small DenseNet with seeded random weights (fidelity checks, tests, benchmarks)."""
+    torch.manual_seed(seed)
+    net = build_densenet(SMALL_DENSENET, len(pathologies))
+    return ModelBundle(net=net, name="small-densenet-untrained", architecture=SMALL_DENSENET,
+                       pathologies=list(pathologies), resolution=resolution, source="random-init")
+
+
 def random_densenet121(pathologies: list[str], resolution: int) -> ModelBundle:
     net = build_densenet(DENSENET121, len(pathologies))
     return ModelBundle(net=net, name="densenet121-random", architecture=DENSENET121,

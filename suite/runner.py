@@ -246,8 +246,7 @@ def map_labels_to_model(data: ImageSet, data_path: Path, bundle, console):
         raise SuiteError(f"model '{bundle.name}' predicts none of the dataset's labels {data.label_names}")
     console.print(f"[yellow]note[/yellow]: model {bundle.name} has no output for "
                   f"{', '.join(unmapped)}; these labels are not scored")
-    mapped = ImageSet(**{**data.__dict__, "labels": data.labels[:, keep],
-                         "label_names": [data.label_names[j] for j in keep]})
+    mapped = data.with_labels(keep)
     path = data_path.with_name(data_path.stem + f"-for-{bundle.name.replace(':', '_')}.npz")
     save_npz(mapped, path)
     return mapped, path, unmapped
@@ -294,8 +293,9 @@ def run(cfg: RunConfig, console, resume: Path | None = None) -> Path:
         console.print(f"[{i}/{len(pending)}] {escape(plan.backend_id)} ({plan.track})")
         drop_rows(writer.path, plan.backend_id)
         execute_backend(plan, state, run_dir, cfg, data_path, data, order, model_ref, writer, console)
+    recorded = set(read_results(writer.path)["backend_id"].dropna())
     for p in plans:
-        if p.unavailable and not (read_results(writer.path)["backend_id"] == p.backend_id).any():
+        if p.unavailable and p.backend_id not in recorded:
             writer.write([ResultRow(**base_fields(state, p.backend_id), metric="status", value=None,
                                     unit="", higher_is_better=None, status="skipped",
                                     error=p.unavailable)])

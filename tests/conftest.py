@@ -37,14 +37,9 @@ def tiny_data():
 @pytest.fixture(scope="session")
 def tiny_model(tiny_data):
     """An untrained small DenseNet, seeded: enough to compare backends with plaintext."""
-    import torch
+    from suite.models import random_small_densenet
 
-    from suite.models import SMALL_DENSENET, ModelBundle, build_densenet
-
-    torch.manual_seed(0)
-    net = build_densenet(SMALL_DENSENET, len(tiny_data.label_names))
-    return ModelBundle(net=net, name="tiny", architecture=SMALL_DENSENET,
-                       pathologies=list(tiny_data.label_names), resolution=32, source="test")
+    return random_small_densenet(tiny_data.label_names, resolution=32, seed=0)
 
 
 @pytest.fixture(scope="session")

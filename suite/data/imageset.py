@@ -58,6 +58,11 @@ class ImageSet:
             splits=self.splits[idx],
         )
 
+    def with_labels(self, keep: list[int]) -> "ImageSet":
+        """The same images scored on label columns `keep` only (in that order)."""
+        return ImageSet(**{**self.__dict__, "labels": self.labels[:, keep],
+                           "label_names": [self.label_names[j] for j in keep]})
+
     def split(self, which: str) -> "ImageSet":
         return self.subset(self.splits == which)
 

@@ -176,8 +176,7 @@ def drop_empty_labels(data: ImageSet) -> ImageSet:
         import sys
 
         print(f"note: labels without both classes are not scored: {', '.join(dropped)}", file=sys.stderr)
-    return ImageSet(**{**data.__dict__, "labels": data.labels[:, keep],
-                       "label_names": [data.label_names[j] for j in keep]})
+    return data.with_labels(keep)
 
 
 def load(cfg: DatasetConfig, seed: int, quick: bool = False) -> ImageSet:
