@@ -82,16 +82,12 @@ class HEBackend(Backend):
     default_batch_size = 2048          # = slots at N=4096: one image per slot of each feature ciphertext
     test_options = {"batch_size": 16}
 
-    def __new__(cls, options: BackendOptions | None = None):
-        # One registered name, three configurations: the worker rebuilds a configuration
-        # from ('he', options), so the mode picks the class here.
-        if cls is HEBackend and options is not None:
-            mode = getattr(options, "mode", "head")
-            if mode not in MODES:
-                raise SuiteError(f"backend 'he' option mode must be one of {', '.join(MODES)}; got '{mode}'")
-            target = {"head": HEBackend, "cnn": HECNNBackend, "cnn-plaintext": HECNNPlaintextControl}[mode]
-            return super().__new__(target)
-        return super().__new__(cls)
+    @classmethod
+    def implementation(cls, options: BackendOptions) -> type[Backend]:
+        mode = getattr(options, "mode", "head")
+        if mode not in MODES:
+            raise SuiteError(f"backend 'he' option mode must be one of {', '.join(MODES)}; got '{mode}'")
+        return {"head": HEBackend, "cnn": HECNNBackend, "cnn-plaintext": HECNNPlaintextControl}[mode]
 
     def __init__(self, options: BackendOptions | None = None) -> None:
         super().__init__(options)
@@ -323,7 +319,7 @@ class HECNNBackend(HEBackend):
         return int(self.options.max_images) or CNN_MAX_IMAGES
 
     def reference(self):
-        return HEBackend(dataclasses.replace(self.options, mode="cnn-plaintext"))
+        return HEBackend.create(dataclasses.replace(self.options, mode="cnn-plaintext"))
 
     def _spec(self):
         from backends.he_cnn import CNNSpec

@@ -136,9 +136,21 @@ class Backend(ABC):
         return int(value) if value else None
 
     @classmethod
+    def implementation(cls, options: BackendOptions) -> type["Backend"]:
+        """The class that runs these options. One registered name may stand for several
+        implementations (he: mode=head|cnn; mpc: engine=crypten|spu); the worker rebuilds a
+        configuration from (name, options), so the choice must follow from the options alone."""
+        return cls
+
+    @classmethod
+    def create(cls, options: BackendOptions) -> "Backend":
+        """Build the configuration `options` describe (use this, not the constructor)."""
+        return cls.implementation(options)(options)
+
+    @classmethod
     def expand(cls, options: BackendOptions) -> list["Backend"]:
         """Configurations this entry stands for (a sweep yields several rows)."""
-        return [cls(options)]
+        return [cls.create(options)]
 
     def reference(self) -> "Backend | str | None":
         """What this configuration is compared with: 'plaintext' for inference, a control

@@ -74,7 +74,7 @@ def plan_backends(cfg: RunConfig) -> list[Planned]:
 def _instantiate(name: str, raw: dict[str, Any], cfg: RunConfig) -> Backend:
     cls = BACKENDS.load(name)
     merged = {**cfg.backend_options.get(name, {}), **raw}
-    return cls(cls.Options.parse(merged, name))
+    return cls.create(cls.Options.parse(merged, name))
 
 
 def validate_unique(plans: list[Planned]) -> None:

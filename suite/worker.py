@@ -30,7 +30,7 @@ def run_job(job: Job) -> int:
         train = data.split("train") if job.track == "training" else None
         bundle = load_model_ref(job.model_ref).restricted(data.label_names)
         cls = BACKENDS.load(job.backend)
-        backend = cls(cls.Options.parse(job.options, job.backend))
+        backend = cls.create(cls.Options.parse(job.options, job.backend))
         meter = CommMeter()
         workdir = Path(job.run_dir) / "work" / job.backend_id
         workdir.mkdir(parents=True, exist_ok=True)

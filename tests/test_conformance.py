@@ -32,7 +32,7 @@ def _backend_class(name):
 
 
 def _run(cls, tiny_data, tiny_model, tmp_path: Path):
-    backend = cls(cls.Options.parse(dict(cls.test_options), cls.name))
+    backend = cls.create(cls.Options.parse(dict(cls.test_options), cls.name))
     ctx = BackendContext(model=tiny_model, meter=CommMeter(), workdir=tmp_path / cls.name,
                          seed=0, threads=2, quick=True)
     ctx.workdir.mkdir(parents=True)

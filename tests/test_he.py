@@ -31,7 +31,7 @@ HEAD_PROB_TOL = 1e-3          # the backend's declared tolerance
 
 def _backend(**options):
     raw = {k: str(v) for k, v in options.items()}
-    return HEBackend(HEBackend.Options.parse(raw, "he"))
+    return HEBackend.create(HEBackend.Options.parse(raw, "he"))
 
 
 def _ctx(model, quick=True):
