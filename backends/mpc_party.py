@@ -19,6 +19,7 @@ nothing it received is, or correlates with, the other party's secret.
 
 from __future__ import annotations
 
+import math
 import os
 import pickle
 import sys
@@ -234,22 +235,41 @@ def _detach(payload: Any) -> Any:
 # ------------------------------------------------------------------ secure ops
 
 class CrypTenOps:
-    """The ops `backends.mpc_plan.run_plan` needs, on CrypTen MPCTensors."""
+    """The ops `backends.mpc_plan.run_plan` needs, on CrypTen MPCTensors.
 
-    def __init__(self, crypten: Any, relu: str = "packed", dealer: Any = None) -> None:
+    truncation="exact": every product of two encodings (convolutions, the classifier, "mul"
+    pre-activations, the global average) is divided by 2^p with `TwoPartyGates.truncate`,
+    which cannot wrap; "local": CrypTen's own local share division (faster, fails with
+    probability |y| * 2^(2p-64) per value).
+    """
+
+    def __init__(self, crypten: Any, relu: str = "packed", dealer: Any = None,
+                 truncation: str = "exact") -> None:
+        from backends.mpc_protocol import TwoPartyGates
+
         self.crypten = crypten
-        self._relu = None
-        if relu == "packed":
-            from backends.mpc_protocol import TwoPartyReLU
+        gates = TwoPartyGates(crypten, dealer) if relu == "packed" or truncation == "exact" else None
+        self._relu = gates.relu if relu == "packed" else None
+        self._gates = gates if truncation == "exact" else None
 
-            self._relu = TwoPartyReLU(crypten, dealer).relu
+    def _product(self, fn, x, w):
+        """fn(x, w) for shared x, w, truncated exactly (or by CrypTen when truncation=local)."""
+        if self._gates is None:
+            return fn(x, w)
+        from crypten.mpc.primitives.beaver import IgnoreEncodings
+
+        bits = _fraction_bits(x)
+        with IgnoreEncodings([w._tensor]):      # CrypTen then skips its local division
+            y = fn(x, w)
+        y._tensor.share = self._gates.truncate(y._tensor.share, bits)
+        return y
 
     def conv(self, x, w, b, stride, padding):
-        y = x.conv2d(w, stride=stride, padding=padding)
+        y = self._product(lambda a, k: a.conv2d(k, stride=stride, padding=padding), x, w)
         return y if b is None else y + b.view(1, -1, 1, 1)
 
     def linear(self, x, w, b):
-        return x.matmul(w.transpose(0, 1)) + b
+        return self._product(lambda a, k: a.matmul(k), x, w.transpose(0, 1)) + b
 
     def relu(self, x):
         return self._relu(x) if self._relu is not None else x.relu()
@@ -268,7 +288,7 @@ class CrypTenOps:
         return out
 
     def mul(self, x, s):
-        return x * s
+        return self._product(lambda a, k: a * k, x, s)
 
     def add(self, x, t):
         return x + t
@@ -293,7 +313,17 @@ class CrypTenOps:
     def global_avg(self, x):
         hw = x.size(2) * x.size(3)
         s = x.sum(3).sum(2)
-        return s.div(hw) if hw > 1 else s   # public integer divisor: local truncation
+        if hw == 1:
+            return s
+        if self._gates is None:
+            return s.div(hw)                # public integer divisor: local truncation
+        bits = _fraction_bits(s)            # multiply by the encoding of 1/hw, truncate exactly
+        s._tensor.share = self._gates.truncate(s._tensor.share * round(2 ** bits / hw), bits)
+        return s
+
+
+def _fraction_bits(x: Any) -> int:
+    return int(round(math.log2(x.encoder.scale)))
 
 
 class ProfiledOps:
@@ -372,7 +402,8 @@ def _configure(settings: dict[str, Any], rank: int, world_size: int = 2) -> Any:
 
     crypten = import_crypten()
     crypten.cfg.mpc.provider = "TTP" if settings["triples"] == "ttp" else "TFP"
-    crypten.cfg.encoder.precision_bits = int(settings["precision_bits"])
+    # 0 = the data owner adopts the model owner's precision, announced at setup
+    crypten.cfg.encoder.precision_bits = int(settings["precision_bits"]) or 16
     crypten.cfg.communicator.verbose = False       # counted by install_counters instead
     # CrypTen passes no timeout to init_process_group; bound every collective so a party
     # whose peer vanished errors out instead of waiting for gloo's 30-minute default.
@@ -429,6 +460,11 @@ def _freeze_config(crypten: Any) -> None:
     object.__setattr__(cfg, "temp_override", temp_override)
 
 
+def _set_precision(crypten: Any, bits: int) -> None:
+    """Set the (frozen) config's encoder precision: tensors CrypTen makes internally use it."""
+    object.__setattr__(crypten.cfg.config.encoder, "precision_bits", bits)
+
+
 def party_main(rank: int, conn: Any, settings: dict[str, Any], parent_pid: int) -> None:
     """Run party `rank` (0, 1) or the dealer (2) until told to stop."""
     _watch_parent(parent_pid)
@@ -477,17 +513,21 @@ def _standalone(argv: list[str]) -> int:
     p.add_argument("--master-port", type=int, required=True)
     p.add_argument("--checkpoint", help="model owner: a model checkpoint written by `suite train`")
     p.add_argument("--labels", help="model owner: comma-separated output labels, in the data owner's order")
-    p.add_argument("--precision-bits", type=int, default=16)
+    p.add_argument("--precision-bits", type=int, default=0,
+                   help="fixed-point fractional bits; 0 (default): chosen from a calibration pass on "
+                        "public synthetic images, as the benchmark does")
     p.add_argument("--triples", choices=("ttp", "tfp"), default="ttp")
     p.add_argument("--pre-mode", choices=("split", "mul"), default="split")
     p.add_argument("--relu", choices=("packed", "crypten"), default="packed")
+    p.add_argument("--truncation", choices=("exact", "local"), default="exact")
     p.add_argument("--reveal-to", choices=("data_owner", "both"), default="data_owner")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--timeout-s", type=float, default=900.0)
     a = p.parse_args(argv)
     settings = {"master_addr": a.master_addr, "master_port": a.master_port, "threads": a.threads,
                 "triples": a.triples, "precision_bits": a.precision_bits, "reveal_to": a.reveal_to,
-                "timeout_s": a.timeout_s, "relu": a.relu, "record_dir": None, "profile": False}
+                "timeout_s": a.timeout_s, "relu": a.relu, "truncation": a.truncation,
+                "record_dir": None, "profile": False}
     if a.role == "dealer":
         _dealer(settings)
         return 0
@@ -496,8 +536,16 @@ def _standalone(argv: list[str]) -> int:
     from backends.mpc_plan import build_plan
     from suite.models import load_checkpoint
 
+    from backends.mpc_plan import calibrate, choose_precision, public_calibration_images
+
     bundle = load_checkpoint(Path(a.checkpoint)).restricted([x for x in a.labels.split(",") if x])
-    _party_loop(0, None, settings, model=build_plan(bundle.net, a.pre_mode))
+    plan, params = build_plan(bundle.net, a.pre_mode)
+    cal = calibrate(plan, params, public_calibration_images(bundle.resolution))
+    settings["precision_bits"] = choose_precision(a.precision_bits, a.truncation, cal)
+    print(f"[model owner] fixed point: {settings['precision_bits']} fractional bits "
+          f"({cal.headroom_bits(settings['precision_bits']):.1f} bits of headroom on calibration)",
+          file=sys.stderr, flush=True)
+    _party_loop(0, None, settings, model=(plan, params))
     return 0
 
 
@@ -528,7 +576,7 @@ def _party_loop(rank: int, conn: Any, settings: dict[str, Any], model: tuple | N
         from backends.mpc_protocol import DealerClient
 
         dealer = DealerClient()       # talks to mpc_protocol.serve_dealer, tensor-only answers
-    ops = CrypTenOps(crypten, settings.get("relu", "packed"), dealer)
+    ops = CrypTenOps(crypten, settings.get("relu", "packed"), dealer, settings.get("truncation", "exact"))
     if settings.get("profile"):
         ops = ProfiledOps(ops)
 
@@ -548,22 +596,28 @@ def _party_loop(rank: int, conn: Any, settings: dict[str, Any], model: tuple | N
         kind, plan, params = recv(conn)
         assert kind == "setup"
     before = init_before          # setup traffic includes CrypTen's seed exchange
-    agreed = {k: settings[k] for k in ("precision_bits", "triples", "relu", "reveal_to")}
-    offer = comm.broadcast_obj({"plan": plan_to_dict(plan), "settings": agreed} if rank == 0 else None, 0)
+    agreed = {k: settings.get(k) for k in ("triples", "relu", "reveal_to", "truncation")}
+    bits = int(settings["precision_bits"])
+    offer = comm.broadcast_obj({"plan": plan_to_dict(plan), "settings": agreed, "precision_bits": bits}
+                               if rank == 0 else None, 0)
+    # the data owner adopts the model owner's precision unless it asked for a specific one
     # (CrypTen's broadcast_obj refuses None from the source: "" means agreement)
-    verdict = comm.broadcast_obj(("" if offer["settings"] == agreed else
-                                  f"model owner runs {offer['settings']}, data owner {agreed}")
+    mine = {**agreed, "precision_bits": bits or offer["precision_bits"]}
+    theirs = {**offer["settings"], "precision_bits": offer["precision_bits"]}
+    verdict = comm.broadcast_obj(("" if theirs == mine else f"model owner runs {theirs}, data owner {mine}")
                                  if rank == 1 else None, 1)
     if verdict:
         raise RuntimeError(f"the parties disagree on the protocol settings: {verdict}")
     plan = plan_from_dict(offer["plan"])
-    scale = 2.0 ** int(settings["precision_bits"])
+    bits = int(offer["precision_bits"])
+    _set_precision(crypten, bits)
+    scale = 2.0 ** bits
     shared = {}
     with crypten.no_grad():
         for name, shape in plan.shapes.items():
             # party 0 rounds to the fixed-point grid (CrypTen's encoder truncates)
             value = torch.round(params[name] * scale) / scale if rank == 0 else torch.zeros(shape)
-            shared[name] = crypten.cryptensor(value, src=0)
+            shared[name] = crypten.cryptensor(value, src=0, precision=bits)
     params = None
     report("ready", {"traffic": Traffic.delta(traffic.snapshot(), before), "peak_rss": _peak_rss_bytes()})
     n_batch = 0
@@ -582,7 +636,7 @@ def _party_loop(rank: int, conn: Any, settings: dict[str, Any], model: tuple | N
         with crypten.no_grad():
             # the data owner's public, exact rescaling of its own pixels (see Plan.input_scale)
             x = crypten.cryptensor(images.double() * plan.input_scale if rank == 1 else torch.zeros(shape),
-                                   src=1)
+                                   src=1, precision=bits)
             logits = run_plan(plan, shared, x, ops)
             if settings["reveal_to"] == "both":
                 out = logits.get_plain_text()

@@ -38,6 +38,9 @@ What is folded, and why it is exact (s = gamma / sqrt(var + eps), t = beta - mea
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -191,6 +194,96 @@ class TorchOps:
 
     def global_avg(self, x):
         return x.sum(dim=(2, 3)) / (x.shape[2] * x.shape[3])
+
+
+class RangeOps(TorchOps):
+    """TorchOps that record the products a secure engine must truncate (conv, linear, mul and
+    the global sum, before their bias): the largest |value| and the sum of |value| per image."""
+
+    def __init__(self) -> None:
+        self.max_abs = 0.0
+        self.sum_abs = 0.0
+
+    def _seen(self, y: torch.Tensor) -> torch.Tensor:
+        self.max_abs = max(self.max_abs, float(y.abs().max()))
+        self.sum_abs += float(y.abs().sum())
+        return y
+
+    def conv(self, x, w, b, stride, padding):
+        y = self._seen(F.conv2d(x, w, None, stride=stride, padding=padding))
+        return y if b is None else y + b.view(1, -1, 1, 1)
+
+    def linear(self, x, w, b):
+        return self._seen(F.linear(x, w)) + b
+
+    def mul(self, x, s):
+        return self._seen(x * s)
+
+    def global_avg(self, x):
+        return self._seen(x.sum(dim=(2, 3))) / (x.shape[2] * x.shape[3])
+
+
+@dataclass
+class Calibration:
+    """The model owner's plaintext pass over calibration images: what fixed point must hold."""
+    images: int
+    max_abs_product: float
+    sum_abs_products_per_image: float
+
+    def headroom_bits(self, precision_bits: int) -> float:
+        """log2 of (ring's signed range / largest product encoding) at this precision."""
+        return 63 - 2 * precision_bits - math.log2(max(self.max_abs_product, 2.0 ** -30))
+
+    def local_failures_per_image(self, precision_bits: int) -> float:
+        """Expected wrong truncations per image with local (probabilistic) truncation."""
+        return self.sum_abs_products_per_image * 2.0 ** (2 * precision_bits - 64)
+
+    def auto_precision(self) -> int:
+        """The most fractional bits (at most MAX_AUTO_PRECISION) leaving RANGE_HEADROOM_BITS."""
+        bits = MAX_AUTO_PRECISION
+        while bits > 8 and self.headroom_bits(bits) < RANGE_HEADROOM_BITS:
+            bits -= 1
+        return bits
+
+
+#: bits kept free above the largest calibrated product: activations on the data owner's
+#: images may exceed the calibration images' by this factor (2^8 = 256x) before overflow
+RANGE_HEADROOM_BITS = 8
+#: auto precision stops here: beyond it the plan's own float64 rounding is the limit
+MAX_AUTO_PRECISION = 24
+
+
+def calibrate(plan: Plan, params: dict[str, torch.Tensor], images: torch.Tensor) -> Calibration:
+    """Run the plan in plaintext on the model owner's calibration images ([N, 1, H, W], xrv
+    range) and measure the products a secure engine truncates."""
+    ops = RangeOps()
+    with torch.no_grad():
+        run_plan(plan, params, images.double() * plan.input_scale, ops)
+    n = int(images.shape[0])
+    return Calibration(images=n, max_abs_product=ops.max_abs, sum_abs_products_per_image=ops.sum_abs / n)
+
+
+def choose_precision(requested: int, truncation: str, cal: Calibration) -> int:
+    """Fixed-point fractional bits for this model: `requested`, or automatic when 0 (exact
+    truncation: the most the calibrated range allows; local truncation: CrypTen's 16, since
+    more bits raise its failure rate). Refuses a precision that overflows on calibration."""
+    bits = requested or (cal.auto_precision() if truncation == "exact" else 16)
+    if cal.headroom_bits(bits) < 1:
+        raise ValueError(
+            f"precision_bits={bits} overflows: the largest product on the model owner's "
+            f"{cal.images} calibration images is {cal.max_abs_product:.3g}, and at {bits} bits "
+            f"its encoding exceeds the 64-bit ring; use at most {cal.auto_precision()} bits "
+            f"(precision_bits=0 chooses automatically)")
+    return bits
+
+
+def public_calibration_images(resolution: int, n_per_site: int = 2, seed: int = 20261122) -> torch.Tensor:
+    """Calibration images the model owner can make without anyone's data: the suite's
+    synthetic chest X-ray phantoms (public generator) at the model's input resolution."""
+    from suite.data.synthetic import generate_synthetic
+
+    data = generate_synthetic(n_train_per_site=n_per_site, n_test_per_site=0, size=resolution, seed=seed)
+    return torch.from_numpy(data.images)
 
 
 def plaintext_logits(net: nn.Module, x: torch.Tensor, pre_mode: str = "split") -> torch.Tensor:

@@ -22,6 +22,22 @@ So ReLU costs 8 rounds and about 40% of CrypTen's bytes. Every AND, bit conversi
 multiplication uses the provider CrypTen is configured with (trusted first party or
 third-party dealer) exactly as CrypTen's own gates do; only the circuit is smaller.
 
+Exact truncation. A product of two fixed-point encodings carries 2p fractional bits and must
+be divided by 2^p. CrypTen's two-party division is local (each party shifts its own share),
+which is wrong by about 2^(64-p) whenever the shares wrap around the ring: probability
+|y| * 2^(2p-64) per value. On a trained model that is negligible; on a model whose
+activations reach thousands (random BatchNorm statistics) a 64 px DenseNet expects about one
+such failure per hundred images, and the precision it needs makes it worse. `truncate`
+removes the failure: with u0, u1 the shares read as unsigned and y = u0 + u1 - w * 2^64,
+
+    floor(y / 2^d) = (u0 >> d) + (u1 >> d) - (w + MSB(y)) * 2^(64-d)   (+1 ulp, dropped)
+
+(logical shifts, arithmetic mod 2^64). The wrap bit w is the carry out of bit 63 and MSB(y)
+= p63 xor carry63, so both come from the same carry tree as the ReLU's plus one AND
+(w = g63 xor (p63 and carry63)); one opening converts both bits to arithmetic shares
+(CrypTen's B2A_rng). Cost ~ one ReLU (9 rounds), and the result is wrong by at most one
+least significant bit for any |y| * 2^(2p) < 2^63.
+
 `carry_tree` is written over share tensors with an injected AND, so tests run it on a
 plaintext simulation of both parties' shares.
 """
@@ -94,8 +110,21 @@ def msb_shares(share: torch.Tensor, rank: int, and_fn: AndFn) -> torch.Tensor:
     return carry_tree(g, p, and_fn) ^ ((share >> 63) & 1)
 
 
-def relu_triple_requests(n: int) -> list[tuple[str, tuple]]:
-    """The dealer requests one `TwoPartyReLU.relu` on n elements makes, in order."""
+def wrap_msb_shares(share: torch.Tensor, rank: int, and_fn: AndFn) -> tuple[torch.Tensor, torch.Tensor]:
+    """This party's XOR-shares (0/1) of (w, MSB(y)) for its share of y (flat): w is the carry
+    out of the unsigned 64-bit sum of the two shares."""
+    zero = torch.zeros_like(share)
+    u, v = (share, zero) if rank == 0 else (zero, share)
+    (g,) = and_fn([u], [v])                              # generate bits, all 64
+    low = share & MASK63
+    p = low ^ TOP if rank == 0 else low                 # as in msb_shares: the tree yields carry63
+    c63 = carry_tree(g & MASK63, p, and_fn)
+    p63 = (share >> 63) & 1                              # this party's XOR-share of bit 63's propagate
+    (t,) = and_fn([p63], [c63])
+    return ((g >> 63) & 1) ^ t, p63 ^ c63
+
+
+def _tree_requests(n: int) -> list[tuple[str, tuple]]:
     size = torch.Size
     out = [("binary", (size([n]), size([n])))]            # g = u & v
     k = n
@@ -103,6 +132,19 @@ def relu_triple_requests(n: int) -> list[tuple[str, tuple]]:
         m = 2 * k if level < 5 else k
         out.append(("binary", (size([m]), size([m]))))
         k = (k + 1) // 2
+    return out
+
+
+def truncate_triple_requests(n: int) -> list[tuple[str, tuple]]:
+    """The dealer requests one `TwoPartyGates.truncate` on n elements makes, in order."""
+    size = torch.Size
+    return _tree_requests(n) + [("binary", (size([n]), size([n]))), ("B2A", (size([2 * n]),))]
+
+
+def relu_triple_requests(n: int) -> list[tuple[str, tuple]]:
+    """The dealer requests one `TwoPartyGates.relu` on n elements makes, in order."""
+    size = torch.Size
+    out = _tree_requests(n)
     out.append(("B2A", (size([n]),)))
     out.append(("additive", (size([n]), size([n]), "mul")))
     return out
@@ -232,8 +274,8 @@ def serve_dealer() -> None:
     BatchingTTPServer().serve()
 
 
-class TwoPartyReLU:
-    """ReLU / max on CrypTen MPCTensors with the circuit above (two parties only)."""
+class TwoPartyGates:
+    """ReLU and exact truncation on CrypTen shares with the circuits above (two parties only)."""
 
     def __init__(self, crypten, dealer: DealerClient | None = None) -> None:
         import crypten.communicator as comm
@@ -242,7 +284,7 @@ class TwoPartyReLU:
         self.comm = comm.get()
         self.rank = self.comm.get_rank()
         if self.comm.get_world_size() != 2:
-            raise ValueError("TwoPartyReLU is a two-party protocol")
+            raise ValueError("TwoPartyGates is a two-party protocol")
         self.dealer = dealer          # party 0 with a dealer: announce each ReLU's triples
         self.provider = crypten.mpc.get_default_provider()   # fixed for the session
 
@@ -295,3 +337,20 @@ class TwoPartyReLU:
         result._tensor = x._tensor.shallow_copy()        # MPCTensor.shallow_copy shares _tensor
         result._tensor.share = out.view(share.shape)
         return result
+
+    def truncate(self, share: torch.Tensor, d: int) -> torch.Tensor:
+        """This party's share of floor(y / 2^d) (within one ulp) for its int64 share of y."""
+        if self.dealer is not None:
+            self.dealer.announce(truncate_triple_requests(share.numel()), device=share.device)
+        flat = share.reshape(-1)
+        n = flat.numel()
+        w, msb = wrap_msb_shares(flat, self.rank, self._and)
+        r_a, r_b = self.provider.B2A_rng(torch.Size([2 * n]), device=share.device)
+        (z_sum,) = self.comm.all_reduce([(torch.cat([w, msb]) ^ r_b.share) & 1], batched=True)
+        z = z_sum & 1                                     # opened w ^ r, msb ^ r: uniformly random
+        bits = (1 - 2 * z) * r_a.share                    # arithmetic shares of w and msb
+        if self.rank == 0:
+            bits += z
+        logical = (flat >> d) & ((1 << (64 - d)) - 1)
+        out = logical - (bits[:n] + bits[n:]) * (1 << (64 - d))
+        return out.view(share.shape)

@@ -276,9 +276,11 @@ def test_parties_refuse_mismatched_settings(bundle, tmp_path):
     from backends.mpc import MPCPartyError, _free_port
 
     port = _free_port("127.0.0.1")
+    # the data owner insists on 16 bits (0 would adopt the model owner's choice); the model
+    # owner runs 12: both refuse before any secret is shared
     owner = _standalone_model_owner(tmp_path, bundle, port, "--precision-bits", "12")
     backend, ctx = _backend(tmp_path, bundle, triples="tfp", local_parties="data_owner",
-                            master_addr="127.0.0.1", master_port=port)
+                            master_addr="127.0.0.1", master_port=port, precision_bits=16)
     try:
         with pytest.raises(MPCPartyError, match="disagree on the protocol settings"):
             backend.setup(ctx)

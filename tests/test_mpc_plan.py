@@ -93,3 +93,28 @@ def test_skeleton_carries_shapes_but_no_weights():
     again = plan_from_dict(d)
     x = torch.rand(1, 1, 32, 32, dtype=torch.float64)
     assert torch.equal(run_plan(again, params, x, TorchOps()), run_plan(plan, params, x, TorchOps()))
+
+
+def test_calibration_chooses_precision_from_the_activation_range():
+    """A model with calibrated BatchNorm has small products and gets the most bits; the same
+    architecture with random BN statistics (products in the thousands) gets fewer, and a
+    precision that would overflow the ring on calibration images is refused."""
+    from backends.mpc_plan import (
+        MAX_AUTO_PRECISION, RANGE_HEADROOM_BITS, calibrate, choose_precision, public_calibration_images,
+    )
+
+    images = public_calibration_images(64, n_per_site=1)
+    calibrated = _hard_bn_net(SMALL_DENSENET)
+    torch.manual_seed(0)
+    raw = build_densenet(SMALL_DENSENET, 3).eval()
+    cal_ok = calibrate(*build_plan(calibrated), images)
+    cal_raw = calibrate(*build_plan(raw), images)
+    assert cal_raw.max_abs_product > 10 * cal_ok.max_abs_product
+    bits_raw = choose_precision(0, "exact", cal_raw)
+    assert bits_raw < choose_precision(0, "exact", cal_ok) <= MAX_AUTO_PRECISION
+    assert cal_raw.headroom_bits(bits_raw) >= RANGE_HEADROOM_BITS > cal_raw.headroom_bits(bits_raw + 1)
+    # local truncation keeps CrypTen's 16 bits and says how often it is expected to fail
+    assert choose_precision(0, "local", cal_raw) == 16
+    assert cal_raw.local_failures_per_image(16) > 100 * cal_ok.local_failures_per_image(16)
+    with pytest.raises(ValueError, match="overflows"):
+        choose_precision(30, "exact", cal_raw)

@@ -11,7 +11,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from backends.mpc_protocol import MASK63, TOP, _result_size, carry_tree, relu_triple_requests
+from backends.mpc_protocol import (
+    MASK63, TOP, _result_size, carry_tree, relu_triple_requests, truncate_triple_requests,
+)
 
 GEN = torch.Generator().manual_seed(0)
 
@@ -47,6 +49,41 @@ def test_msb_circuit_is_exact(n):
     edge = torch.tensor([0, -1, 1, -2 ** 45, 2 ** 45, 2 ** 62, -2 ** 62, -2 ** 63, 2 ** 63 - 1])
     x[: min(n, len(edge))] = edge[: min(n, len(edge))]
     assert torch.equal(sim_msb(x), (x < 0).long())
+
+
+def sim_truncate(y: torch.Tensor, d: int) -> torch.Tensor:
+    """floor(y / 2^d) from random two-party shares, as TwoPartyGates.truncate computes it
+    (wrap_msb_shares per party, then the bits' arithmetic shares and local shifts)."""
+    s = torch.stack([_rand64(y.shape), torch.zeros_like(y)])
+    s[1] = y - s[0]
+    zero = torch.zeros_like(y)
+    (g,) = sim_and([torch.stack([s[0], zero])], [torch.stack([zero, s[1]])])
+    low = s & MASK63
+    p = torch.stack([low[0] ^ TOP, low[1]])
+    c63 = carry_tree(g & MASK63, p, sim_and)
+    p63 = (s >> 63) & 1
+    (t,) = sim_and([p63], [c63])
+    w, msb = ((g >> 63) & 1) ^ t, p63 ^ c63
+    w, msb = w[0] ^ w[1], msb[0] ^ msb[1]                # B2A: reconstruct, share arithmetically
+    assert torch.equal(msb, (y < 0).long())
+    logical = (s >> d) & ((1 << (64 - d)) - 1)
+    return logical[0] + logical[1] - (w + msb) * (1 << (64 - d))
+
+
+@pytest.mark.parametrize("d", [12, 16, 20, 24])
+def test_exact_truncation_never_wraps(d):
+    # magnitudes up to 2^62: local truncation would fail on about |y| / 2^64 of them (~1/4 here)
+    y = torch.randint(-2 ** 62, 2 ** 62, (4000,), generator=GEN, dtype=torch.long)
+    y[:6] = torch.tensor([0, -1, 1, 2 ** 62 - 1, -2 ** 62, -(2 ** d)])
+    got = sim_truncate(y, d)
+    want = torch.div(y, 2 ** d, rounding_mode="floor")
+    assert int((got - want).abs().max()) <= 1 and bool((got <= want).all())
+
+
+def test_truncation_costs_about_one_relu():
+    n = 1 << 14
+    words = lambda reqs: sum(a[0][0] for f, a in reqs if f == "binary")  # noqa: E731
+    assert words(truncate_triple_requests(n)) <= words(relu_triple_requests(n)) + 2 * n
 
 
 def test_relu_uses_fewer_and_words_than_cryptens_adder():
