@@ -488,7 +488,7 @@ def main(argv: list[str] | None = None) -> int:
         a socketpair with the orchestrator; the first message on it is the settings dict);
     `python -m backends.mpc_party model-owner|dealer --master-addr A --master-port P ...`
         a standalone model owner or dealer on another machine, for a data owner running
-        the benchmark with `--set mpc.local_parties=data_owner` (see backends/mpc.py).
+        the benchmark with `--backends mpc:local_parties=data_owner` (see backends/mpc.py).
     """
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in ("model-owner", "dealer"):

@@ -120,8 +120,25 @@ def wrap_msb_shares(share: torch.Tensor, rank: int, and_fn: AndFn) -> tuple[torc
     p = low ^ TOP if rank == 0 else low                 # as in msb_shares: the tree yields carry63
     c63 = carry_tree(g & MASK63, p, and_fn)
     p63 = (share >> 63) & 1                              # this party's XOR-share of bit 63's propagate
-    (t,) = and_fn([p63], [c63])
-    return ((g >> 63) & 1) ^ t, p63 ^ c63
+    n = share.shape[-1]
+    (t,) = and_fn([pack_bits(p63)], [pack_bits(c63)])    # one bit per element: 64 per word
+    return ((g >> 63) & 1) ^ unpack_bits(t, n), p63 ^ c63
+
+
+_BIT = torch.arange(64, dtype=torch.long)
+
+
+def pack_bits(bits: torch.Tensor) -> torch.Tensor:
+    """0/1 values along the last axis -> words of 64 (a local move of XOR-shares)."""
+    n = bits.shape[-1]
+    pad = (-n) % 64
+    if pad:
+        bits = torch.cat([bits, torch.zeros(bits.shape[:-1] + (pad,), dtype=bits.dtype)], dim=-1)
+    return (bits.reshape(bits.shape[:-1] + (-1, 64)) << _BIT).sum(-1)    # disjoint bits: sum = XOR
+
+
+def unpack_bits(words: torch.Tensor, n: int) -> torch.Tensor:
+    return ((words.unsqueeze(-1) >> _BIT) & 1).reshape(words.shape[:-1] + (-1,))[..., :n]
 
 
 def _tree_requests(n: int) -> list[tuple[str, tuple]]:
@@ -138,7 +155,8 @@ def _tree_requests(n: int) -> list[tuple[str, tuple]]:
 def truncate_triple_requests(n: int) -> list[tuple[str, tuple]]:
     """The dealer requests one `TwoPartyGates.truncate` on n elements makes, in order."""
     size = torch.Size
-    return _tree_requests(n) + [("binary", (size([n]), size([n]))), ("B2A", (size([2 * n]),))]
+    words = (n + 63) // 64
+    return _tree_requests(n) + [("binary", (size([words]), size([words]))), ("B2A", (size([2 * n]),))]
 
 
 def relu_triple_requests(n: int) -> list[tuple[str, tuple]]:
@@ -346,8 +364,11 @@ class TwoPartyGates:
         n = flat.numel()
         w, msb = wrap_msb_shares(flat, self.rank, self._and)
         r_a, r_b = self.provider.B2A_rng(torch.Size([2 * n]), device=share.device)
-        (z_sum,) = self.comm.all_reduce([(torch.cat([w, msb]) ^ r_b.share) & 1], batched=True)
-        z = z_sum & 1                                     # opened w ^ r, msb ^ r: uniformly random
+        import torch.distributed as dist
+
+        masked = pack_bits((torch.cat([w, msb]) ^ r_b.share) & 1)
+        (z,) = self.comm.all_reduce([masked], op=dist.ReduceOp.BXOR, batched=True)
+        z = unpack_bits(z, 2 * n)                         # opened w ^ r, msb ^ r: uniformly random
         bits = (1 - 2 * z) * r_a.share                    # arithmetic shares of w and msb
         if self.rank == 0:
             bits += z

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from backends.mpc_protocol import (
-    MASK63, TOP, _result_size, carry_tree, relu_triple_requests, truncate_triple_requests,
+    MASK63, TOP, _result_size, carry_tree, pack_bits, relu_triple_requests, truncate_triple_requests,
+    unpack_bits,
 )
 
 GEN = torch.Generator().manual_seed(0)
@@ -62,8 +63,8 @@ def sim_truncate(y: torch.Tensor, d: int) -> torch.Tensor:
     p = torch.stack([low[0] ^ TOP, low[1]])
     c63 = carry_tree(g & MASK63, p, sim_and)
     p63 = (s >> 63) & 1
-    (t,) = sim_and([p63], [c63])
-    w, msb = ((g >> 63) & 1) ^ t, p63 ^ c63
+    (t,) = sim_and([pack_bits(p63)], [pack_bits(c63)])
+    w, msb = ((g >> 63) & 1) ^ unpack_bits(t, y.shape[-1]), p63 ^ c63
     w, msb = w[0] ^ w[1], msb[0] ^ msb[1]                # B2A: reconstruct, share arithmetically
     assert torch.equal(msb, (y < 0).long())
     logical = (s >> d) & ((1 << (64 - d)) - 1)
@@ -83,7 +84,13 @@ def test_exact_truncation_never_wraps(d):
 def test_truncation_costs_about_one_relu():
     n = 1 << 14
     words = lambda reqs: sum(a[0][0] for f, a in reqs if f == "binary")  # noqa: E731
-    assert words(truncate_triple_requests(n)) <= words(relu_triple_requests(n)) + 2 * n
+    assert words(truncate_triple_requests(n)) <= words(relu_triple_requests(n)) + n // 32
+
+
+@pytest.mark.parametrize("n", [1, 63, 64, 65, 200])
+def test_bit_packing_round_trips(n):
+    bits = torch.randint(0, 2, (2, n), generator=GEN)
+    assert torch.equal(unpack_bits(pack_bits(bits), n), bits)
 
 
 def test_relu_uses_fewer_and_words_than_cryptens_adder():
