@@ -16,17 +16,23 @@ The model owner folds BatchNorm and rewrites the network before sharing it
 classifier run under MPC; only the architecture, the input shape and the outputs (to the
 data owner) are revealed.
 
-Options (`--set mpc.KEY=VALUE` or `[backends.mpc]` in the run config):
+Options (`--backends mpc:KEY=VALUE:KEY=VALUE` or `[backends.mpc]` in the run config):
   batch_size      images per secure evaluation (default 8: batching amortises rounds and the
                   weights' openings; memory grows ~0.03 GB per image per party at 64 px,
                   ~0.4 GB at 224 px)
   max_images      stratified subset of the test set (default 64: about 0.15-0.5 s per image
                   on the default 64 px model with two parties on 2 shared cores, plus ~10-30 s
                   to start the parties; 0 = all)
-  precision_bits  fixed-point fractional bits (CrypTen default 16). The ring is 64-bit
-                  whatever the precision, so fewer bits cost nothing less; on the default
-                  model fidelity (max |dp| <= 1e-3) breaks at 13 bits and below, and at 24
-                  bits products of two encodings overflow the local truncation (garbage)
+  precision_bits  fixed-point fractional bits; 0 (default) = chosen by the model owner: it
+                  runs the folded plan in plaintext on public synthetic images at the model's
+                  resolution (mpc_plan.calibrate) and takes the most bits, at most 24, that
+                  keep 2^8 headroom between the largest product's encoding (|y| * 2^(2p)) and
+                  the 64-bit ring; the data owner learns only the number. The default model
+                  gets 24, the untrained small DenseNet 21, a random DenseNet-121 19. The
+                  ring is 64-bit whatever the precision, so fewer bits cost nothing less. On
+                  the default model fidelity (max |dp| <= 1e-3) breaks at 13 bits and below
+                  (exact truncation); the untrained small DenseNet on the NIH sample needs 20
+                  (max |dp| 5.6e-4 at 20 bits, 2e-3 at 19, 1.2e-4 at its automatic 21)
   triples         "ttp": a third-party dealer process generates Beaver triples (default);
                   "tfp": CrypTen's trusted first party = party 0 (the model owner) generates
                   them: faster, but then the model owner holds the triples' randomness and is
@@ -37,6 +43,12 @@ Options (`--set mpc.KEY=VALUE` or `[backends.mpc]` in the run config):
   relu            "packed" (default): backends.mpc_protocol's two-party ReLU (carry-only MSB
                   circuit with bit packing, bit conversion merged with the multiplication:
                   8 rounds, ~40% of the bytes); "crypten": CrypTen's own x * (x >= 0)
+  truncation      "exact" (default): products are divided by 2^p with a two-party protocol that
+                  cannot wrap (backends.mpc_protocol.TwoPartyGates.truncate: one carry circuit,
+                  ~ the cost of a ReLU, per product value); "local": CrypTen's local share
+                  division, free but wrong by ~2^(64-p) with probability |y| * 2^(2p-64) per
+                  value - negligible on a trained model, about one failure per hundred images
+                  on a model with uncalibrated BatchNorm (activations in the thousands)
   threads         torch threads per party (0 = half the run's threads, at least 1)
   reveal_to       "data_owner" (default) or "both"
   master_addr     rendezvous address (default $MPC_MASTER_ADDR or 127.0.0.1)
@@ -54,6 +66,10 @@ Options (`--set mpc.KEY=VALUE` or `[backends.mpc]` in the run config):
                   are measured then.
   timeout_s       longest wait for a party in one step (setup, one batch); a party that
                   exits or hangs ends the run with a clear error (default 900)
+  engine          "crypten" (default, this module) or "spu": SecretFlow SPU parties in
+                  .venv-spu/ (backends/mpc_spu.py), with its own options protocol
+                  (semi2k | cheetah), field (FM64 | FM128), fxp_fraction_bits,
+                  data_owner_addr and data_owner_port; they are rejected with engine=crypten
 
 Traffic is counted inside each party (bytes sent / received, rounds = communication
 calls) and reported per batch through the harness's meter; the triple dealer's traffic is
@@ -94,16 +110,24 @@ class MPCPartyError(RuntimeError):
 class MPCOptions(BackendOptions):
     batch_size: int = 8
     max_images: int = 64
-    precision_bits: int = 16
+    precision_bits: int = 0            # 0 = chosen by the model owner from calibration
     triples: str = "ttp"
     pre_mode: str = "split"
     relu: str = "packed"
+    truncation: str = "exact"
     threads: int = 0
     reveal_to: str = "data_owner"
     master_addr: str = ""
     master_port: int = 0
     local_parties: str = "all"
     timeout_s: float = 900.0
+    # engine=spu (backends/mpc_spu.py): SecretFlow SPU parties in .venv-spu/
+    engine: str = "crypten"
+    protocol: str = ""                 # spu: semi2k (default) | cheetah; crypten: must stay ""
+    field: str = ""                    # spu: FM64 (default) | FM128
+    fxp_fraction_bits: int = 0         # spu: fixed-point fractional bits (0 = SPU's default)
+    data_owner_addr: str = ""          # spu: the data owner's link address (default master_addr)
+    data_owner_port: int = 0           # spu: its link port (default: a free one)
 
 
 class MPCBackend(Backend):
@@ -115,6 +139,17 @@ class MPCBackend(Backend):
     tolerance = 1e-3
     default_batch_size = 8
     test_options = {"max_images": 4, "batch_size": 4, "timeout_s": 300}
+
+    @classmethod
+    def implementation(cls, options: BackendOptions) -> type[Backend]:
+        engine = getattr(options, "engine", "crypten")
+        if engine == "crypten":
+            return MPCBackend
+        if engine == "spu":
+            from backends.mpc_spu import SPUBackend
+
+            return SPUBackend
+        raise SuiteError(f"mpc option engine must be 'crypten' or 'spu', got '{engine}'")
 
     def __init__(self, options: BackendOptions | None = None) -> None:
         super().__init__(options)
@@ -138,10 +173,17 @@ class MPCBackend(Backend):
             raise SuiteError(f"mpc option pre_mode must be 'split' or 'mul', got '{o.pre_mode}'")
         if o.relu not in ("packed", "crypten"):
             raise SuiteError(f"mpc option relu must be 'packed' or 'crypten', got '{o.relu}'")
+        if o.truncation not in ("exact", "local"):
+            raise SuiteError(f"mpc option truncation must be 'exact' or 'local', got '{o.truncation}'")
         if o.local_parties not in ("all", "data_owner"):
             raise SuiteError(f"mpc option local_parties must be 'all' or 'data_owner', got '{o.local_parties}'")
-        if not 4 <= o.precision_bits <= 30:
-            raise SuiteError(f"mpc option precision_bits must be in [4, 30], got {o.precision_bits}")
+        if o.precision_bits and not 4 <= o.precision_bits <= 30:
+            raise SuiteError(f"mpc option precision_bits must be 0 (automatic) or in [4, 30], "
+                             f"got {o.precision_bits}")
+        spu_only = [k for k in ("protocol", "field", "fxp_fraction_bits", "data_owner_addr", "data_owner_port")
+                    if getattr(o, k)]
+        if spu_only:
+            raise SuiteError(f"mpc option(s) {', '.join(spu_only)} apply to engine=spu only")
 
     def threat_model(self) -> ThreatModel:
         o = self.options
@@ -178,7 +220,7 @@ class MPCBackend(Backend):
             ),
             guarantee_kind="cryptographic",
             guarantee=(f"2-party additive secret sharing over Z_2^64 (CrypTen {self._crypten_version()}), "
-                       f"fixed point with {o.precision_bits} fractional bits; protects {protection}"),
+                       f"fixed point with {self._precision_text()}; protects {protection}"),
             leaks=tuple(leaks),
             protected_scope="entire DenseNet (all convolutions, BN (folded), ReLU, pooling, "
                             "concatenation, classifier)",
@@ -186,9 +228,18 @@ class MPCBackend(Backend):
             notes=(f"BatchNorm folded by the model owner (pre-activation BN: {o.pre_mode}); ReLU "
                    f"protocol: {o.relu}; "
                    + ("all parties on one host over loopback; " if o.local_parties == "all" else "")
-                   + "WAN/LAN latency rows are projections; 2-party fixed-point truncation is local "
-                   "and fails (a large error) with probability ~|x| * 2^(2p-64) per product"),
+                   + "WAN/LAN latency rows are projections; "
+                   + ("fixed-point products are truncated exactly (wrap bit from a carry circuit, "
+                      "error at most one least significant bit)" if o.truncation == "exact" else
+                      "fixed-point truncation is CrypTen's local one, which fails (a large error) "
+                      "with probability ~|x| * 2^(2p-64) per product")),
         )
+
+    def _precision_text(self) -> str:
+        chosen = getattr(self, "_precision", 0)
+        if self.options.precision_bits or chosen:
+            return f"{self.options.precision_bits or chosen} fractional bits"
+        return "fractional bits chosen by the model owner from calibration (row fixed_point_precision_bits)"
 
     @staticmethod
     def _crypten_version() -> str:
@@ -215,14 +266,19 @@ class MPCBackend(Backend):
         self._resolution = getattr(ctx.model.net, "input_resolution", None)
         plan, params = build_plan(ctx.model.net, o.pre_mode)
         self._n_params = plan.n_params()
+        if o.local_parties == "all":     # this worker plays the model owner too
+            self._calibration, self._precision = model_owner_precision(plan, params, ctx.model.resolution, o)
+        else:                             # the remote model owner chooses; 0 adopts its choice
+            self._calibration, self._precision = None, o.precision_bits
         addr = o.master_addr or os.environ.get("MPC_MASTER_ADDR") or "127.0.0.1"
         port = int(o.master_port or os.environ.get("MPC_MASTER_PORT") or _free_port(addr))
         threads = o.threads or max(1, int(ctx.threads) // 2)
         settings = {
             "master_addr": addr, "master_port": port, "threads": threads,
-            "triples": o.triples, "precision_bits": o.precision_bits, "reveal_to": o.reveal_to,
+            "triples": o.triples, "precision_bits": self._precision, "reveal_to": o.reveal_to,
             "timeout_s": o.timeout_s, "record_dir": os.environ.get("MPC_RECORD_DIR") or None,
             "profile": os.environ.get("MPC_PROFILE") == "1", "relu": o.relu,
+            "truncation": o.truncation,
         }
         if o.local_parties == "all":
             ranks = (2, 0, 1) if o.triples == "ttp" else (0, 1)
@@ -365,8 +421,38 @@ class MPCBackend(Backend):
 
     # ------------------------------------------------------------------ extra figures
 
+    def _precision_rows(self) -> list[dict]:
+        cal = getattr(self, "_calibration", None)
+        if cal is None:
+            return []
+        how = ("set by the precision_bits option" if self.options.precision_bits else
+               "chosen by the model owner: the most bits (at most 24) that leave 2^8 headroom above the "
+               "largest product on its calibration images" if self.options.truncation == "exact" else
+               "CrypTen's default for local truncation")
+        source = f"{cal.images} public synthetic calibration images at the model's resolution"
+        rows = [{"metric": "fixed_point_precision_bits", "value": self._precision, "unit": "bits",
+                 "higher_is_better": True, "note": f"fractional bits of the fixed-point encoding, {how}"},
+                {"metric": "fixed_point_headroom_bits", "value": cal.headroom_bits(self._precision),
+                 "unit": "bits", "higher_is_better": True,
+                 "note": f"log2(2^63 / (largest product * 2^(2p))) on {source}: how much larger the data "
+                         f"owner's activations may be before the ring overflows"}]
+        if self.options.truncation == "local":
+            rows.append({"metric": "expected_truncation_failures_per_image",
+                         "value": cal.local_failures_per_image(self._precision), "unit": "",
+                         "higher_is_better": False,
+                         "note": f"sum over products of |y| * 2^(2p-64) on {source}: each failure "
+                                 f"corrupts one value by ~2^(64-p) (local truncation)"})
+        return rows
+
+
+    _ROUNDS_TERM = "R = rounds (communication calls) per batch"
+
+    def _batch_rounds(self, batch: dict, local: list[int]) -> int:
+        """Rounds of one batch charged in the projections: the busier party's."""
+        return max(batch["traffic"][r]["rounds"] for r in local)
+
     def extra_rows(self) -> list[dict]:
-        rows = [{"metric": "party_peak_rss", "value": rss, "unit": "bytes", "higher_is_better": False,
+        rows = self._precision_rows() + [{"metric": "party_peak_rss", "value": rss, "unit": "bytes", "higher_is_better": False,
                  "party": METER_PARTY[rank],
                  "note": "peak resident memory (VmHWM) of the party's own process"}
                 for rank, rss in sorted(self._peak_rss.items())]
@@ -381,7 +467,7 @@ class MPCBackend(Backend):
                          "note": "CPU seconds the party process spent in the secure computation, per image"})
         compute = sum(max(b["cpu_s"].values()) for b in self._batches)
         # (with local_parties=data_owner only the data owner's side is measured here)
-        rounds = sum(max(b["traffic"][r]["rounds"] for r in local) for b in self._batches)
+        rounds = sum(self._batch_rounds(b, local) for b in self._batches)
         peak_bytes = sum(max(max(b["traffic"][r]["sent"], b["traffic"][r]["received"]) for r in local)
                          for b in self._batches)     # max(sent, received): exact with one party
         d_rounds = sum(b["traffic"].get(0, {}).get("dealer_rounds", 0) for b in self._batches)
@@ -396,11 +482,23 @@ class MPCBackend(Backend):
                          f"sum over batches of (T_cpu + (R + R_dealer) * RTT + (B + B_dealer) * 8 / bandwidth), "
                          f"divided by the images; RTT {rtt * 1e3:g} ms, bandwidth {bandwidth / 1e6:g} Mbit/s; "
                          f"T_cpu = CPU time of the busier party (single-threaded parties on their own "
-                         f"hosts); R = rounds (communication calls) per batch; B = bytes sent by the "
+                         f"hosts); {self._ROUNDS_TERM}; B = bytes sent by the "
                          f"busier party (links full duplex); dealer terms only with triples=ttp; "
                          f"ignores overlap of compute and transfer (conservative)"),
             })
         return rows
+
+
+def model_owner_precision(plan, params, resolution: int, o: MPCOptions):
+    """The model owner's plaintext calibration on public images, and the fixed-point precision
+    it implies (see mpc_plan.choose_precision); the data owner is told only the precision."""
+    from backends.mpc_plan import calibrate, choose_precision, public_calibration_images
+
+    cal = calibrate(plan, params, public_calibration_images(resolution))
+    try:
+        return cal, choose_precision(o.precision_bits, o.truncation, cal)
+    except ValueError as exc:
+        raise SuiteError(f"mpc: {exc}") from None
 
 
 def _start_party(rank: int, settings: dict[str, Any], threads: int):

@@ -4,12 +4,17 @@ Always on (a tiny DenseNet; ~1 min in all, most of it starting parties):
   MPCTinyInference   latency of one secure batch, CPU per image, bytes per image and rounds
                      per batch, for both triple sources and both ReLU protocols
   MPCPackedReLU      the packed MSB circuit alone, on a plaintext simulation (no parties)
+  MPCEngines         every engine / protocol row side by side (CrypTen ttp, SPU SEMI2K, SPU
+                     Cheetah): seconds per batch, CPU per image, bytes and messages per image
+                     (SPU counts messages, not rounds); SPU rows skip without .venv-spu/
 
 Only when asked (minutes each; set MPC_BENCH_DENSENET121=1):
   MPCDenseNet121     random-weight DenseNet-121 at 64x64, batch 1 and 8 (the 27.4 s/image
                      baseline of CrypTen's own operators); MPC_BENCH_RESOLUTION=224 for the
                      full size (~20 s per image, ~1.1 GB per party here);
-                     MPC_BENCH_TRIPLES=tfp for the trusted-first-party triples
+                     MPC_BENCH_TRIPLES=tfp for the trusted-first-party triples;
+                     MPC_BENCH_ENGINES=crypten,spu-semi2k,spu-cheetah picks the engine rows
+                     (default crypten,spu-semi2k; Cheetah is ~10x slower)
 
 Parties are started outside the timed code (`setup_cache` / `setup`) and stopped after. On a
 machine shared with other jobs the wall-clock timings swing widely (two parties, and with
@@ -58,7 +63,8 @@ class _Running:
         from suite.meter import CommMeter
 
         self.images = images
-        self.backend = MPCBackend(MPCOptions(**{"timeout_s": 3600, "batch_size": len(images), **options}))
+        self.backend = MPCBackend.create(MPCOptions(**{"timeout_s": 3600, "batch_size": len(images),
+                                                       **options}))
         self._tmp = tempfile.TemporaryDirectory(prefix="bench-mpc-")
         self.ctx = BackendContext(model=bundle, meter=CommMeter(), workdir=Path(self._tmp.name), threads=2)
         self.backend.setup(self.ctx)
@@ -72,6 +78,12 @@ class _Running:
         last = self.backend._batches[-1]
         t = last["traffic"]
         return max(t[r]["sent"] for r in (0, 1)) / last["n"], max(t[r]["rounds"] for r in (0, 1))
+
+    def messages_per_image(self):
+        """Messages sent by the busier party per image, last batch (SPU: send actions)."""
+        last = self.backend._batches[-1]
+        t = last["traffic"]
+        return max(t[r].get("messages", t[r].get("rounds", 0)) for r in (0, 1)) / last["n"]
 
     def cpu_per_image(self):
         """CPU seconds of the busier party per image, last batch."""
@@ -136,6 +148,80 @@ class MPCTinyInference:
     track_rounds_per_batch.unit = "rounds"
 
 
+#: engine rows: name -> options (one leaderboard row each)
+ENGINES = {
+    "crypten": {"engine": "crypten"},
+    "spu-semi2k": {"engine": "spu", "protocol": "semi2k"},
+    "spu-cheetah": {"engine": "spu", "protocol": "cheetah"},
+}
+
+
+def _engine_ready(engine: str) -> bool:
+    if ENGINES[engine]["engine"] != "spu":
+        return True
+    from backends.mpc_spu import spu_available
+
+    return spu_available()
+
+
+class MPCEngines:
+    """Every engine / protocol row on the same tiny DenseNet (growth 4, blocks (1,1), 32 px),
+    batches of 2: the one place where CrypTen, SPU SEMI2K and SPU Cheetah are compared.
+
+    Measured once in `setup_cache` (median wall time of 2 batches after a warm-up, which
+    also absorbs SPU's compilation and Cheetah's key setup); SPU rows without .venv-spu/
+    are NaN. Messages: CrypTen's communication calls, SPU's send actions.
+    """
+
+    params = (list(ENGINES),)
+    param_names = ["engine"]
+    timeout = 900
+
+    def setup_cache(self):
+        import statistics
+        import time
+
+        results = {}
+        for engine, options in ENGINES.items():
+            if not _engine_ready(engine):
+                continue
+            r = _Running()
+            extra = {"triples": "ttp"} if options["engine"] == "crypten" else {}
+            r.start(_bundle(TINY, 32), _images(2, 32), **options, **extra)
+            try:
+                r.run()
+                walls = []
+                for _ in range(2):
+                    start = time.perf_counter()
+                    r.run()
+                    walls.append(time.perf_counter() - start)
+                sent, _ = r.traffic()
+                results[engine] = {"seconds": statistics.median(walls), "bytes": sent,
+                                   "messages": r.messages_per_image(), "cpu": r.cpu_per_image()}
+            finally:
+                r.stop()
+        return results
+
+    def _get(self, results, engine, key):
+        return results[engine][key] if engine in results else float("nan")
+
+    def track_seconds_per_batch(self, results, engine):
+        return self._get(results, engine, "seconds")
+    track_seconds_per_batch.unit = "seconds"
+
+    def track_cpu_seconds_per_image(self, results, engine):
+        return self._get(results, engine, "cpu")
+    track_cpu_seconds_per_image.unit = "seconds"
+
+    def track_bytes_per_image(self, results, engine):
+        return self._get(results, engine, "bytes")
+    track_bytes_per_image.unit = "bytes"
+
+    def track_messages_per_image(self, results, engine):
+        return self._get(results, engine, "messages")
+    track_messages_per_image.unit = "messages"
+
+
 class MPCPackedReLU:
     """The packed MSB circuit on 2^16 elements, both parties simulated in one process."""
 
@@ -166,33 +252,40 @@ class MPCPackedReLU:
 
 
 class MPCDenseNet121:
-    """Random-weight DenseNet-121, one secure batch (only with MPC_BENCH_DENSENET121=1)."""
+    """Random-weight DenseNet-121, one secure batch (only with MPC_BENCH_DENSENET121=1),
+    for each engine row named in MPC_BENCH_ENGINES (default crypten,spu-semi2k)."""
 
-    params = ([1, 8],)
-    param_names = ["batch"]
+    params = (list(ENGINES), [1, 8])
+    param_names = ["engine", "batch"]
     timeout = 3600
     number = 1
     repeat = 1
     warmup_time = 0
 
-    def setup(self, batch):
+    def setup(self, engine, batch):
         if os.environ.get("MPC_BENCH_DENSENET121") != "1":
             raise NotImplementedError("set MPC_BENCH_DENSENET121=1 to run (minutes per batch)")
+        if engine not in os.environ.get("MPC_BENCH_ENGINES", "crypten,spu-semi2k").split(","):
+            raise NotImplementedError(f"{engine} not in MPC_BENCH_ENGINES")
+        if not _engine_ready(engine):
+            raise NotImplementedError(f"{engine} needs .venv-spu/ (bash scripts/setup.sh)")
         from suite.models import DENSENET121
 
         resolution = int(os.environ.get("MPC_BENCH_RESOLUTION", "64"))
+        options = dict(ENGINES[engine])
+        if options["engine"] == "crypten":
+            options["triples"] = os.environ.get("MPC_BENCH_TRIPLES", "ttp")
         self.r = _Running()
-        self.r.start(_bundle(DENSENET121, resolution), _images(batch, resolution),
-                     triples=os.environ.get("MPC_BENCH_TRIPLES", "ttp"))
+        self.r.start(_bundle(DENSENET121, resolution), _images(batch, resolution), **options)
 
-    def teardown(self, batch):
+    def teardown(self, engine, batch):
         if hasattr(self, "r"):               # setup skipped: nothing started
             self.r.stop()
 
-    def time_secure_batch(self, batch):
+    def time_secure_batch(self, engine, batch):
         self.r.run()
 
-    def track_seconds_per_image(self, batch):
+    def track_seconds_per_image(self, engine, batch):
         import time
 
         start = time.perf_counter()
@@ -208,18 +301,28 @@ def main() -> None:
         print(f"tiny  triples={triples:3s} relu={relu:7s} batch of 4: {r['seconds']:6.2f} s wall, "
               f"{r['cpu'] * 1e3:6.1f} ms CPU/image (busier party), "
               f"{r['bytes'] / 1e6:6.2f} MB/image sent (busier party), {r['rounds']} rounds", flush=True)
+    for engine, r in MPCEngines().setup_cache().items():
+        print(f"tiny  engine={engine:11s} batch of 2: {r['seconds']:6.2f} s wall, "
+              f"{r['cpu'] * 1e3:7.1f} ms CPU/image (busier party), {r['bytes'] / 1e6:6.2f} MB/image sent, "
+              f"{r['messages']:.0f} messages/image (busier party)", flush=True)
     if os.environ.get("MPC_BENCH_DENSENET121") == "1":
-        for batch in MPCDenseNet121.params[0]:
-            bench = MPCDenseNet121()
-            bench.setup(batch)
-            try:
-                seconds = bench.track_seconds_per_image(batch)
-                sent, rounds = bench.r.traffic()
-                print(f"DenseNet-121 {os.environ.get('MPC_BENCH_RESOLUTION', '64')} px batch {batch}: "
-                      f"{seconds:.2f} s/image wall, {bench.r.cpu_per_image():.2f} s CPU/image, "
-                      f"{sent / 1e6:.1f} MB/image sent, {rounds} rounds/batch", flush=True)
-            finally:
-                bench.teardown(batch)
+        batches = [int(b) for b in os.environ.get("MPC_BENCH_BATCHES", "1,8").split(",")]
+        for engine in MPCDenseNet121.params[0]:
+            for batch in batches:
+                bench = MPCDenseNet121()
+                try:
+                    bench.setup(engine, batch)
+                except NotImplementedError:
+                    continue
+                try:
+                    seconds = bench.track_seconds_per_image(engine, batch)
+                    sent, _ = bench.r.traffic()
+                    print(f"DenseNet-121 {os.environ.get('MPC_BENCH_RESOLUTION', '64')} px {engine} "
+                          f"batch {batch}: {seconds:.2f} s/image wall, {bench.r.cpu_per_image():.2f} s "
+                          f"CPU/image, {sent / 1e6:.1f} MB/image sent, "
+                          f"{bench.r.messages_per_image():.0f} messages/image", flush=True)
+                finally:
+                    bench.teardown(engine, batch)
 
 
 if __name__ == "__main__":

@@ -31,3 +31,36 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   .venv/bin/python -m pip install -q --no-deps "crypten==0.4.1"
   echo "$want" > "$stamp"
 fi
+
+# Second MPC engine (mpc:engine=spu): SecretFlow SPU 0.9.5 needs numpy<2 and jax<=0.4.34, which
+# conflict with .venv, so its parties run from their own .venv-spu/ (Python 3.11, no torch; see
+# backends/mpc_spu.py). A failure here is a warning: every other backend still works, and
+# `mpc:engine=spu` then says how to retry.
+# Its own stamp: re-runs are cheap, and changing SPU_REQUIREMENTS reinstalls it.
+SPU_REQUIREMENTS="spu==0.9.5 numpy<2 jax<=0.4.34"
+spu_stamp=.venv-spu/.spu-installed
+spu_want=$(echo "$SPU_REQUIREMENTS" | sha256sum | cut -c1-16)
+if [ "$(cat "$spu_stamp" 2>/dev/null)" != "$spu_want" ]; then
+  SPU_PY=${SPU_PYTHON:-}
+  if [ -z "$SPU_PY" ]; then
+    for cand in /usr/bin/python3.11 python3.11; do
+      if command -v "$cand" >/dev/null 2>&1; then SPU_PY=$cand; break; fi
+    done
+  fi
+  if [ -z "$SPU_PY" ]; then
+    echo "WARNING: no python3.11 found: the SPU engine (mpc:engine=spu) is unavailable;" \
+         "set SPU_PYTHON=/path/to/python3.11 and re-run scripts/setup.sh" >&2
+  else
+    echo "installing SecretFlow SPU into .venv-spu with $($SPU_PY --version) (first time: a few minutes)"
+    # shellcheck disable=SC2086
+    if { [ -x .venv-spu/bin/python ] || "$SPU_PY" -m venv .venv-spu; } \
+        && .venv-spu/bin/python -m pip install -q --upgrade pip \
+        && .venv-spu/bin/python -m pip install -q $SPU_REQUIREMENTS \
+        && .venv-spu/bin/python -c "import spu, spu.libspu, jax, numpy; assert numpy.__version__ < '2'"; then
+      echo "$spu_want" > "$spu_stamp"
+    else
+      echo "WARNING: installing SPU into .venv-spu failed: the SPU engine (mpc:engine=spu) is" \
+           "unavailable; every other backend is unaffected. Retry with: bash scripts/setup.sh" >&2
+    fi
+  fi
+fi

@@ -125,16 +125,27 @@ def cost_rows(base: dict[str, Any], part: dict[str, Any], proc: dict[str, Any]) 
     fit = traffic[traffic.phase == "fit"]
     sent, received = int(online.bytes_sent.sum()), int(online.bytes_received.sum())
     rounds = int(online.rounds.max()) if len(online) else 0
+    messages = int(online.messages.sum())
+    # a backend whose transport counts messages but not rounds (SPU) reports rounds=0 with
+    # messages > 0: no rounds rows then, rather than a false zero
+    counts_rounds = not (len(traffic) and int(traffic.rounds.sum()) == 0 and int(traffic.messages.sum()) > 0)
     rows += [_row(base, "bytes_sent", sent), _row(base, "bytes_received", received),
              _row(base, "setup_bytes", int(setup.bytes_sent.sum())),
-             _row(base, "fit_bytes", int(fit.bytes_sent.sum())),
-             _row(base, "rounds", rounds)]
+             _row(base, "fit_bytes", int(fit.bytes_sent.sum()))]
+    if counts_rounds:
+        rows.append(_row(base, "rounds", rounds))
+    if messages:
+        rows.append(_row(base, "messages", messages))
     if n_images:
-        rows += [_row(base, "bytes_per_image", sent / n_images, n=n_images),
-                 _row(base, "rounds_per_image", rounds / n_images, n=n_images)]
+        rows.append(_row(base, "bytes_per_image", sent / n_images, n=n_images))
+        if counts_rounds:
+            rows.append(_row(base, "rounds_per_image", rounds / n_images, n=n_images))
+        if messages:
+            rows.append(_row(base, "messages_per_image", messages / n_images, n=n_images))
+    per_party = (("party_bytes_sent", "bytes_sent"), ("party_bytes_received", "bytes_received"))
+    per_party += (("party_rounds", "rounds"),) if counts_rounds else (("party_messages", "messages"),)
     for (party, phase), g in traffic.groupby(["party", "phase"]):
-        for metric, column in (("party_bytes_sent", "bytes_sent"),
-                               ("party_bytes_received", "bytes_received"), ("party_rounds", "rounds")):
+        for metric, column in per_party:
             rows.append(_row(base, metric, int(g[column].sum()), unit=column.split("_")[0],
                              higher_is_better=False, party=party, phase=phase))
     for extra in part.get("extra_rows") or []:

@@ -60,6 +60,10 @@ METRICS: dict[str, MetricSpec] = dict([
     _m("party_bytes_sent", "bytes", False, None, "bytes one party sent in one phase (columns party, phase)"),
     _m("party_bytes_received", "bytes", False, None, "bytes one party received in one phase"),
     _m("party_rounds", "rounds", False, None, "communication rounds of one party in one phase"),
+    _m("messages", "messages", False, None, "messages sent by all parties, online phase (for transports "
+       "that count messages, not rounds: then no rounds rows are written)"),
+    _m("messages_per_image", "messages", False, None, "online messages / images"),
+    _m("party_messages", "messages", False, None, "messages one party sent in one phase"),
     _m("n_images", "images", None, None, "test images this backend configuration saw"),
     _m("batch_size", "images", None, None, "images per predict call"),
 ])

@@ -235,10 +235,14 @@ def _audit_pictures(run_dir: Path) -> list[dict]:
 
 def _cost_figure(board: pd.DataFrame, extras: pd.DataFrame, colors: dict) -> str | None:
     """Two log-scale bar charts: latency per image (measured, plus each projected setting
-    hatched on its own row) and online communication per image."""
+    hatched on its own row) and online communication per image. Configurations of one
+    backend (e.g. mpc's engines and protocols) sit next to each other, in run order."""
     ok = board[board["status"] == "ok"]
     if ok.empty:
         return None
+    names = [str(b).split("[")[0] for b in ok["backend_id"]]
+    first = {n: names.index(n) for n in names}
+    ok = ok.iloc[sorted(range(len(ok)), key=lambda i: (first[names[i]], i))]
     bids = list(ok["backend_id"])
     proj = extras[extras["metric"].str.contains("projected") & extras["metric"].str.contains("latency")
                   & (extras["label"] == NONE) & (extras["site"] == ALL)] if len(extras) else extras

@@ -1,0 +1,301 @@
+"""Two-party secure inference with SecretFlow SPU: `mpc:engine=spu:protocol=semi2k|cheetah`.
+
+The second engine of the `mpc` backend (`backends.mpc.MPCBackend.implementation` picks this
+class from the options). The same plan as the CrypTen engine (`backends.mpc_plan.build_plan`:
+BatchNorm folded, the same poolings) reaches SPU as a JAX function traced from
+`backends.mpc_graph.run_plan` (`backends.mpc_jax`), and runs under one of SPU's two-party
+protocols:
+
+  semi2k   additive secret sharing over Z_2^k with Beaver triples. SPU 0.9.5 ships only the
+           trusted-first-party triple source (`BeaverTfpUnsafe`): party 0, the model owner,
+           generates every triple's randomness, so the images are protected from it by TRUST
+           (like CrypTen's triples=tfp), not by cryptography.
+  cheetah  dealer-free: products by lattice HE (silent OT for the nonlinear parts); neither
+           party holds the other's randomness. Several times slower.
+
+SPU 0.9.5 needs numpy<2 and jax<=0.4.34, so its parties run from their own virtual
+environment, `.venv-spu/` (created by scripts/setup.sh), as separate processes
+(`backends.mpc_spu_party`); this object, in the benchmark worker, only hands the model owner
+its folded model and the data owner its images, and reads back outputs and statistics. The
+parties talk over SPU's brpc link, each listening on its own host:port.
+
+SPU options (the rest as for CrypTen: batch_size, max_images, pre_mode, reveal_to,
+master_addr / master_port (the model owner's link address), timeout_s):
+  protocol           semi2k (default) | cheetah
+  field              FM64 (default) | FM128: the ring; FM128 doubles every share's bytes
+  fxp_fraction_bits  fixed-point fractional bits (0: SPU's default, 18 for FM64, 26 for FM128)
+  data_owner_addr    the data owner's link address (default: master_addr)
+  data_owner_port    its port (default: a free one)
+SPU's link statistics count bytes and *messages* (send actions), not rounds: the online
+traffic rows report messages, the rounds rows are absent, and the projected LAN/WAN
+latencies charge one round trip per message of the busier party (an upper bound on rounds).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from backends.mpc import METER_PARTY, MPCBackend, MPCPartyError, _free_port
+from backends.mpc_party import send
+from suite.backend import BackendContext, BackendOptions
+from suite.errors import BackendUnavailable, SuiteError
+from suite.threat_model import ThreatModel
+
+ROOT = Path(__file__).resolve().parents[1]
+SPU_VERSION = "0.9.5"
+PROTOCOLS = ("semi2k", "cheetah")
+FIELDS = {"FM64": 18, "FM128": 26}      # field -> SPU's default fxp_fraction_bits
+
+
+def spu_venv() -> Path:
+    """SPU's own environment: .venv-spu/ at the repo root ($SPU_VENV overrides)."""
+    return Path(os.environ.get("SPU_VENV") or ROOT / ".venv-spu")
+
+
+def spu_python() -> Path:
+    return spu_venv() / "bin" / "python"
+
+
+def spu_available() -> bool:
+    """Created and completely installed by scripts/setup.sh (its stamp file is written last)."""
+    return spu_python().exists() and (spu_venv() / ".spu-installed").exists()
+
+
+class SPUBackend(MPCBackend):
+    """`mpc` with engine=spu: SecretFlow SPU parties in `.venv-spu/`."""
+
+    def __init__(self, options: BackendOptions | None = None) -> None:
+        o = options if options is not None else self.Options()
+        # normalise, so `mpc:engine=spu` and `mpc:engine=spu:protocol=semi2k` are one row
+        o = dataclasses.replace(o, protocol=o.protocol or "semi2k", field=o.field.upper())
+        super().__init__(o)
+        if not spu_available():
+            raise BackendUnavailable(
+                f"mpc engine=spu needs SecretFlow SPU {SPU_VERSION} in its own environment "
+                f"{spu_venv()}/, which is missing: create it with `bash scripts/setup.sh` "
+                f"(needs /usr/bin/python3.11)")
+
+    def _validate(self) -> None:
+        o = self.options
+        if o.protocol not in PROTOCOLS:
+            raise SuiteError(f"mpc option protocol must be one of {', '.join(PROTOCOLS)} with engine=spu, "
+                             f"got '{o.protocol}'")
+        if o.field and o.field not in FIELDS:
+            raise SuiteError(f"mpc option field must be FM64 or FM128, got '{o.field}'")
+        bits = o.fxp_fraction_bits
+        limit = 128 if o.field == "FM128" else 64
+        if bits and not 4 <= bits <= limit // 2 - 2:
+            raise SuiteError(f"mpc option fxp_fraction_bits must be 0 (SPU's default) or in "
+                             f"[4, {limit // 2 - 2}] for {o.field}, got {bits}")
+        if o.reveal_to not in ("data_owner", "both"):
+            raise SuiteError(f"mpc option reveal_to must be 'data_owner' or 'both', got '{o.reveal_to}'")
+        if o.pre_mode not in ("split", "mul"):
+            raise SuiteError(f"mpc option pre_mode must be 'split' or 'mul', got '{o.pre_mode}'")
+        if o.local_parties != "all":
+            raise SuiteError("mpc engine=spu starts both parties itself (local_parties=all); "
+                             "a model owner on another host is only supported with engine=crypten")
+        defaults = type(o)()
+        crypten_only = [k for k in ("precision_bits", "triples", "relu", "truncation", "threads")
+                        if hasattr(o, k) and getattr(o, k) != getattr(defaults, k)]
+        if crypten_only:
+            raise SuiteError(f"mpc option(s) {', '.join(crypten_only)} apply to engine=crypten only; "
+                             f"engine=spu takes protocol, field and fxp_fraction_bits")
+
+    def fraction_bits(self) -> int:
+        return self.options.fxp_fraction_bits or FIELDS[self.field]
+
+    @property
+    def field(self) -> str:
+        return self.options.field or "FM64"
+
+    # ------------------------------------------------------------------ description
+
+    def threat_model(self) -> ThreatModel:
+        o = self.options
+        ring = f"Z_2^{64 if self.field == 'FM64' else 128}"
+        if o.protocol == "semi2k":
+            material = ("TRUSTED FIRST PARTY: SPU 0.9.5's SEMI2K takes its Beaver triples from party 0 "
+                        "(the model owner, BeaverTfpUnsafe), which knows all of their randomness and is "
+                        "trusted to discard it - a model owner that keeps it can unmask the values it "
+                        "receives, including the image")
+            protection = ("model weights from the data owner (cryptographic); input images from the model "
+                          "owner only by the trusted-first-party assumption")
+            guarantee = (f"2-party additive secret sharing over {ring} (SPU {SPU_VERSION} SEMI2K), fixed "
+                         f"point with {self.fraction_bits()} fractional bits; protects {protection}")
+        else:
+            material = ("no dealer and no trusted party: Cheetah generates its correlations between the "
+                        "two parties (lattice HE for products, silent OT for comparisons and truncations)")
+            protection = "input images from the model owner and model weights from the data owner"
+            guarantee = (f"2-party additive secret sharing over {ring} with Cheetah's HE/OT protocols "
+                         f"(SPU {SPU_VERSION} CHEETAH), fixed point with {self.fraction_bits()} fractional "
+                         f"bits; protects {protection} (cryptographic, under LWE and OT assumptions)")
+        leaks = ["the model architecture (layer shapes) to the data owner",
+                 "the input shape and batch size to the model owner",
+                 "the output scores to the data owner" if o.reveal_to == "data_owner"
+                 else "the output scores to both parties",
+                 "timing and traffic volume (fixed by the architecture)"]
+        return ThreatModel(
+            protects=("input_images", "model_weights"),
+            from_whom="the other party: images from the model owner, weights from the data owner",
+            adversary="semi-honest (honest-but-curious) parties that do not collude",
+            parties=("model owner (party 0: holds the weights)", "data owner (party 1: holds the images)"),
+            trust_assumptions=(
+                material,
+                "parties follow the protocol (semi-honest); no active-security checks",
+                "both parties run on hosts they control; the benchmark starts them on one machine, where "
+                "the worker holds model and images only to hand each party its own input",
+            ),
+            guarantee_kind="cryptographic",
+            guarantee=guarantee,
+            leaks=tuple(leaks),
+            protected_scope="entire DenseNet (all convolutions, BN (folded), ReLU, pooling, "
+                            "concatenation, classifier)",
+            simulated=False,
+            notes=(f"SecretFlow SPU {SPU_VERSION}, protocol {o.protocol}, field {self.field}, "
+                   f"{self.fraction_bits()} fractional bits; the plan (BatchNorm folded, pre-activation "
+                   f"BN: {o.pre_mode}) is traced to JAX and compiled by SPU; parties in .venv-spu over "
+                   "SPU's brpc link on loopback; traffic = SPU's link statistics (bytes, messages = send "
+                   "actions; SPU does not count rounds) plus the shares exchanged outside SPU's runs; "
+                   "WAN/LAN latency rows are projections charging one round trip per message"),
+        )
+
+    def versions(self) -> dict[str, str]:
+        return {"spu": SPU_VERSION, "jax": "<=0.4.34 (.venv-spu)"}
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def setup(self, ctx: BackendContext) -> None:
+        from backends.mpc_graph import plan_to_dict
+        from backends.mpc_plan import build_plan
+        from backends.mpc_spu_party import pack
+
+        o = self.options
+        self._meter = ctx.meter
+        self._n_labels = len(ctx.model.pathologies)
+        self._resolution = getattr(ctx.model.net, "input_resolution", None)
+        plan, params = build_plan(ctx.model.net, o.pre_mode)
+        self._n_params = plan.n_params()
+        addr = o.master_addr or os.environ.get("MPC_MASTER_ADDR") or "127.0.0.1"
+        port0 = int(o.master_port or os.environ.get("MPC_MASTER_PORT") or _free_port(addr))
+        addr1 = o.data_owner_addr or addr
+        port1 = int(o.data_owner_port or _free_port(addr1))
+        while port1 == port0:
+            port1 = _free_port(addr1)
+        threads = max(1, int(ctx.threads) // 2)
+        settings = {
+            "parties": [f"{addr}:{port0}", f"{addr1}:{port1}"],
+            "protocol": o.protocol, "field": self.field, "fxp_fraction_bits": o.fxp_fraction_bits,
+            "reveal_to": o.reveal_to, "timeout_s": o.timeout_s,
+            "workdir": str(Path(ctx.workdir) / "spu"),
+            "record_dir": os.environ.get("MPC_RECORD_DIR") or None,
+            # tests only: where each party reaches the other (a recording proxy)
+            "connect_via": [v for v in os.environ.get("MPC_SPU_CONNECT_VIA", "").split(",") if v] or None,
+        }
+        self._local = (0, 1)
+        for rank in (0, 1):
+            self._procs[rank], self._conns[rank] = _start_spu_party(rank, settings, threads)
+        # the model owner gets its own folded model (float arrays, no torch on its side); the
+        # data owner nothing: party 0 sends it the architecture over the link
+        self._send(0, ("setup", plan_to_dict(plan),
+                       {k: pack(v.detach().double().numpy()) for k, v in params.items()}),
+                   "setup (sharing the model)")
+        res = getattr(ctx.model, "resolution", None)
+        hints = [[self.batch_size(), 1, int(res), int(res)]] if res else []
+        self._send(1, ("setup", None, None, hints), "setup (sharing the model, compiling)")
+        replies = self._wait("setup (sharing the model)")
+        for rank, reply in replies.items():
+            self._record(rank, reply, phase="setup")
+
+    def predict_proba(self, images: np.ndarray) -> np.ndarray:
+        from scipy.special import expit
+
+        from backends.mpc_spu_party import pack, unpack
+
+        self._step = f"batch {len(self._batches) + 1}"
+        x = np.ascontiguousarray(images, dtype=np.float32)
+        if self._resolution and x.shape[-1] != self._resolution:
+            import torch
+            import torchxrayvision as xrv  # data owner's own plaintext preprocessing
+
+            x = xrv.utils.fix_resolution(torch.from_numpy(x), self._resolution, None).numpy()
+        shape = tuple(x.shape)
+        step = f"secure inference, {self._step} ({shape[0]} images)"
+        self._send(1, ("infer", pack(x)), step)
+        replies = self._wait(step)
+        for rank, reply in replies.items():
+            self._record(rank, reply, phase=None)
+        packed = replies[1]["logits"]
+        logits = unpack(packed) if packed is not None else None
+        if logits is None or tuple(logits.shape) != (shape[0], self._n_labels):
+            raise MPCPartyError(f"data owner received no logits of shape {(shape[0], self._n_labels)}")
+        self._batches.append({"n": shape[0], "local_s": replies[1]["local_s"],
+                              "cpu_s": {r: replies[r]["cpu_s"] for r in replies},
+                              "traffic": {r: replies[r]["traffic"] for r in replies}})
+        self.last_logits = logits
+        return expit(logits.astype(np.float64))
+
+    def teardown(self) -> None:
+        # a party that died leaves its peer blocked in a link receive: nobody will answer a
+        # stop, so end the survivors now instead of waiting for them
+        if self._dead():
+            for proc in self._procs.values():
+                if proc.poll() is None:
+                    proc.terminate()
+        super().teardown()
+
+    # ------------------------------------------------------------------ accounting
+
+    def _record(self, rank: int, reply: dict, phase: str | None) -> None:
+        t = reply["traffic"]
+        # SPU counts messages (send actions), not rounds: no rounds are claimed
+        self._meter.record(METER_PARTY[rank], sent=t["sent"], received=t["received"],
+                           rounds=0, messages=t["messages"], phase=phase)
+        self._peak_rss[rank] = max(self._peak_rss.get(rank, 0), int(reply.get("peak_rss", 0)))
+
+    def _batch_rounds(self, batch: dict, local: list[int]) -> int:
+        return max(batch["traffic"][r]["messages"] for r in local)
+
+    _ROUNDS_TERM = ("R = messages (send actions) of the busier party per batch, an upper bound on "
+                    "its rounds (SPU does not count rounds)")
+
+    def extra_rows(self) -> list[dict]:
+        rows = super().extra_rows()
+        n = sum(b["n"] for b in self._batches)
+        for rank in sorted(self._batches[0]["traffic"]) if self._batches else ():
+            rows.append({"metric": "party_messages_per_image", "unit": "messages", "higher_is_better": False,
+                         "value": sum(b["traffic"][rank]["messages"] for b in self._batches) / n,
+                         "party": METER_PARTY[rank], "phase": "online",
+                         "note": "messages (send actions) the party sent per image: SPU's link statistics "
+                                 "plus the shares it sent outside SPU's runs; SPU does not count rounds"})
+        return rows
+
+
+def _start_spu_party(rank: int, settings: dict[str, Any], threads: int):
+    """Start party `rank` as `.venv-spu/bin/python -m backends.mpc_spu_party`, over a socketpair."""
+    import socket
+    from multiprocessing.connection import Connection
+
+    ours, theirs = socket.socketpair()
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONHOME", "VIRTUAL_ENV")}
+    env.update({"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(threads),
+                "JAX_PLATFORMS": "cpu", "PYTHONNOUSERSITE": "1"})
+    fd = theirs.detach()
+    try:
+        proc = subprocess.Popen([str(spu_python()), "-m", "backends.mpc_spu_party", str(rank), str(fd)],
+                                pass_fds=(fd,), env=env, cwd=str(ROOT), stdin=subprocess.DEVNULL)
+    finally:
+        os.close(fd)
+    conn = Connection(ours.detach())
+    send(conn, settings)
+    return proc, conn
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit("run through the suite: --backends mpc:engine=spu:protocol=semi2k")
