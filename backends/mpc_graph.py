@@ -64,9 +64,6 @@ class Plan:
     # model owner divides conv0's weights by it: both exact, and it balances fixed-point
     # precision between the [-1024, 1024] pixels and conv0's (BN-folded, hence tiny) weights
     input_scale: float = INPUT_SCALE
-    # the revealed logits are multiplied by this public factor: every activation of the plan is
-    # the model's activation times 1 / output_scale (see mpc_plan.calibrate_scale)
-    output_scale: float = 1.0
 
     def n_params(self) -> int:
         n = 0
@@ -160,5 +157,4 @@ def plan_from_dict(d: dict[str, Any]) -> Plan:
                 blocks=[[layer(l) for l in block] for block in d["blocks"]],
                 transitions=[Transition(pre(t["pre"]), Conv(**t["conv"])) for t in d["transitions"]],
                 final=pre(d["final"]), fc_w=d["fc_w"], fc_b=d["fc_b"], pre_mode=d["pre_mode"],
-                shapes={k: tuple(v) for k, v in d["shapes"].items()}, input_scale=d["input_scale"],
-                output_scale=d.get("output_scale", 1.0))
+                shapes={k: tuple(v) for k, v in d["shapes"].items()}, input_scale=d["input_scale"])

@@ -85,7 +85,7 @@ def param_names(plan: Plan) -> list[str]:
 
 def plan_function(plan: Plan) -> Callable[..., Any]:
     """f(x, *params in `param_names(plan)` order) -> logits, for x already multiplied by
-    `plan.input_scale` (the revealed logits are then multiplied by `plan.output_scale`)."""
+    `plan.input_scale`."""
     names = param_names(plan)
 
     def secure_densenet(x, *weights):
@@ -102,7 +102,7 @@ def plaintext_logits(plan: Plan, params: dict[str, np.ndarray], images: np.ndarr
     f = jax.jit(plan_function(plan))
     x = np.asarray(images, dtype=np.float32) * np.float32(plan.input_scale)
     out = f(x, *[np.asarray(params[n], dtype=np.float32) for n in param_names(plan)])
-    return np.asarray(out, dtype=np.float64) * plan.output_scale
+    return np.asarray(out, dtype=np.float64)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -394,7 +394,7 @@ class Party:
         import numpy as np
 
         pair = [mine, theirs] if self.rank == 0 else [theirs, mine]
-        return np.asarray(self.io.reconstruct(pair), dtype=np.float64) * self.plan.output_scale
+        return np.asarray(self.io.reconstruct(pair), dtype=np.float64)
 
     def close(self) -> None:
         try:
