@@ -32,6 +32,9 @@ def recipe_for(cfg: ModelConfig, seed: int, quick: bool) -> Recipe:
 def train_small_densenet(data: ImageSet, recipe: Recipe, progress=None) -> ModelBundle:
     """The suite's own plaintext model: same recipe as `suite train` and the training controls."""
     train = data.split("train")
+    import torch
+
+    torch.manual_seed(recipe.seed)      # the initial weights are part of the recipe
     net = build_densenet(SMALL_DENSENET, len(data.label_names)).train()
     bundle = ModelBundle(net=net, name="small-densenet", architecture=SMALL_DENSENET,
                          pathologies=list(data.label_names), resolution=data.resolution,
@@ -49,7 +52,7 @@ def resolve_model(cfg: ModelConfig, data: ImageSet, seed: int, quick: bool,
     name = cfg.name
     if name == "small-densenet":
         recipe = recipe_for(cfg, seed, quick)
-        key = cache_key("small-densenet", SMALL_DENSENET, data.fingerprint(), recipe.__dict__)
+        key = cache_key("small-densenet", SMALL_DENSENET, data.fingerprint(), recipe.__dict__, "seeded-init")
         path = cache_dir() / "models" / f"small-densenet-{key}.pt"
         if not path.exists():
             bundle = train_small_densenet(data, recipe, progress)
