@@ -86,12 +86,11 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from backends.mpc_party import recv, send
+from backends.party_process import ROOT, recv, send, start_party
 from suite.backend import Backend, BackendContext, BackendOptions
 from suite.errors import SuiteError
 from suite.threat_model import ThreatModel
@@ -199,11 +198,6 @@ class MPCBackend(Backend):
                        "owner that keeps it can unmask the values it receives, including the image")
             protection = ("model weights from the data owner (cryptographic); input images from "
                           "the model owner only by the trusted-first-party assumption")
-        leaks = ["the model architecture (layer shapes) to the data owner",
-                 "the input shape and batch size to the model owner",
-                 "the output scores to the data owner" if o.reveal_to == "data_owner"
-                 else "the output scores to both parties",
-                 "timing and traffic volume (fixed by the architecture)"]
         return ThreatModel(
             protects=("input_images", "model_weights"),
             from_whom="the other party: images from the model owner, weights from the data owner",
@@ -221,7 +215,7 @@ class MPCBackend(Backend):
             guarantee_kind="cryptographic",
             guarantee=(f"2-party additive secret sharing over Z_2^64 (CrypTen {self._crypten_version()}), "
                        f"fixed point with {self._precision_text()}; protects {protection}"),
-            leaks=tuple(leaks),
+            leaks=self._leaks(),
             protected_scope="entire DenseNet (all convolutions, BN (folded), ReLU, pooling, "
                             "concatenation, classifier)",
             simulated=False,
@@ -234,6 +228,14 @@ class MPCBackend(Backend):
                       "fixed-point truncation is CrypTen's local one, which fails (a large error) "
                       "with probability ~|x| * 2^(2p-64) per product")),
         )
+
+    def _leaks(self) -> tuple[str, ...]:
+        """What two-party inference reveals, whatever the engine."""
+        return ("the model architecture (layer shapes) to the data owner",
+                "the input shape and batch size to the model owner",
+                "the output scores to the data owner" if self.options.reveal_to == "data_owner"
+                else "the output scores to both parties",
+                "timing and traffic volume (fixed by the architecture)")
 
     def _precision_text(self) -> str:
         chosen = getattr(self, "_precision", 0)
@@ -258,7 +260,7 @@ class MPCBackend(Backend):
     # ------------------------------------------------------------------ lifecycle
 
     def setup(self, ctx: BackendContext) -> None:
-        from backends.mpc_plan import build_plan
+        from backends.mpc_plan import build_plan, model_owner_precision
 
         o = self.options
         self._meter = ctx.meter
@@ -267,7 +269,11 @@ class MPCBackend(Backend):
         plan, params = build_plan(ctx.model.net, o.pre_mode)
         self._n_params = plan.n_params()
         if o.local_parties == "all":     # this worker plays the model owner too
-            self._calibration, self._precision = model_owner_precision(plan, params, ctx.model.resolution, o)
+            try:
+                self._calibration, self._precision = model_owner_precision(
+                    plan, params, ctx.model.resolution, o.precision_bits, o.truncation)
+            except ValueError as exc:
+                raise SuiteError(f"mpc: {exc}") from None
         else:                             # the remote model owner chooses; 0 adopts its choice
             self._calibration, self._precision = None, o.precision_bits
         addr = o.master_addr or os.environ.get("MPC_MASTER_ADDR") or "127.0.0.1"
@@ -489,35 +495,11 @@ class MPCBackend(Backend):
         return rows
 
 
-def model_owner_precision(plan, params, resolution: int, o: MPCOptions):
-    """The model owner's plaintext calibration on public images, and the fixed-point precision
-    it implies (see mpc_plan.choose_precision); the data owner is told only the precision."""
-    from backends.mpc_plan import calibrate, choose_precision, public_calibration_images
-
-    cal = calibrate(plan, params, public_calibration_images(resolution))
-    try:
-        return cal, choose_precision(o.precision_bits, o.truncation, cal)
-    except ValueError as exc:
-        raise SuiteError(f"mpc: {exc}") from None
-
-
 def _start_party(rank: int, settings: dict[str, Any], threads: int):
     """Start party `rank` as `python -m backends.mpc_party`, talking over a socketpair."""
-    from multiprocessing.connection import Connection
-
-    ours, theirs = socket.socketpair()
-    root = str(Path(__file__).resolve().parents[1])
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
-           "PYTHONPATH": os.pathsep.join([root] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])}
-    fd = theirs.detach()
-    try:
-        proc = subprocess.Popen([sys.executable, "-m", "backends.mpc_party", str(rank), str(fd)],
-                                pass_fds=(fd,), env=env, cwd=root, stdin=subprocess.DEVNULL)
-    finally:
-        os.close(fd)
-    conn = Connection(ours.detach())
-    send(conn, settings)
-    return proc, conn
+           "PYTHONPATH": os.pathsep.join([str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])}
+    return start_party(sys.executable, "backends.mpc_party", rank, env, settings)
 
 
 def _free_port(addr: str) -> int:

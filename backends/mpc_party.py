@@ -23,12 +23,13 @@ import math
 import os
 import pickle
 import sys
-import threading
 import time
 import traceback
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
+
+from backends.party_process import peak_rss_bytes, recv, send, watch_parent
 
 ROLES = {0: "model_owner", 1: "data_owner"}
 DEALER_RANK = 2
@@ -349,41 +350,6 @@ class ProfiledOps:
 
 # ------------------------------------------------------------------ process entry points
 
-def send(conn: Any, obj: Any) -> None:
-    """Plain pickle over the orchestrator's socketpair (multiprocessing's own pickler would
-    hand torch tensors over as shared memory, which needs a multiprocessing-spawned peer)."""
-    conn.send_bytes(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL))
-
-
-def recv(conn: Any) -> Any:
-    return pickle.loads(conn.recv_bytes())
-
-
-def _peak_rss_bytes() -> int:
-    """This process's peak RSS (VmHWM; unlike ru_maxrss it is not inherited across exec)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    import resource
-
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
-
-
-def _watch_parent(parent_pid: int) -> None:
-    """Exit if the orchestrator disappears, even while blocked inside a collective."""
-    def loop() -> None:
-        while True:
-            if os.getppid() != parent_pid:
-                os._exit(3)
-            time.sleep(0.5)
-
-    threading.Thread(target=loop, daemon=True, name="parent-watch").start()
-
-
 def _configure(settings: dict[str, Any], rank: int, world_size: int = 2) -> Any:
     """Environment, threads, CrypTen config and a bounded gloo timeout; returns crypten."""
     import torch
@@ -467,7 +433,7 @@ def _set_precision(crypten: Any, bits: int) -> None:
 
 def party_main(rank: int, conn: Any, settings: dict[str, Any], parent_pid: int) -> None:
     """Run party `rank` (0, 1) or the dealer (2) until told to stop."""
-    _watch_parent(parent_pid)
+    watch_parent(parent_pid)
     try:
         if rank == DEALER_RANK:
             _dealer(settings)
@@ -533,15 +499,13 @@ def _standalone(argv: list[str]) -> int:
         return 0
     if not a.checkpoint or not a.labels:
         p.error("model-owner needs --checkpoint and --labels")
-    from backends.mpc_plan import build_plan
+    from backends.mpc_plan import build_plan, model_owner_precision
     from suite.models import load_checkpoint
-
-    from backends.mpc_plan import calibrate, choose_precision, public_calibration_images
 
     bundle = load_checkpoint(Path(a.checkpoint)).restricted([x for x in a.labels.split(",") if x])
     plan, params = build_plan(bundle.net, a.pre_mode)
-    cal = calibrate(plan, params, public_calibration_images(bundle.resolution))
-    settings["precision_bits"] = choose_precision(a.precision_bits, a.truncation, cal)
+    cal, settings["precision_bits"] = model_owner_precision(plan, params, bundle.resolution,
+                                                           a.precision_bits, a.truncation)
     print(f"[model owner] fixed point: {settings['precision_bits']} fractional bits "
           f"({cal.headroom_bits(settings['precision_bits']):.1f} bits of headroom on calibration)",
           file=sys.stderr, flush=True)
@@ -619,7 +583,7 @@ def _party_loop(rank: int, conn: Any, settings: dict[str, Any], model: tuple | N
             value = torch.round(params[name] * scale) / scale if rank == 0 else torch.zeros(shape)
             shared[name] = crypten.cryptensor(value, src=0, precision=bits)
     params = None
-    report("ready", {"traffic": Traffic.delta(traffic.snapshot(), before), "peak_rss": _peak_rss_bytes()})
+    report("ready", {"traffic": Traffic.delta(traffic.snapshot(), before), "peak_rss": peak_rss_bytes()})
     n_batch = 0
     while True:
         before = traffic.snapshot()
@@ -654,7 +618,7 @@ def _party_loop(rank: int, conn: Any, settings: dict[str, Any], model: tuple | N
             ops.seconds.clear()
         report("result", {"logits": out if receives else None, "local_s": local_s, "cpu_s": cpu_s,
                           "profile": profile, "traffic": Traffic.delta(traffic.snapshot(), before),
-                          "peak_rss": _peak_rss_bytes()})
+                          "peak_rss": peak_rss_bytes()})
     crypten.uninit()
 
 

@@ -277,6 +277,14 @@ def choose_precision(requested: int, truncation: str, cal: Calibration) -> int:
     return bits
 
 
+def model_owner_precision(plan: Plan, params: dict[str, torch.Tensor], resolution: int, requested: int,
+                          truncation: str) -> tuple[Calibration, int]:
+    """The model owner's calibration on public images and the precision it implies (raises
+    ValueError as `choose_precision` does); the data owner is told only the precision."""
+    cal = calibrate(plan, params, public_calibration_images(resolution))
+    return cal, choose_precision(requested, truncation, cal)
+
+
 def public_calibration_images(resolution: int, n_per_site: int = 2, seed: int = 20261122) -> torch.Tensor:
     """Calibration images the model owner can make without anyone's data: the suite's
     synthetic chest X-ray phantoms (public generator) at the model's input resolution."""

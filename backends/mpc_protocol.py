@@ -100,29 +100,30 @@ def _signed(v: int) -> int:
     return v - (1 << 64) if v >= 1 << 63 else v
 
 
+def _generate_and_carry63(share: torch.Tensor, rank: int, and_fn: AndFn) -> tuple[torch.Tensor, torch.Tensor]:
+    """XOR-shares of the generate bits g = x0 & x1 (all 64) and of carry63, the carry into
+    bit 63 of x0 + x1, for this party's arithmetic share of x (flat)."""
+    zero = torch.zeros_like(share)
+    u, v = (share, zero) if rank == 0 else (zero, share)  # each party's bits, as its own input
+    (g,) = and_fn([u], [v])
+    low = share & MASK63
+    p = low ^ TOP if rank == 0 else low                 # bit 63 propagates: the carry passes
+    return g, carry_tree(g & MASK63, p, and_fn)
+
+
 def msb_shares(share: torch.Tensor, rank: int, and_fn: AndFn) -> torch.Tensor:
     """This party's XOR-share (0/1) of MSB(x) for its arithmetic share `share` of x (flat)."""
-    low = share & MASK63
-    zero = torch.zeros_like(low)
-    u, v = (low, zero) if rank == 0 else (zero, low)    # each party's low bits, as its own input
-    (g,) = and_fn([u], [v])
-    p = low ^ TOP if rank == 0 else low                 # bit 63 propagates: the carry passes
-    return carry_tree(g, p, and_fn) ^ ((share >> 63) & 1)
+    _, c63 = _generate_and_carry63(share, rank, and_fn)
+    return c63 ^ ((share >> 63) & 1)
 
 
 def wrap_msb_shares(share: torch.Tensor, rank: int, and_fn: AndFn) -> tuple[torch.Tensor, torch.Tensor]:
     """This party's XOR-shares (0/1) of (w, MSB(y)) for its share of y (flat): w is the carry
     out of the unsigned 64-bit sum of the two shares."""
-    zero = torch.zeros_like(share)
-    u, v = (share, zero) if rank == 0 else (zero, share)
-    (g,) = and_fn([u], [v])                              # generate bits, all 64
-    low = share & MASK63
-    p = low ^ TOP if rank == 0 else low                 # as in msb_shares: the tree yields carry63
-    c63 = carry_tree(g & MASK63, p, and_fn)
+    g, c63 = _generate_and_carry63(share, rank, and_fn)
     p63 = (share >> 63) & 1                              # this party's XOR-share of bit 63's propagate
-    n = share.shape[-1]
     (t,) = and_fn([pack_bits(p63)], [pack_bits(c63)])    # one bit per element: 64 per word
-    return ((g >> 63) & 1) ^ unpack_bits(t, n), p63 ^ c63
+    return ((g >> 63) & 1) ^ unpack_bits(t, share.shape[-1]), p63 ^ c63
 
 
 _BIT = torch.arange(64, dtype=torch.long)

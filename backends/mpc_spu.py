@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -46,12 +45,11 @@ from typing import Any
 import numpy as np
 
 from backends.mpc import METER_PARTY, MPCBackend, MPCPartyError, _free_port
-from backends.mpc_party import send
+from backends.party_process import ROOT, start_party
 from suite.backend import BackendContext, BackendOptions
 from suite.errors import BackendUnavailable, SuiteError
 from suite.threat_model import ThreatModel
 
-ROOT = Path(__file__).resolve().parents[1]
 SPU_VERSION = "0.9.5"
 PROTOCOLS = ("semi2k", "cheetah")
 FIELDS = {"FM64": 18, "FM128": 26}      # field -> SPU's default fxp_fraction_bits
@@ -139,11 +137,6 @@ class SPUBackend(MPCBackend):
             guarantee = (f"2-party additive secret sharing over {ring} with Cheetah's HE/OT protocols "
                          f"(SPU {SPU_VERSION} CHEETAH), fixed point with {self.fraction_bits()} fractional "
                          f"bits; protects {protection} (cryptographic, under LWE and OT assumptions)")
-        leaks = ["the model architecture (layer shapes) to the data owner",
-                 "the input shape and batch size to the model owner",
-                 "the output scores to the data owner" if o.reveal_to == "data_owner"
-                 else "the output scores to both parties",
-                 "timing and traffic volume (fixed by the architecture)"]
         return ThreatModel(
             protects=("input_images", "model_weights"),
             from_whom="the other party: images from the model owner, weights from the data owner",
@@ -157,7 +150,7 @@ class SPUBackend(MPCBackend):
             ),
             guarantee_kind="cryptographic",
             guarantee=guarantee,
-            leaks=tuple(leaks),
+            leaks=self._leaks(),
             protected_scope="entire DenseNet (all convolutions, BN (folded), ReLU, pooling, "
                             "concatenation, classifier)",
             simulated=False,
@@ -282,22 +275,10 @@ class SPUBackend(MPCBackend):
 
 def _start_spu_party(rank: int, settings: dict[str, Any], threads: int):
     """Start party `rank` as `.venv-spu/bin/python -m backends.mpc_spu_party`, over a socketpair."""
-    import socket
-    from multiprocessing.connection import Connection
-
-    ours, theirs = socket.socketpair()
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONHOME", "VIRTUAL_ENV")}
     env.update({"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(threads),
                 "JAX_PLATFORMS": "cpu", "PYTHONNOUSERSITE": "1"})
-    fd = theirs.detach()
-    try:
-        proc = subprocess.Popen([str(spu_python()), "-m", "backends.mpc_spu_party", str(rank), str(fd)],
-                                pass_fds=(fd,), env=env, cwd=str(ROOT), stdin=subprocess.DEVNULL)
-    finally:
-        os.close(fd)
-    conn = Connection(ours.detach())
-    send(conn, settings)
-    return proc, conn
+    return start_party(str(spu_python()), "backends.mpc_spu_party", rank, env, settings)
 
 
 if __name__ == "__main__":  # pragma: no cover

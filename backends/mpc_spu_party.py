@@ -38,11 +38,12 @@ import os
 import pickle
 import re
 import sys
-import threading
 import time
 import traceback
 from pathlib import Path
 from typing import Any
+
+from backends.party_process import peak_rss_bytes, recv, send, watch_parent
 
 ROLES = {0: "model_owner", 1: "data_owner"}
 LINK_RE = re.compile(r"Link details: total send bytes (\d+), recv bytes (\d+), "
@@ -51,14 +52,6 @@ PROTOCOLS = {"semi2k": "SEMI2K", "cheetah": "CHEETAH"}
 
 
 # ------------------------------------------------------------------ plumbing
-
-def send(conn: Any, obj: Any) -> None:
-    conn.send_bytes(pickle.dumps(obj, protocol=4))
-
-
-def recv(conn: Any) -> Any:
-    return pickle.loads(conn.recv_bytes())
-
 
 def pack(a: Any) -> tuple:
     """A numpy array as builtins (dtype string, shape, bytes): safe across numpy 1 and 2."""
@@ -74,31 +67,6 @@ def unpack(t: tuple) -> Any:
     kind, dtype, shape, data = t
     assert kind == "ndarray"
     return np.frombuffer(data, dtype=np.dtype(dtype)).reshape(shape).copy()
-
-
-def _peak_rss_bytes() -> int:
-    """This process's peak RSS (VmHWM, as backends.mpc_party reports it)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    import resource
-
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
-
-
-def _watch_parent(parent_pid: int) -> None:
-    """Exit if the orchestrator disappears, even while blocked inside SPU."""
-    def loop() -> None:
-        while True:
-            if os.getppid() != parent_pid:
-                os._exit(3)
-            time.sleep(0.5)
-
-    threading.Thread(target=loop, daemon=True, name="parent-watch").start()
 
 
 class Link:
@@ -335,7 +303,7 @@ class Party:
         for shape in hints:
             self.executable(tuple(shape))
         runs = self.warm_up()
-        self.report("ready", {"traffic": self.snapshot(runs=runs), "peak_rss": _peak_rss_bytes()})
+        self.report("ready", {"traffic": self.snapshot(runs=runs), "peak_rss": peak_rss_bytes()})
         self.reset_counts()
 
     def loop(self) -> None:
@@ -388,7 +356,7 @@ class Party:
             n_batch += 1
             self.report("result", {"logits": pack(logits) if logits is not None else None,
                                    "local_s": local_s, "cpu_s": cpu_s, "traffic": traffic,
-                                   "peak_rss": _peak_rss_bytes()})
+                                   "peak_rss": peak_rss_bytes()})
 
     def _open(self, theirs: Any, mine: Any) -> Any:
         import numpy as np
@@ -412,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
     parent = os.getppid()
     try:
         settings = recv(conn)
-        _watch_parent(parent)
+        watch_parent(parent)
         party = Party(rank, conn, settings)
         party.setup()
         party.loop()

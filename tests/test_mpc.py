@@ -11,16 +11,14 @@ Tiny DenseNets (growth 4, blocks (1, 1), 32 px) keep this to a few party start-u
 from __future__ import annotations
 
 import os
-import signal
-import threading
-import time
 from importlib.util import find_spec
 from pathlib import Path
 
 import numpy as np
-import psutil
 import pytest
 import torch
+
+from tests.mpc_support import kill_party_mid_run, stop
 
 pytestmark = pytest.mark.skipif(find_spec("crypten") is None, reason="needs the [mpc] extra")
 
@@ -63,11 +61,6 @@ def _backend(tmp_path, bundle, **options):
     backend = MPCBackend(MPCOptions(**{"timeout_s": 120, **options}))
     ctx = BackendContext(model=bundle, meter=CommMeter(), workdir=tmp_path, threads=2)
     return backend, ctx
-
-
-def _children() -> set[int]:
-    return {p.pid for p in psutil.Process().children(recursive=True)
-            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE}
 
 
 # ------------------------------------------------------------------ leak detector
@@ -193,38 +186,13 @@ def test_killing_a_party_mid_run_fails_fast_and_cleanly(victim, bundle, tmp_path
     """Party 0 / 1 (trusted-first-party triples) or the dealer (party 2) is SIGKILLed."""
     from backends.mpc import MPCPartyError
 
-    before = _children()
     backend, ctx = _backend(tmp_path, bundle, triples="ttp" if victim == 2 else "tfp",
                             batch_size=4, timeout_s=60)
-    outcome: dict = {}
-    try:
-        backend.setup(ctx)
-        images = _images(4)
-
-        def run():
-            try:
-                while True:                 # keep the parties busy until one is killed
-                    backend.predict_proba(images)
-            except BaseException as exc:  # noqa: BLE001
-                outcome["exc"] = exc
-                outcome["at"] = time.monotonic()
-
-        worker = threading.Thread(target=run, daemon=True)
-        worker.start()
-        time.sleep(1.0)
-        killed_at = time.monotonic()
-        os.kill(backend._procs[victim].pid, signal.SIGKILL)
-        worker.join(timeout=45)
-        assert not worker.is_alive(), "the backend hung after a party was killed"
-    finally:
-        backend.teardown()
-    exc = outcome["exc"]
+    exc, seconds = kill_party_mid_run(backend, ctx, _images(4), victim)
     assert isinstance(exc, MPCPartyError), repr(exc)
     who = {0: "model owner", 1: "data owner", 2: "triple dealer"}[victim]
     assert f"{who} (party {victim}) exited (killed by signal 9)" in str(exc), str(exc)
-    assert outcome["at"] - killed_at < 30
-    time.sleep(0.5)
-    assert not (_children() - before), "teardown left party processes behind"
+    assert seconds < 30
 
 
 def _standalone_model_owner(tmp_path, bundle, port, *extra):
@@ -259,11 +227,7 @@ def test_model_owner_on_another_host(bundle, tmp_path):
         probs = backend.predict_proba(images)
     finally:
         backend.teardown()
-        try:
-            owner.wait(timeout=30)
-        finally:
-            if owner.poll() is None:
-                owner.kill()
+        stop(owner)
     assert owner.returncode == 0, owner.stderr.read()[-2000:]
     with torch.no_grad():
         ref = torch.sigmoid(bundle.logits(torch.from_numpy(images)).double()).numpy()
@@ -286,9 +250,5 @@ def test_parties_refuse_mismatched_settings(bundle, tmp_path):
             backend.setup(ctx)
     finally:
         backend.teardown()
-        try:
-            owner.wait(timeout=30)
-        finally:
-            if owner.poll() is None:
-                owner.kill()
+        stop(owner)
     assert owner.returncode != 0

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import signal
 import socket
 import subprocess
 import threading
@@ -24,11 +23,12 @@ import time
 from pathlib import Path
 
 import numpy as np
-import psutil
 import pytest
 import torch
 
+from backends.mpc import _free_port
 from backends.mpc_spu import spu_available, spu_python
+from tests.mpc_support import kill_party_mid_run
 
 needs_spu = pytest.mark.skipif(not spu_available(), reason="needs .venv-spu/ (bash scripts/setup.sh)")
 
@@ -77,17 +77,6 @@ def _backend(tmp_path, bundle, **options):
     backend = MPCBackend.create(MPCBackend.Options.parse(raw, "mpc"))
     ctx = BackendContext(model=bundle, meter=CommMeter(), workdir=tmp_path, threads=2)
     return backend, ctx
-
-
-def _children() -> set[int]:
-    return {p.pid for p in psutil.Process().children(recursive=True)
-            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ------------------------------------------------------------------ options, availability
@@ -326,7 +315,7 @@ def recorded_run(request, bundle, tmp_path_factory):
         pytest.skip("needs .venv-spu/ (bash scripts/setup.sh)")
     protocol = request.param
     tmp = tmp_path_factory.mktemp(f"spu-{protocol}")
-    ports = [_free_port(), _free_port()]
+    ports = [_free_port("127.0.0.1"), _free_port("127.0.0.1")]
     proxies = [RecordingProxy(p) for p in ports]
     os.environ["MPC_SPU_CONNECT_VIA"] = ",".join(f"127.0.0.1:{p.port}" for p in proxies)
     n = 2 if protocol == "semi2k" else 1
@@ -405,34 +394,9 @@ def test_data_owner_never_receives_the_weights(recorded_run, bundle):
 def test_killing_a_party_mid_run_fails_fast_and_cleanly(victim, bundle, tmp_path):
     from backends.mpc import MPCPartyError
 
-    before = _children()
     backend, ctx = _backend(tmp_path, bundle, batch_size=2, timeout_s=60)
-    outcome: dict = {}
-    try:
-        backend.setup(ctx)
-        images = _images(2)
-
-        def run():
-            try:
-                while True:                 # keep the parties busy until one is killed
-                    backend.predict_proba(images)
-            except BaseException as exc:  # noqa: BLE001
-                outcome["exc"] = exc
-                outcome["at"] = time.monotonic()
-
-        worker = threading.Thread(target=run, daemon=True)
-        worker.start()
-        time.sleep(1.0)
-        killed_at = time.monotonic()
-        os.kill(backend._procs[victim].pid, signal.SIGKILL)
-        worker.join(timeout=45)
-        assert not worker.is_alive(), "the backend hung after a party was killed"
-    finally:
-        backend.teardown()
-    exc = outcome["exc"]
+    exc, seconds = kill_party_mid_run(backend, ctx, _images(2), victim)
     assert isinstance(exc, MPCPartyError), repr(exc)
     who = {0: "model owner", 1: "data owner"}[victim]
     assert f"{who} (party {victim}) exited (killed by signal 9)" in str(exc), str(exc)
-    assert outcome["at"] - killed_at < 30
-    time.sleep(0.5)
-    assert not (_children() - before), "teardown left party processes behind"
+    assert seconds < 30
