@@ -11,7 +11,7 @@ class PlaintextPerImage:
     """Small DenseNet at 64 px, batch 32: the reference every secure backend is read against."""
 
     def setup(self):
-        from backends.plaintext import PlaintextBackend
+        from backends.reference.plaintext import PlaintextBackend
 
         self.data = synthetic(n_per_site=5)
         self.backend = PlaintextBackend()
@@ -26,7 +26,7 @@ class NullPerImage:
     """The harness floor: a predict call that computes nothing."""
 
     def setup(self):
-        from backends.null import NullBackend
+        from backends.reference.null import NullBackend
 
         self.data = synthetic(n_per_site=5)
         self.backend = NullBackend()
@@ -45,7 +45,7 @@ class HarnessLoop:
         self.model = small_model(self.data.label_names)
 
     def time_measure_null_140_images(self):
-        from backends.null import NullBackend
+        from backends.reference.null import NullBackend
         from suite.harness import measure
 
         measure(NullBackend(), context(self.model, tempfile.mkdtemp()), self.data, None, progress=False)

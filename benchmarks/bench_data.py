@@ -21,7 +21,7 @@ class RealDataThroughput:
 
         self.cfg = self._cfg()
         data = self._load()
-        from backends.plaintext import PlaintextBackend
+        from backends.reference.plaintext import PlaintextBackend
 
         self.images = data.images[:64]
         self.backend = PlaintextBackend()

@@ -35,7 +35,7 @@ BATCH, SIZE, LABELS = 64, 64, 5
 def _build(mode: str, batch: int = BATCH, size: int = SIZE):
     import torch
 
-    from backends.dp_training import (DenseNetLogits, PerSampleMaskedBCE, TrainConfig,
+    from backends.dp.training import (DenseNetLogits, PerSampleMaskedBCE, TrainConfig,
                                       make_opacus_compatible, prepare)
     from suite.models import SMALL_DENSENET, build_densenet
 

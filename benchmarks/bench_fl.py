@@ -18,7 +18,7 @@ def _site(n: int = 300, size: int = 64):
 
 
 def _job(**kw):
-    from backends.fl_app import FLJob
+    from backends.fl.app import FLJob
     from suite.models import SMALL_DENSENET
 
     return FLJob(out_dir="", data_dir="", sites=["site-1"], n_labels=5,
@@ -33,8 +33,8 @@ class LocalEpoch:
     timeout = 300
 
     def setup(self, resolution, mu):
-        from backends.fl_app import initial_model, set_threads
-        from backends.fl_attack import downsample
+        from backends.fl.app import initial_model, set_threads
+        from backends.audits.gradient_inversion import downsample
         from suite.models import SMALL_DENSENET
 
         set_threads(1)
@@ -47,7 +47,7 @@ class LocalEpoch:
     def time_local_epoch(self, resolution, mu):
         import copy
 
-        from backends.fl_app import train_local
+        from backends.fl.app import train_local
 
         train_local(copy.deepcopy(self.init), self.data, 1, self.job, seed=0, proximal_mu=mu)
 
@@ -60,7 +60,7 @@ class MessageBytes:
         from flwr.common.constant import SUPERLINK_NODE_ID
         from flwr.supercore.task_identity import TaskIdentity
 
-        from backends.fl_app import get_arrays, initial_model
+        from backends.fl.app import get_arrays, initial_model
         from suite.models import SMALL_DENSENET
 
         TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID
@@ -71,14 +71,14 @@ class MessageBytes:
                            dst_node_id=7, message_type="train")
 
     def track_train_message_overhead(self):
-        from backends.fl_app import message_bytes
+        from backends.fl.app import message_bytes
 
         return message_bytes(self.msg) / self.model_bytes
 
     track_train_message_overhead.unit = "ratio"
 
     def time_serialise_train_message(self):
-        from backends.fl_app import message_bytes
+        from backends.fl.app import message_bytes
 
         message_bytes(self.msg)
 
@@ -106,8 +106,8 @@ class InversionStep:
     timeout = 300
 
     def setup(self, target):
-        from backends.fl_app import initial_model, set_threads
-        from backends.fl_attack import control_cnn, control_forward
+        from backends.fl.app import initial_model, set_threads
+        from backends.audits.gradient_inversion import control_cnn, control_forward
         from suite.models import SMALL_DENSENET
 
         set_threads(1)
@@ -119,7 +119,7 @@ class InversionStep:
             self.net, self.fwd = control_cnn(5), control_forward
 
     def time_ten_steps(self, target):
-        from backends.fl_attack import AttackConfig, run_audit
+        from backends.audits.gradient_inversion import AttackConfig, run_audit
 
         run_audit(self.net, self.batches, AttackConfig(images=2, steps=10), lr=2e-3, clip=1.0,
                   epsilon=10.0, delta=1e-5, views=("update",), forward=self.fwd)

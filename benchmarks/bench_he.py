@@ -77,8 +77,8 @@ class HEHeadPacking:
     def setup(self, packing):
         import tenseal as ts
 
-        from backends.he_head import HeadDataOwner, HeadModelOwner
-        from backends.he_params import HEAD_DEFAULT, pack_message, unpack_message
+        from backends.he.head import HeadDataOwner, HeadModelOwner
+        from backends.he.params import HEAD_DEFAULT, pack_message, unpack_message
 
         self.w, self.b = _head()
         self.ts = ts
@@ -141,8 +141,8 @@ class HECNNPerImage:
     def setup(self):
         import torch
 
-        from backends.he_cnn import CNNDataOwner, CNNModelOwner, CNNSpec, DeployedCNN, build_net
-        from backends.he_params import CNN_DEFAULT
+        from backends.he.cnn import CNNDataOwner, CNNModelOwner, CNNSpec, DeployedCNN, build_net
+        from backends.he.params import CNN_DEFAULT
 
         torch.manual_seed(0)
         self.deployed = DeployedCNN.from_net(build_net(CNNSpec(), 5).eval())
@@ -188,9 +188,9 @@ class HEKeySetup:
     timeout = 300
 
     def time_keys_and_public_context(self, mode):
-        from backends.he_cnn import CNNDataOwner
-        from backends.he_head import HeadDataOwner
-        from backends.he_params import CNN_DEFAULT, HEAD_DEFAULT, receive_public_context
+        from backends.he.cnn import CNNDataOwner
+        from backends.he.head import HeadDataOwner
+        from backends.he.params import CNN_DEFAULT, HEAD_DEFAULT, receive_public_context
 
         owner = HeadDataOwner(HEAD_DEFAULT) if mode == "head" else CNNDataOwner(CNN_DEFAULT)
         receive_public_context(owner.public_context())

@@ -1,4 +1,4 @@
-"""asv benchmarks for the two-party CrypTen backend (backends/mpc.py).
+"""asv benchmarks for the two-party CrypTen backend (backends/mpc/).
 
 Always on (a tiny DenseNet; ~1 min in all, most of it starting parties):
   MPCTinyInference   latency of one secure batch, CPU per image, bytes per image and rounds
@@ -159,7 +159,7 @@ ENGINES = {
 def _engine_ready(engine: str) -> bool:
     if ENGINES[engine]["engine"] != "spu":
         return True
-    from backends.mpc_spu import spu_available
+    from backends.mpc.spu_engine import spu_available
 
     return spu_available()
 
@@ -228,7 +228,7 @@ class MPCPackedReLU:
     def setup(self):
         import torch
 
-        from backends.mpc_protocol import MASK63, TOP
+        from backends.mpc.protocol import MASK63, TOP
 
         g = torch.Generator().manual_seed(0)
         n = 1 << 16
@@ -240,7 +240,7 @@ class MPCPackedReLU:
     def time_msb_circuit(self):
         import torch
 
-        from backends.mpc_protocol import carry_tree
+        from backends.mpc.protocol import carry_tree
 
         def sim_and(xs, ys):
             return [torch.stack([(x[0] ^ x[1]) & (y[0] ^ y[1]), torch.zeros_like(x[0])])

@@ -34,8 +34,8 @@ class TEECrypto:
     """Crypto parts per session and per batch (224 px, batch 32 = 6.4 MB sealed each way)."""
 
     def setup(self):
-        from backends import tee_protocol as P
-        from backends.tee_hardware import SimulatedCPU, SimulatedVendor
+        from backends.tee import protocol as P
+        from backends.tee.hardware import SimulatedCPU, SimulatedVendor
 
         self.P = P
         vendor = SimulatedVendor.generate()

@@ -8,7 +8,7 @@
 # (each namespace has its own lo and its veth end, nothing else: no loopback shortcut):
 #   vendor    10.77.0.2  trains (or is given) the model, then runs the model owner (party 0,
 #                        which hosts the rendezvous) and the triple dealer (party 2):
-#                        `python -m backends.mpc_party model-owner|dealer ...`
+#                        `python -m backends.mpc.crypten_party model-owner|dealer ...`
 #   hospital  10.77.0.1  runs the benchmark: `python -m suite run --backends
 #                        plaintext,mpc:local_parties=data_owner`; it starts only the data
 #                        owner (party 1); plaintext is there only as the fidelity reference
@@ -196,10 +196,10 @@ BEFORE_V="$(counters "$NS_V" "$VETH_V")"
 
 # ------------------------------------------------------------------ vendor: parties 0 and 2
 VENDOR_ENV=(env GLOO_SOCKET_IFNAME="$VETH_V" OMP_NUM_THREADS=1 MKL_NUM_THREADS=1)
-ip netns exec "$NS_V" "${VENDOR_ENV[@]}" "$PY" -m backends.mpc_party dealer \
+ip netns exec "$NS_V" "${VENDOR_ENV[@]}" "$PY" -m backends.mpc.crypten_party dealer \
   --master-addr "$ADDR_V" --master-port "$PORT" >"$WORK/vendor/dealer.log" 2>&1 &
 PIDS+=($!); DEALER_PID=$!
-ip netns exec "$NS_V" "${VENDOR_ENV[@]}" "$PY" -m backends.mpc_party model-owner \
+ip netns exec "$NS_V" "${VENDOR_ENV[@]}" "$PY" -m backends.mpc.crypten_party model-owner \
   --master-addr "$ADDR_V" --master-port "$PORT" --checkpoint "$CHECKPOINT" --labels "$LABELS" \
   >"$WORK/vendor/model_owner.log" 2>&1 &
 PIDS+=($!); OWNER_PID=$!

@@ -27,14 +27,14 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   # torch>=2.14 comes from the registry with its matching torchvision (see pyproject.toml).
   .venv/bin/python -m pip install -q -e ".[all]"
   # CrypTen 0.4.1 (last release) declares the deprecated `sklearn` package, which no longer
-  # installs; its real dependencies come with the [mpc] extra. See backends/crypten_compat.py.
+  # installs; its real dependencies come with the [mpc] extra. See backends/mpc/crypten_compat.py.
   .venv/bin/python -m pip install -q --no-deps "crypten==0.4.1"
   echo "$want" > "$stamp"
 fi
 
 # Second MPC engine (mpc:engine=spu): SecretFlow SPU 0.9.5 needs numpy<2 and jax<=0.4.34, which
 # conflict with .venv, so its parties run from their own .venv-spu/ (Python 3.11, no torch; see
-# backends/mpc_spu.py). A failure here is a warning: every other backend still works, and
+# backends/mpc/spu_engine.py). A failure here is a warning: every other backend still works, and
 # `mpc:engine=spu` then says how to retry.
 # Its own stamp: re-runs are cheap, and changing SPU_REQUIREMENTS reinstalls it.
 SPU_REQUIREMENTS="spu==0.9.5 numpy<2 jax<=0.4.34"

@@ -6,4 +6,4 @@ live in the top-level ``backends`` package and are found through entry points.
 """
 
 __version__ = "0.1.0"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2   # 2: typed qualifiers (network, estimate, round) and the audit phase

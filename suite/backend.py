@@ -35,6 +35,15 @@ class BackendContext:
     cache_dir: Path | None = None
 
 
+@dataclass(frozen=True)
+class BatchMeta:
+    """Who the images of one batch are: the harness passes it with every predict call, so a
+    backend never has to reach into the run folder to learn an image's site."""
+
+    image_ids: tuple[str, ...]
+    sites: tuple[str, ...]
+
+
 @dataclass
 class BackendOptions:
     """Base for per-backend option dataclasses; unknown keys are rejected by name."""
@@ -117,8 +126,16 @@ class Backend(ABC):
         raise NotImplementedError(f"{self.name} has no training step")
 
     @abstractmethod
-    def predict_proba(self, images: np.ndarray) -> np.ndarray:
-        """Probabilities [B, L] in [0, 1] for images [B, 1, H, W] (float32, xrv range)."""
+    def predict_proba(self, images: np.ndarray, meta: BatchMeta | None = None) -> np.ndarray:
+        """Probabilities [B, L] in [0, 1] for images [B, 1, H, W] (float32, xrv range).
+        `meta` names the images (ids, sites); the harness always passes it."""
+
+    def audit(self, ctx: BackendContext, train: Any, test: Any) -> list[dict]:
+        """Privacy audits of what this configuration released (membership inference,
+        gradient inversion), as partial result rows like `extra_rows`. The harness runs this
+        as its own timed phase after prediction and before teardown; a raised exception is
+        recorded as a failed audit, never swallowed. `train` is None on the inference track."""
+        return []
 
     def teardown(self) -> None:
         """Release processes, files and keys. Must be safe to call after a failed setup."""
@@ -175,10 +192,11 @@ class Backend(ABC):
         }
         if not changed:
             return self.name
-        return f"{self.name}[" + ",".join(f"{k}={_fmt(v)}" for k, v in sorted(changed.items())) + "]"
+        return f"{self.name}[" + ",".join(f"{k}={format_option(v)}" for k, v in sorted(changed.items())) + "]"
 
 
-def _fmt(value: Any) -> str:
+def format_option(value: Any) -> str:
+    """An option value as it appears in a configuration name (tuples joined by /)."""
     if isinstance(value, (tuple, list)):
-        return "/".join(_fmt(v) for v in value)
+        return "/".join(format_option(v) for v in value)
     return str(value)

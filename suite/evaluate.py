@@ -112,7 +112,7 @@ def cost_rows(base: dict[str, Any], part: dict[str, Any], proc: dict[str, Any]) 
             _row(base, "wall_time", proc.get("wall_s")),
             _row(base, "peak_rss", proc.get("peak_rss")),
             _row(base, "peak_rss_max_process", proc.get("peak_rss_max_process"))]
-    for metric, key in (("setup_time", "setup_s"), ("fit_time", "fit_s")):
+    for metric, key in (("setup_time", "setup_s"), ("fit_time", "fit_s"), ("audit_time", "audit_s")):
         if t.get(key) is not None:
             rows.append(_row(base, metric, t[key]))
     if t.get("batch_seconds"):
@@ -148,7 +148,12 @@ def cost_rows(base: dict[str, Any], part: dict[str, Any], proc: dict[str, Any]) 
         for metric, column in per_party:
             rows.append(_row(base, metric, int(g[column].sum()), unit=column.split("_")[0],
                              higher_is_better=False, party=party, phase=phase))
-    for extra in part.get("extra_rows") or []:
+    audit = part.get("audit") or {}
+    if audit.get("status") == "failed":
+        rows.append(_row(base, "audit", None, unit="", higher_is_better=None, phase="audit",
+                         status="failed", error=audit.get("error"),
+                         note="the audit phase failed; its rows are missing"))
+    for extra in list(part.get("extra_rows") or []) + list(audit.get("rows") or []):
         extra = dict(extra)
         metric, value = extra.pop("metric"), extra.pop("value")
         rows.append(_row(base, metric, value, **{k: v for k, v in extra.items()

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from suite.backend import Backend, BackendContext
+from suite.backend import Backend, BackendContext, BatchMeta
 from suite.data.imageset import ImageSet
 from suite.meter import CommMeter
 from suite.results import write_json_atomic, write_parquet_atomic
@@ -50,9 +50,19 @@ class Job:
 
 
 @dataclass
+class AuditOutcome:
+    """The audit phase's result: its rows, or the one-line error that ended it."""
+
+    status: str = "none"            # none (the backend audits nothing) | ok | failed
+    error: str | None = None
+    rows: list[dict] = field(default_factory=list)
+
+
+@dataclass
 class Timings:
     setup_s: float | None = None
     fit_s: float | None = None
+    audit_s: float | None = None
     teardown_s: float | None = None
     batch_seconds: list[float] = field(default_factory=list)
     batch_sizes: list[int] = field(default_factory=list)
@@ -78,11 +88,12 @@ def check_probabilities(p: Any, batch: int, n_labels: int, backend_id: str) -> n
 
 
 def measure(backend: Backend, ctx: BackendContext, test: ImageSet, train: ImageSet | None,
-            progress: bool = True) -> tuple[np.ndarray, Timings]:
-    """setup -> fit (training track) -> predict batch by batch -> teardown, timed."""
+            progress: bool = True) -> tuple[np.ndarray, Timings, AuditOutcome]:
+    """setup -> fit (training track) -> predict batch by batch -> audit -> teardown, timed."""
     from tqdm import tqdm
 
     t = Timings()
+    audit = AuditOutcome()
     meter = ctx.meter
     try:
         meter.set_phase("setup")
@@ -101,20 +112,40 @@ def measure(backend: Backend, ctx: BackendContext, test: ImageSet, train: ImageS
                    leave=False, dynamic_ncols=True)
         for start_i in range(0, len(test), bs):
             x = test.images[start_i:start_i + bs]
+            meta = BatchMeta(image_ids=tuple(str(i) for i in test.image_ids[start_i:start_i + bs]),
+                             sites=tuple(str(s) for s in test.sites[start_i:start_i + bs]))
             start = time.perf_counter()
-            p = backend.predict_proba(x)
+            p = backend.predict_proba(x, meta)
             t.batch_seconds.append(time.perf_counter() - start)
             t.batch_sizes.append(len(x))
             out[start_i:start_i + len(x)] = check_probabilities(p, len(x), len(test.label_names),
                                                                 ctx.workdir.name)
             bar.update(len(x))
         bar.close()
+        audit = run_audit(backend, ctx, train, test, t)
     finally:
         meter.set_phase("teardown")
         start = time.perf_counter()
         backend.teardown()
         t.teardown_s = time.perf_counter() - start
-    return out, t
+    return out, t, audit
+
+
+def run_audit(backend: Backend, ctx: BackendContext, train: ImageSet | None, test: ImageSet,
+              t: Timings) -> AuditOutcome:
+    """The audit phase: timed apart from fit and predict; a failure is recorded, not raised,
+    so the predictions already measured are kept."""
+    if type(backend).audit is Backend.audit:
+        return AuditOutcome()
+    ctx.meter.set_phase("audit")
+    start = time.perf_counter()
+    try:
+        rows = list(backend.audit(ctx, train, test))
+        outcome = AuditOutcome(status="ok", rows=rows)
+    except Exception as exc:  # noqa: BLE001 - recorded as the audit's result
+        outcome = AuditOutcome(status="failed", error=format_error(exc))
+    t.audit_s = time.perf_counter() - start
+    return outcome
 
 
 def predictions_frame(job: Job, test: ImageSet, probs: np.ndarray) -> pd.DataFrame:
@@ -134,7 +165,8 @@ def predictions_frame(job: Job, test: ImageSet, probs: np.ndarray) -> pd.DataFra
 
 def write_part(job: Job, status: str, error: str | None, test: ImageSet | None,
                probs: np.ndarray | None, timings: Timings | None, meter: CommMeter | None,
-               backend: Backend | None, log: str | None = None) -> None:
+               backend: Backend | None, log: str | None = None,
+               audit: AuditOutcome | None = None) -> None:
     meta_path, pred_path = part_paths(Path(job.run_dir), job.backend_id)
     if probs is not None and test is not None:
         write_parquet_atomic(predictions_frame(job, test, probs), pred_path)
@@ -146,7 +178,8 @@ def write_part(job: Job, status: str, error: str | None, test: ImageSet | None,
         "backend_id": job.backend_id, "backend": job.backend, "status": status, "error": error,
         "timings": asdict(timings) if timings else None, "traffic": traffic,
         "versions": _safe(lambda: backend.versions(), {}) if backend else {},
-        "extra_rows": _safe(lambda: backend.extra_rows(), []) if backend and status == "ok" else [],
+        "extra_rows": backend.extra_rows() if backend and status == "ok" else [],
+        "audit": asdict(audit) if audit else asdict(AuditOutcome()),
         "n_images": len(test) if test is not None else None,
         "batch_size": backend.batch_size() if backend else None,
         "traceback": log,
@@ -155,6 +188,7 @@ def write_part(job: Job, status: str, error: str | None, test: ImageSet | None,
 
 
 def _safe(fn, default):
+    """For descriptive metadata only (library versions): never for a measured figure."""
     try:
         return fn()
     except Exception:

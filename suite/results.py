@@ -34,7 +34,7 @@ RESULT_COLUMNS = [
     "schema_version", "run_id", "git_sha", "config_hash", "seed", "suite_version",
     "backend", "backend_id", "track", "reference", "dataset", "site", "label", "metric",
     "value", "ci_low", "ci_high", "ci_method", "n", "unit", "higher_is_better",
-    "status", "error", "note", "party", "phase",
+    "status", "error", "note", "party", "phase", "network", "estimate", "round",
 ]
 
 
@@ -59,7 +59,10 @@ class ResultRow:
     error: str | None = None
     note: str | None = None
     party: str | None = None         # per-party traffic rows: which party
-    phase: str | None = None         # setup | fit | online, where it matters
+    phase: str | None = None         # setup | fit | online | audit, where it matters
+    network: str | None = None       # network profile of a projection (lan | wan)
+    estimate: str = "measured"       # measured | projected | simulated
+    round: int | None = None         # training round (federated curves), where it matters
     meta: dict[str, Any] = field(default_factory=dict)   # run metadata + tm_* fields
 
     def to_json(self) -> dict[str, Any]:

@@ -37,12 +37,17 @@ def run_job(job: Job) -> int:
         ctx = BackendContext(model=bundle, meter=meter, workdir=workdir, seed=job.seed,
                              threads=job.threads, quick=job.quick,
                              cache_dir=Path(job.cache_dir) if job.cache_dir else None)
-        probs, timings = measure(backend, ctx, test, train, progress=sys.stderr.isatty())
+        probs, timings, audit = measure(backend, ctx, test, train, progress=sys.stderr.isatty())
     except BaseException as exc:  # noqa: BLE001 - every failure becomes a recorded result
         write_part(job, "failed", format_error(exc), None, None, None, meter, backend,
                    log=full_traceback())
         return 1
-    write_part(job, "ok", None, test, probs, timings, meter, backend)
+    try:
+        write_part(job, "ok", None, test, probs, timings, meter, backend, audit=audit)
+    except BaseException as exc:  # noqa: BLE001 - extra rows failed: keep the predictions
+        write_part(job, "failed", f"extra rows: {format_error(exc)}", test, probs, timings, meter,
+                   None, log=full_traceback(), audit=audit)
+        return 1
     return 0
 
 

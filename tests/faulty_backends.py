@@ -35,28 +35,28 @@ class _Base(Backend):
 class RaisingBackend(_Base):
     name = "raising"
 
-    def predict_proba(self, images):
+    def predict_proba(self, images, meta=None):
         raise RuntimeError("deliberate failure in predict")
 
 
 class HangingBackend(_Base):
     name = "hanging"
 
-    def predict_proba(self, images):
+    def predict_proba(self, images, meta=None):
         time.sleep(3600)
 
 
 class CrashingBackend(_Base):
     name = "crashing"
 
-    def predict_proba(self, images):
+    def predict_proba(self, images, meta=None):
         os._exit(9)  # the worker dies without reporting
 
 
 class BadShapeBackend(_Base):
     name = "badshape"
 
-    def predict_proba(self, images):
+    def predict_proba(self, images, meta=None):
         return np.full((len(images), self.n + 1), 0.5)
 
 

@@ -2,7 +2,7 @@
 
 Each check runs in a fresh interpreter: `import crypten` mutates sys.modules for good. When
 one of these fails, CrypTen's or torch's import behaviour changed: revisit
-backends/crypten_compat.py (and delete it if CrypTen now imports cleanly).
+backends/mpc/crypten_compat.py (and delete it if CrypTen now imports cleanly).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from backends import crypten_compat
+from backends.mpc import crypten_compat
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -25,7 +25,7 @@ pytestmark = pytest.mark.skipif(find_spec("crypten") is None, reason="needs the 
 PROBE = r"""
 import json, sys
 out = {}
-from backends.crypten_compat import MISSING_MODULE, CRYPTEN_VERSION, import_crypten, stand_in_needed
+from backends.mpc.crypten_compat import MISSING_MODULE, CRYPTEN_VERSION, import_crypten, stand_in_needed
 out["needed_before"] = stand_in_needed()
 try:
     import crypten  # noqa: F401  - without the stand-in
@@ -71,7 +71,7 @@ def test_crypten_still_asks_for_the_module_the_shim_provides():
     text = source.read_text()
     imports = re.findall(r"^\s*from (torch\.onnx\._internal[\w.]*) import (\w+)", text, re.M)
     assert imports == [(crypten_compat.MISSING_MODULE, "registry")], (
-        f"CrypTen now imports {imports} from torch.onnx internals; update backends/crypten_compat.py")
+        f"CrypTen now imports {imports} from torch.onnx internals; update backends/mpc/crypten_compat.py")
 
 
 def test_plain_import_fails_without_the_stand_in(probe):
@@ -79,7 +79,7 @@ def test_plain_import_fails_without_the_stand_in(probe):
     assert probe["needed_before"] is True
     assert probe["plain_import"] == f"MISSING {crypten_compat.MISSING_MODULE}", (
         f"`import crypten` without the stand-in now gives {probe['plain_import']!r}: "
-        "CrypTen's import behaviour changed; revisit backends/crypten_compat.py")
+        "CrypTen's import behaviour changed; revisit backends/mpc/crypten_compat.py")
 
 
 def test_import_works_with_the_stand_in_and_crypten_bound_it(probe):

@@ -8,8 +8,8 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("opacus")
 
-from backends.dp import DPBackend, DPOptions, audit_split  # noqa: E402
-from backends.dp_training import (PerSampleMaskedBCE, TrainConfig, make_opacus_compatible,  # noqa: E402
+from backends.dp.backend import DPBackend, DPOptions, audit_split  # noqa: E402
+from backends.dp.training import (PerSampleMaskedBCE, TrainConfig, make_opacus_compatible,  # noqa: E402
                                   prepare, train)
 from suite.backend import BackendContext  # noqa: E402
 from suite.errors import SuiteError  # noqa: E402

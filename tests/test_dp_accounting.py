@@ -15,7 +15,7 @@ import pytest
 pytest.importorskip("opacus")
 dp_accounting = pytest.importorskip("dp_accounting")
 
-from backends.dp_training import epsilon_for, noise_for_epsilon, steps_and_rate  # noqa: E402
+from backends.dp.training import epsilon_for, noise_for_epsilon, steps_and_rate  # noqa: E402
 
 RDP_TOLERANCE = 0.01
 PLD_TOLERANCE = 0.03

@@ -47,7 +47,7 @@ def _ctx(tiny_model, workdir: Path, threads: int = 1):
 
 
 def _backend(**options):
-    from backends.fl import FLBackend, FLOptions
+    from backends.fl.backend import FLBackend, FLOptions
 
     return FLBackend(FLOptions.parse(options, "fl"))
 
@@ -131,8 +131,8 @@ def _transported(msg):
 
 def _inline_job(tmp_path: Path, tiny_data, tiny_model, **overrides):
     """Write sites + initial model for an in-process federation; returns the job."""
-    from backends.fl import FLOptions, partition_clients
-    from backends.fl_app import INITIAL, FLJob, get_arrays, initial_model, save_site
+    from backends.fl.backend import FLOptions, partition_clients
+    from backends.fl.app import INITIAL, FLJob, get_arrays, initial_model, save_site
 
     train = tiny_data.split("train")
     clients = partition_clients(train, FLOptions(), 0)
@@ -153,7 +153,7 @@ def _inline_job(tmp_path: Path, tiny_data, tiny_model, **overrides):
 def _run_inline(job):
     from flwr.app import Context, RecordDict
 
-    from backends.fl_app import (FINAL, SUMMARY, make_client_app, make_secagg_client_app,
+    from backends.fl.app import (FINAL, SUMMARY, make_client_app, make_secagg_client_app,
                                  server_main)
 
     app = make_secagg_client_app(job) if job.privacy == "secagg" else make_client_app(job)
@@ -174,7 +174,7 @@ def _distance(a, b):
 # -------------------------------------------------------------------------------------------
 
 def test_expand_yields_federated_and_local_with_centralised_reference():
-    from backends.fl import FLBackend, FLOptions
+    from backends.fl.backend import FLBackend, FLOptions
 
     configs = FLBackend.expand(FLOptions())
     assert [c.config_label() for c in configs] == ["fl", "fl[mode=local]"]
@@ -211,7 +211,7 @@ def test_threat_models_are_complete(privacy, kind):
 
 
 def test_dirichlet_partition_covers_every_image_once(tiny_data):
-    from backends.fl import FLOptions, partition_clients
+    from backends.fl.backend import FLOptions, partition_clients
 
     train = tiny_data.split("train")
     parts = partition_clients(train, FLOptions(partition="dirichlet", n_clients=4, alpha=0.3), 0)
@@ -227,7 +227,7 @@ def test_dirichlet_partition_covers_every_image_once(tiny_data):
 # -------------------------------------------------------------------------------------------
 
 def test_fedprox_differs_from_fedavg(tmp_path, tiny_data, tiny_model):
-    from backends.fl_app import INITIAL
+    from backends.fl.app import INITIAL
 
     # 3 local steps: the proximal gradient is zero on the first step (w = w_global)
     avg, avg_final = _run_inline(_inline_job(tmp_path / "avg", tiny_data, tiny_model, local_epochs=3))
@@ -247,7 +247,7 @@ def test_dropout_round_completes_with_the_remaining_sites(tmp_path, tiny_data, t
     r1, r2 = summary["rounds"]
     assert r1["replies"] == 7 and r1["failures"] == 0
     assert r2["replies"] == 6 and r2["failures"] == 1 and r2["aggregated"]
-    from backends.fl import FLOptions, federation_rows
+    from backends.fl.backend import FLOptions, federation_rows
 
     rows = federation_rows(summary, FLOptions(rounds=2))
     dropped = {r.get("phase"): r for r in rows if r["metric"] == "dropped_clients"}
@@ -259,7 +259,7 @@ def test_too_few_sites_leave_the_round_unaggregated(tmp_path, tiny_data, tiny_mo
     summary, final = _run_inline(_inline_job(tmp_path, tiny_data, tiny_model, min_clients=7,
                                              drop_site="site-1", drop_round=1))
     assert not summary["rounds"][0]["aggregated"] and "min_clients" in summary["rounds"][0]["note"]
-    from backends.fl_app import INITIAL
+    from backends.fl.app import INITIAL
 
     with np.load(tmp_path / "server" / INITIAL) as z:
         assert _distance({k: z[k] for k in z.files}, final) == 0
@@ -354,7 +354,7 @@ def test_deployment_engine_end_to_end(tmp_path, tiny_data, tiny_model):
 def test_attack_reconstructs_better_without_protection(tmp_path, tiny_data):
     """Positive control: on a CNN that leaks, plain updates invert; LDP noise and SecAgg's
     aggregate do not; pictures are written."""
-    from backends.fl_attack import AttackConfig, control_cnn, control_forward, run_audit
+    from backends.audits.gradient_inversion import AttackConfig, control_cnn, control_forward, run_audit
 
     train = tiny_data.split("train")
     batches = []
@@ -374,7 +374,7 @@ def test_attack_reconstructs_better_without_protection(tmp_path, tiny_data):
 
 def test_audit_rows_from_the_backend(tmp_path, tiny_data, tiny_model):
     """The backend's audit emits PSNR/SSIM rows per view (few steps: shape only)."""
-    from backends.fl import FLBackend, FLOptions, partition_clients
+    from backends.fl.backend import FLBackend, FLOptions, partition_clients
 
     backend = FLBackend(FLOptions(audit_steps=3, audit_images=2, resolution=32))
     ctx = _ctx(tiny_model, tmp_path / "fl")

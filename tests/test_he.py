@@ -16,7 +16,7 @@ import pytest
 ts = pytest.importorskip("tenseal")
 
 from backends.he import HEBackend  # noqa: E402
-from backends.he_params import (CNN_DEFAULT, HEAD_DEFAULT, MAX_COEFF_BITS_128, CKKSParams,  # noqa: E402
+from backends.he.params import (CNN_DEFAULT, HEAD_DEFAULT, MAX_COEFF_BITS_128, CKKSParams,  # noqa: E402
                                 pack_message, unpack_message)
 from suite.backend import BackendContext  # noqa: E402
 from suite.errors import SuiteError  # noqa: E402
@@ -41,7 +41,7 @@ def _ctx(model, quick=True):
 
 @pytest.fixture(scope="module")
 def cnn_owner():
-    from backends.he_cnn import CNNDataOwner
+    from backends.he.cnn import CNNDataOwner
 
     return CNNDataOwner(CNN_DEFAULT)
 
@@ -51,7 +51,7 @@ def random_cnn():
     """An untrained HE-friendly CNN with non-trivial batch-norm statistics, logits of order 1."""
     import torch
 
-    from backends.he_cnn import CNNSpec, DeployedCNN, build_net
+    from backends.he.cnn import CNNSpec, DeployedCNN, build_net
 
     torch.manual_seed(1)
     net = build_net(CNNSpec(channels=4, pool=2), 3).eval()
@@ -88,8 +88,8 @@ def _images(n, rng, side=28):
 # ------------------------------------------------------------------ keys
 
 def test_model_owner_context_has_no_secret_key(cnn_owner, random_cnn):
-    from backends.he_cnn import CNNModelOwner
-    from backends.he_head import HeadDataOwner, HeadModelOwner
+    from backends.he.cnn import CNNModelOwner
+    from backends.he.head import HeadDataOwner, HeadModelOwner
 
     head_owner = HeadDataOwner(HEAD_DEFAULT)
     head_server = HeadModelOwner(head_owner.public_context(), np.ones((2, 3)), np.zeros(2))
@@ -208,7 +208,7 @@ def test_head_matches_plaintext_within_tolerance(calibrated_model, tiny_data):
 def test_deployed_cnn_folds_batchnorm_and_pooling():
     import torch
 
-    from backends.he_cnn import CNNSpec, DeployedCNN, build_net, preprocess
+    from backends.he.cnn import CNNSpec, DeployedCNN, build_net, preprocess
 
     x = preprocess(np.random.default_rng(2).uniform(-1024, 1024, (3, 1, 64, 64)).astype(np.float32))
     for pool in (1, 2, 4):
@@ -222,7 +222,7 @@ def test_deployed_cnn_folds_batchnorm_and_pooling():
 
 
 def test_encrypted_cnn_matches_plaintext_cnn(cnn_owner, random_cnn):
-    from backends.he_cnn import CNNModelOwner
+    from backends.he.cnn import CNNModelOwner
 
     net, deployed = random_cnn
     server = CNNModelOwner(cnn_owner.public_context(), deployed)

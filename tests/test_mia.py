@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from backends import mia
+from backends.audits import membership as mia
 
 
 def test_clopper_pearson_known_values():
@@ -71,7 +71,7 @@ def test_overfit_model_leaks_and_private_model_does_not():
     """A head that memorises random labels is caught by the loss attack; DP-SGD at eps=1 is not."""
     torch = pytest.importorskip("torch")
     pytest.importorskip("opacus")
-    from backends.dp_training import (TrainConfig, noise_for_epsilon, per_sample_loss,
+    from backends.dp.training import (TrainConfig, noise_for_epsilon, per_sample_loss,
                                       steps_and_rate, train)
 
     g = torch.Generator().manual_seed(0)

@@ -152,7 +152,7 @@ def test_model_owner_never_receives_the_image(recorded_run):
 
 
 def test_data_owner_never_receives_the_weights(recorded_run, bundle):
-    from backends.mpc_plan import build_plan
+    from backends.mpc.plan import build_plan
 
     record = torch.load(recorded_run["dir"] / "data_owner_batch0.pt", weights_only=False)
     _, params = build_plan(bundle.net)
@@ -205,7 +205,7 @@ def _standalone_model_owner(tmp_path, bundle, port, *extra):
     save_checkpoint(bundle, ckpt)
     repo = Path(__file__).resolve().parents[1]
     return subprocess.Popen(
-        [sys.executable, "-m", "backends.mpc_party", "model-owner", "--master-addr", "127.0.0.1",
+        [sys.executable, "-m", "backends.mpc.crypten_party", "model-owner", "--master-addr", "127.0.0.1",
          "--master-port", str(port), "--checkpoint", str(ckpt), "--labels", ",".join(LABELS),
          "--triples", "tfp", "--timeout-s", "120", *extra],
         cwd=repo, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -214,7 +214,7 @@ def _standalone_model_owner(tmp_path, bundle, port, *extra):
 def test_model_owner_on_another_host(bundle, tmp_path):
     """local_parties=data_owner: the model owner runs as its own program (here on localhost),
     loading its own checkpoint; the benchmark starts only the data owner."""
-    from backends.mpc import _free_port
+    from backends.mpc.parties import free_port as _free_port
 
     port = _free_port("127.0.0.1")
     owner = _standalone_model_owner(tmp_path, bundle, port)
@@ -237,7 +237,7 @@ def test_model_owner_on_another_host(bundle, tmp_path):
 
 
 def test_parties_refuse_mismatched_settings(bundle, tmp_path):
-    from backends.mpc import MPCPartyError, _free_port
+    from backends.mpc.parties import MPCPartyError, free_port as _free_port
 
     port = _free_port("127.0.0.1")
     # the data owner insists on 16 bits (0 would adopt the model owner's choice); the model

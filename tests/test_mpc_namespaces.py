@@ -1,6 +1,6 @@
 """Two-party CrypTen inference across two network namespaces (scripts/mpc_two_namespaces.sh).
 
-The vendor namespace runs the standalone model owner and dealer (`python -m backends.mpc_party`),
+The vendor namespace runs the standalone model owner and dealer (`python -m backends.mpc.crypten_party`),
 the hospital namespace runs `suite run --backends plaintext,mpc:local_parties=data_owner`;
 the only link between them is a veth pair. Asserts the mpc row exists, matches plaintext
 (max |dp| < 1e-3), that the hospital's veth counters moved at least the bytes the data owner

@@ -1,6 +1,6 @@
 """BatchNorm folding and the secure-friendly rewrite are exact, in plaintext.
 
-`backends.mpc_plan.run_plan` is the code path that runs under MPC; here it runs on float64
+`backends.mpc.plan.run_plan` is the code path that runs under MPC; here it runs on float64
 torch tensors and must reproduce the original DenseNet to 1e-5 (it does to ~1e-12).
 """
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from backends.mpc_plan import (
+from backends.mpc.plan import (
     TorchOps, build_plan, max_pool_separable, plaintext_logits, plan_from_dict, plan_to_dict, run_plan,
 )
 from suite.models import SMALL_DENSENET, build_densenet
@@ -99,7 +99,7 @@ def test_calibration_chooses_precision_from_the_activation_range():
     """A model with calibrated BatchNorm has small products and gets the most bits; the same
     architecture with random BN statistics (products in the thousands) gets fewer, and a
     precision that would overflow the ring on calibration images is refused."""
-    from backends.mpc_plan import (
+    from backends.mpc.plan import (
         MAX_AUTO_PRECISION, RANGE_HEADROOM_BITS, calibrate, choose_precision, public_calibration_images,
     )
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from backends.mpc_protocol import (
+from backends.mpc.protocol import (
     MASK63, TOP, _result_size, carry_tree, pack_bits, relu_triple_requests, truncate_triple_requests,
     unpack_bits,
 )

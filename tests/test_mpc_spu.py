@@ -1,7 +1,7 @@
 """The SPU engine of the `mpc` backend (`mpc:engine=spu`), with real parties in `.venv-spu/`.
 
 Tiny DenseNets (growth 4, blocks (1, 1), 32 px) keep this to a few party start-ups:
-  * the JAX translation of the plan (backends.mpc_jax) matches torch in plaintext;
+  * the JAX translation of the plan (backends.mpc.spu_jax) matches torch in plaintext;
   * SEMI2K and Cheetah evaluations match torch (max |dp| <= 1e-3);
   * a recording TCP proxy sits in front of each party's brpc port, so *everything* that
     crosses the wire is captured: what the model owner receives holds nothing equal to, or
@@ -26,8 +26,8 @@ import numpy as np
 import pytest
 import torch
 
-from backends.mpc import _free_port
-from backends.mpc_spu import spu_available, spu_python
+from backends.mpc.parties import free_port as _free_port
+from backends.mpc.spu_engine import spu_available, spu_python
 from tests.mpc_support import kill_party_mid_run
 
 needs_spu = pytest.mark.skipif(not spu_available(), reason="needs .venv-spu/ (bash scripts/setup.sh)")
@@ -85,13 +85,14 @@ def test_engine_and_protocol_pick_the_implementation_and_label():
     from backends.mpc import MPCBackend, MPCOptions
     from suite.errors import SuiteError
 
-    assert MPCBackend.implementation(MPCOptions()) is MPCBackend
+    from backends.mpc.crypten_engine import CrypTenBackend
+    assert MPCBackend.implementation(MPCOptions()) is CrypTenBackend
     with pytest.raises(SuiteError, match="engine=spu only"):
         MPCBackend.create(MPCOptions(protocol="cheetah"))
     with pytest.raises(SuiteError, match="engine must be"):
         MPCBackend.create(MPCOptions(engine="mp-spdz"))
     if spu_available():
-        from backends.mpc_spu import SPUBackend
+        from backends.mpc.spu_engine import SPUBackend
 
         semi = MPCBackend.create(MPCOptions(engine="spu"))
         assert type(semi) is SPUBackend
@@ -125,16 +126,16 @@ def test_missing_spu_environment_is_a_one_line_error(tmp_path, monkeypatch):
 def test_jax_plan_matches_torch_in_plaintext(bundle, tmp_path, pre_mode):
     """The JAX function SPU compiles is the suite's plan, traced: run it in plaintext in
     .venv-spu and compare with torch (the model itself and the folded plan)."""
-    from backends.mpc_graph import plan_to_dict
-    from backends.mpc_plan import build_plan
-    from backends.mpc_spu_party import pack, unpack
+    from backends.mpc.graph import plan_to_dict
+    from backends.mpc.plan import build_plan
+    from backends.mpc.spu_party import pack, unpack
 
     plan, params = build_plan(bundle.net, pre_mode)
     images = _images(3)
     job = {"plan": plan_to_dict(plan), "params": {k: pack(v.numpy()) for k, v in params.items()},
            "images": pack(images)}
     (tmp_path / "in.pkl").write_bytes(pickle.dumps(job, protocol=4))
-    subprocess.run([str(spu_python()), "-m", "backends.mpc_jax", str(tmp_path / "in.pkl"),
+    subprocess.run([str(spu_python()), "-m", "backends.mpc.spu_jax", str(tmp_path / "in.pkl"),
                     str(tmp_path / "out.pkl")], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
                    check=True, timeout=300)
     jax_logits = unpack(pickle.loads((tmp_path / "out.pkl").read_bytes())["logits"])
@@ -371,7 +372,7 @@ def test_model_owner_never_receives_the_image(recorded_run):
 
 
 def test_data_owner_never_receives_the_weights(recorded_run, bundle):
-    from backends.mpc_plan import build_plan
+    from backends.mpc.plan import build_plan
 
     _, params = build_plan(bundle.net)
     weights = [v.numpy() for v in params.values()]

@@ -19,10 +19,10 @@ import pytest
 
 pytest.importorskip("cryptography")
 
-from backends import tee_protocol as P  # noqa: E402
-from backends.tee import TEEBackend, enclave_config, paging_penalty, profile_factor  # noqa: E402
-from backends.tee_client import AttestedSession  # noqa: E402
-from backends.tee_hardware import EnclaveProcess, SimulatedVendor, expected_code_hash  # noqa: E402
+from backends.tee import protocol as P  # noqa: E402
+from backends.tee.backend import TEEBackend, enclave_config, paging_penalty, profile_factor  # noqa: E402
+from backends.tee.client import AttestedSession  # noqa: E402
+from backends.tee.hardware import EnclaveProcess, SimulatedVendor, expected_code_hash  # noqa: E402
 from suite.backend import BackendContext  # noqa: E402
 from suite.meter import CommMeter  # noqa: E402
 

@@ -9,7 +9,7 @@ One `dp` entry expands into one leaderboard row per configuration:
 
 Every configuration trains the same architecture from the same initial weights on the same
 Poisson-sampled batches with the same optimiser; only the gradient treatment differs
-(`backends.dp_training`). The private rows and the clipping control are compared with the
+(`backends.dp.training`). The private rows and the clipping control are compared with the
 non-private control (their `reference()`), so delta-AUROC is the cost of DP itself; the
 non-private control is compared with `plaintext`, the suite's model.
 
@@ -30,7 +30,7 @@ Scopes:
 Privacy audit: `fit` keeps a random `audit_fraction` of the training patients out of training
 (non-members) and draws as many training images (members); `extra_rows` then runs a
 loss-threshold attack and LiRA-lite (shadow models trained the same way) against the trained
-model (`backends.mia`). The audit is evaluation, not part of the technique's cost: it runs in
+model (`backends.audits.membership`). The audit is evaluation, not part of the technique's cost: it runs in
 `extra_rows`, after the harness's timed phases, like the AUROC the harness computes.
 
 Accounting: Opacus' RDP accountant by default (`accountant=prv` for the PRV accountant) for
@@ -47,7 +47,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from suite.backend import Backend, BackendContext, BackendOptions
+from suite.backend import Backend, BackendContext, BackendOptions, BatchMeta
 from suite.errors import SuiteError
 from suite.threat_model import ThreatModel
 
@@ -79,7 +79,7 @@ class DPOptions(BackendOptions):
 
 
 def _check(o: DPOptions) -> None:
-    from backends.dp_training import ACCOUNTANTS, GRAD_SAMPLE_MODES
+    from backends.dp.training import ACCOUNTANTS, GRAD_SAMPLE_MODES
 
     def bad(key, why):
         raise SuiteError(f"backend 'dp' option '{key}' {why}")
@@ -170,7 +170,7 @@ class DPBackend(Backend):
     def config_label(self) -> str:
         """dp[target_epsilon=1.0], dp[target_epsilon=inf], dp[noise=False], plus any other
         option that differs from its default (e.g. dp[scope=full,target_epsilon=3.0])."""
-        from suite.backend import _fmt
+        from suite.backend import format_option as _fmt
 
         defaults, o = self.Options(), self.options
         skip = {"sweep", "target_epsilon", "noise"}
@@ -284,7 +284,7 @@ class DPBackend(Backend):
         """What the trained module consumes: backbone features (head) or images (full)."""
         import torch
 
-        from backends.dp_training import batched
+        from backends.dp.training import batched
 
         if self.options.scope == "head":
             return batched(self.ctx.model.net.features2, images, 64)
@@ -293,7 +293,7 @@ class DPBackend(Backend):
     def _new_module(self, n_in: int, n_labels: int, seed: int):
         import torch
 
-        from backends.dp_training import DenseNetLogits, make_opacus_compatible
+        from backends.dp.training import DenseNetLogits, make_opacus_compatible
         from suite.models import build_densenet
 
         torch.manual_seed(seed)
@@ -303,7 +303,7 @@ class DPBackend(Backend):
         return DenseNetLogits(make_opacus_compatible(net))
 
     def _config(self, seed: int, noise_seed: int, noise_multiplier: float):
-        from backends.dp_training import TrainConfig
+        from backends.dp.training import TrainConfig
 
         o = self.options
         return TrainConfig(
@@ -319,7 +319,7 @@ class DPBackend(Backend):
         return 1 if self.options.scope == "head" else max(1, self.ctx.threads)
 
     def _train(self, x, y, seed: int, noise_seed: int, noise_multiplier: float):
-        from backends.dp_training import train
+        from backends.dp.training import train
 
         module = self._new_module(x.shape[1] if x.ndim == 2 else 0, y.shape[1], seed)
         report = train(module, x, y, self._config(seed, noise_seed, noise_multiplier))
@@ -332,7 +332,7 @@ class DPBackend(Backend):
     def _fit(self, train, ctx: BackendContext) -> None:
         import torch
 
-        from backends.dp_training import noise_for_epsilon, steps_and_rate
+        from backends.dp.training import noise_for_epsilon, steps_and_rate
 
         o = self.options
         rng = np.random.default_rng(ctx.seed + 101)
@@ -352,14 +352,14 @@ class DPBackend(Backend):
                        "members": members, "holdout": holdout}
 
     def _logits(self, module, x):
-        from backends.dp_training import batched
+        from backends.dp.training import batched
 
         return batched(module, x, 64)
 
-    def predict_proba(self, images: np.ndarray) -> np.ndarray:
+    def predict_proba(self, images: np.ndarray, meta: BatchMeta | None = None) -> np.ndarray:
         import torch
 
-        from backends.dp_training import batched
+        from backends.dp.training import batched
 
         with torch.inference_mode():
             x = torch.from_numpy(np.ascontiguousarray(images))
@@ -390,8 +390,8 @@ class DPBackend(Backend):
         """Loss-threshold attack and (when shadows > 0) LiRA-lite against the trained model."""
         import torch
 
-        from backends import mia
-        from backends.dp_training import per_sample_loss
+        from backends.audits import membership as mia
+        from backends.dp.training import per_sample_loss
 
         a = self._audit
         if a is None or len(a["holdout"]) == 0 or len(a["members"]) == 0:

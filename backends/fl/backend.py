@@ -16,7 +16,7 @@ recipe (suite.training) from the same seeded initial model and with the same bud
 
 Hybrids are registered configurations, compositions of Flower's parts: `fl:privacy=dp`
 (central DP wrapper + client clipping mod, RDP-accounted), `fl:privacy=ldp` (LocalDpMod),
-`fl:privacy=secagg` (SecAgg+). See backends/fl_app.py for the apps and
+`fl:privacy=secagg` (SecAgg+). See backends/fl/app.py for the apps and
 docs/federated-deployment.md for running the federation across machines.
 
 Extra rows (tidy: the round number is in `phase` as "round-N"; audit views in `phase`):
@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from suite.backend import Backend, BackendContext, BackendOptions
+from suite.backend import Backend, BackendContext, BackendOptions, BatchMeta
 from suite.errors import SuiteError
 from suite.threat_model import ThreatModel
 
@@ -249,7 +249,7 @@ class FLBackend(Backend):
 
     # ---------------------------------------------------------------- lifecycle
     def setup(self, ctx: BackendContext) -> None:
-        from backends.fl_app import set_threads
+        from backends.fl.app import set_threads
 
         set_threads(ctx.threads)
         self.ctx = ctx
@@ -258,7 +258,7 @@ class FLBackend(Backend):
         self.architecture = dict(ctx.model.architecture)
 
     def _initial(self):
-        from backends.fl_app import initial_model
+        from backends.fl.app import initial_model
 
         return initial_model(self.architecture, len(self.labels), self.resolution, self.ctx.seed)
 
@@ -269,7 +269,7 @@ class FLBackend(Backend):
         return dict(batch_size=r.batch_size, lr=r.lr, weight_decay=r.weight_decay, augment=r.augment)
 
     def fit(self, train, ctx: BackendContext) -> None:
-        from backends.fl_attack import downsample
+        from backends.audits.gradient_inversion import downsample
 
         images = downsample(train.images, self.resolution)
         clients = partition_clients(train, self.options, ctx.seed)
@@ -290,21 +290,21 @@ class FLBackend(Backend):
                         splits=train.splits[index])
 
     def _job_like(self):
-        from backends.fl_app import FLJob
+        from backends.fl.app import FLJob
 
         return FLJob(out_dir="", data_dir="", sites=[], n_labels=len(self.labels),
                      architecture=self.architecture, seed=self.ctx.seed, threads=self.ctx.threads,
                      **self._recipe_job_fields())
 
     def _fit_centralised(self, train, images) -> None:
-        from backends.fl_app import train_local
+        from backends.fl.app import train_local
 
         self.net = self._initial()
         train_local(self.net, self._dataset(train, images), self.budget_epochs(), self._job_like(),
                     seed=self.ctx.seed)
 
     def _fit_local(self, train, images, clients) -> None:
-        from backends.fl_app import train_local
+        from backends.fl.app import train_local
 
         job = self._job_like()
         for k, (site, index) in enumerate(clients.items()):
@@ -315,8 +315,8 @@ class FLBackend(Backend):
         self._lookup = test_site_lookup(self.ctx)
 
     def _fit_federated(self, train, images, clients, ctx) -> None:
-        from backends.fl_app import FINAL, INITIAL, SUMMARY, FLJob, get_arrays, save_site, set_arrays
-        from backends.fl_engine import run_deployment_engine, run_simulation_engine
+        from backends.fl.app import FINAL, INITIAL, SUMMARY, FLJob, get_arrays, save_site, set_arrays
+        from backends.fl.engine import run_deployment_engine, run_simulation_engine
 
         o = self.options
         work = Path(ctx.workdir)
@@ -378,7 +378,7 @@ class FLBackend(Backend):
                              rounds=len(rounds_by_site[site] - {0}), messages=m)
 
     def _audit(self, train, images, clients, init, work: Path) -> list[dict]:
-        from backends.fl_attack import (AttackConfig, control_cnn, control_forward, run_audit)
+        from backends.audits.gradient_inversion import (AttackConfig, control_cnn, control_forward, run_audit)
         from suite.training import Recipe
 
         o = self.options
@@ -408,9 +408,9 @@ class FLBackend(Backend):
                                  party="server"))
         return rows
 
-    def predict_proba(self, images: np.ndarray) -> np.ndarray:
-        from backends.fl_app import predict
-        from backends.fl_attack import downsample
+    def predict_proba(self, images: np.ndarray, meta: BatchMeta | None = None) -> np.ndarray:
+        from backends.fl.app import predict
+        from backends.audits.gradient_inversion import downsample
 
         x = downsample(images, self.resolution)
         if self.options.mode != "local":

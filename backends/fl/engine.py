@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from backends.fl_app import JOB_KEY, SUMMARY, FLJob
+from backends.fl.app import JOB_KEY, SUMMARY, FLJob
 from suite.procwatch import terminate_then_kill
 
 QUIET_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "RAY_USAGE_STATS_ENABLED": "0",
@@ -67,7 +67,7 @@ def run_simulation_engine(job: FLJob) -> EngineReport:
     import ray
     from flwr.simulation import run_simulation
 
-    from backends.fl_app import make_client_app, make_secagg_client_app, make_server_app
+    from backends.fl.app import make_client_app, make_secagg_client_app, make_server_app
 
     logging.getLogger("flwr").setLevel(logging.WARNING)
     threads = max(1, job.threads)
@@ -104,7 +104,7 @@ build-backend = "hatchling.build"
 [project]
 name = "cxr-suite-fl"
 version = "1.0.0"
-description = "The CXR privacy suite's federation (backends.fl_app), as a Flower App"
+description = "The CXR privacy suite's federation (backends.fl.app), as a Flower App"
 license = "Apache-2.0"
 dependencies = []
 
@@ -120,7 +120,7 @@ job = ""
 """
 
 APP_ENTRY = """\
-from backends import fl_app
+from backends.fl.backend import app as fl_app
 
 server_app = fl_app.make_server_app()
 client_app = fl_app.{client_factory}()
@@ -197,7 +197,7 @@ class Deployment:
         return time.perf_counter() - start
 
     def _site_file(self, k: int) -> str:
-        from backends.fl_app import site_path
+        from backends.fl.app import site_path
 
         return str(site_path(self.job.data_dir, self.job.sites[k]))
 

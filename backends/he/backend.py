@@ -6,11 +6,11 @@ Two configurations of one backend, chosen by option `mode`:
       The data owner runs the DenseNet feature extractor in plaintext (the model owner
       discloses those weights to it), encrypts the pooled feature vectors, and the model
       owner evaluates its classifier head (the Linear layer) on ciphertexts. Feature-major
-      packing: one ciphertext per feature, one image per slot (backends/he_head.py).
+      packing: one ciphertext per feature, one image per slot (backends/he/head.py).
   cnn (training track)
       A compact HE-friendly CNN (conv, square, average pooling, dense), trained by the
       backend on the training split at 28x28, evaluated end to end on encrypted images
-      (backends/he_cnn.py). Its control, `he[mode=cnn-plaintext]` (the same CNN in
+      (backends/he/cnn.py). Its control, `he[mode=cnn-plaintext]` (the same CNN in
       plaintext on the same images), is scheduled automatically: the control's ΔAUROC vs
       `plaintext` is the cost of HE-friendliness, this row's ΔAUROC and max |Δp| vs the
       control are the cost of encryption.
@@ -34,8 +34,8 @@ from typing import Any
 import numpy as np
 from scipy.special import expit
 
-from backends.he_params import MAX_COEFF_BITS_128, STANDARD, resolve_params, security_rows
-from suite.backend import Backend, BackendContext, BackendOptions
+from backends.he.params import MAX_COEFF_BITS_128, STANDARD, resolve_params, security_rows
+from suite.backend import Backend, BackendContext, BackendOptions, BatchMeta
 from suite.errors import SuiteError
 from suite.threat_model import ThreatModel
 
@@ -168,7 +168,7 @@ class HEBackend(Backend):
 
         import torch
 
-        from backends.he_head import HeadDataOwner, HeadModelOwner
+        from backends.he.head import HeadDataOwner, HeadModelOwner
 
         self._reset()
         self.ctx = ctx
@@ -201,7 +201,7 @@ class HEBackend(Backend):
         ctx.meter.record("data_owner", sent=len(public), received=len(extractor_bytes), rounds=1, messages=1)
         ctx.meter.record("model_owner", sent=len(extractor_bytes), received=len(public), rounds=1, messages=1)
 
-    def predict_proba(self, images: np.ndarray) -> np.ndarray:
+    def predict_proba(self, images: np.ndarray, meta: BatchMeta | None = None) -> np.ndarray:
         torch = self.torch
         s = self.stats
         start = time.perf_counter()
@@ -322,7 +322,7 @@ class HECNNBackend(HEBackend):
         return HEBackend.create(dataclasses.replace(self.options, mode="cnn-plaintext"))
 
     def _spec(self):
-        from backends.he_cnn import CNNSpec
+        from backends.he.cnn import CNNSpec
 
         o = self.options
         return CNNSpec(channels=int(o.cnn_channels), pool=int(o.cnn_pool), epochs=int(o.cnn_epochs))
@@ -364,7 +364,7 @@ class HECNNBackend(HEBackend):
     def setup(self, ctx: BackendContext) -> None:
         import torch
 
-        from backends.he_cnn import CNNDataOwner, IM2COL_SLOTS
+        from backends.he.cnn import CNNDataOwner, IM2COL_SLOTS
 
         self._reset()
         self.ctx = ctx
@@ -381,7 +381,7 @@ class HECNNBackend(HEBackend):
         ctx.meter.record("model_owner", received=len(self.public), rounds=1)
 
     def fit(self, train, ctx: BackendContext) -> None:
-        from backends.he_cnn import CNNModelOwner, DeployedCNN, train_cnn
+        from backends.he.cnn import CNNModelOwner, DeployedCNN, train_cnn
 
         start = time.perf_counter()
         net, info = train_cnn(train, list(range(len(train.label_names))), len(train.label_names),
@@ -392,8 +392,8 @@ class HECNNBackend(HEBackend):
         if self.encrypted:
             self.model_owner = CNNModelOwner(self.public, self.deployed)
 
-    def predict_proba(self, images: np.ndarray) -> np.ndarray:
-        from backends.he_cnn import preprocess
+    def predict_proba(self, images: np.ndarray, meta: BatchMeta | None = None) -> np.ndarray:
+        from backends.he.cnn import preprocess
 
         start = time.perf_counter()
         x28 = preprocess(images).double().numpy()
@@ -487,8 +487,8 @@ class HECNNPlaintextControl(HECNNBackend):
         self.ctx = ctx
         self.torch = torch
 
-    def predict_proba(self, images: np.ndarray) -> np.ndarray:
-        from backends.he_cnn import preprocess
+    def predict_proba(self, images: np.ndarray, meta: BatchMeta | None = None) -> np.ndarray:
+        from backends.he.cnn import preprocess
 
         self.stats["n"] += len(images)
         return expit(self.deployed.logits(preprocess(images).double().numpy()))

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from backends.he_params import (CKKSParams, key_sizes, pack_message, private_context,
+from backends.he.params import (CKKSParams, key_sizes, pack_message, private_context,
                                 public_context_bytes, receive_public_context, unpack_message)
 
 

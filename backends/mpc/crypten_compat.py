@@ -64,7 +64,7 @@ def install_stand_in() -> types.ModuleType | None:
         return None                      # torch has it again: nothing to do
     except ModuleNotFoundError:
         pass
-    module = types.ModuleType(MISSING_MODULE, "stand-in installed by backends.crypten_compat")
+    module = types.ModuleType(MISSING_MODULE, "stand-in installed by backends.mpc.crypten_compat")
     module.registry = _UnusableRegistry()
     module.__crypten_stand_in__ = True
     sys.modules[MISSING_MODULE] = module

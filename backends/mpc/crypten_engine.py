@@ -12,7 +12,7 @@ batch shape, then receives the revealed outputs from party 1. The parties exchan
 but shares, through CrypTen's torch.distributed "gloo" transport.
 
 The model owner folds BatchNorm and rewrites the network before sharing it
-(`backends.mpc_plan`): every convolution, BN (folded), ReLU, pooling, concatenation and the
+(`backends.mpc.plan`): every convolution, BN (folded), ReLU, pooling, concatenation and the
 classifier run under MPC; only the architecture, the input shape and the outputs (to the
 data owner) are revealed.
 
@@ -40,11 +40,11 @@ Options (`--backends mpc:KEY=VALUE:KEY=VALUE` or `[backends.mpc]` in the run con
                   image), so images are protected from it by trust, not cryptography
   pre_mode        "split" (default) or "mul": how the pre-activation BatchNorms are made
                   exact without (split) or with (mul) a secure multiplication; see mpc_plan
-  relu            "packed" (default): backends.mpc_protocol's two-party ReLU (carry-only MSB
+  relu            "packed" (default): backends.mpc.protocol's two-party ReLU (carry-only MSB
                   circuit with bit packing, bit conversion merged with the multiplication:
                   8 rounds, ~40% of the bytes); "crypten": CrypTen's own x * (x >= 0)
   truncation      "exact" (default): products are divided by 2^p with a two-party protocol that
-                  cannot wrap (backends.mpc_protocol.TwoPartyGates.truncate: one carry circuit,
+                  cannot wrap (backends.mpc.protocol.TwoPartyGates.truncate: one carry circuit,
                   ~ the cost of a ReLU, per product value); "local": CrypTen's local share
                   division, free but wrong by ~2^(64-p) with probability |y| * 2^(2p-64) per
                   value - negligible on a trained model, about one failure per hundred images
@@ -58,16 +58,16 @@ Options (`--backends mpc:KEY=VALUE:KEY=VALUE` or `[backends.mpc]` in the run con
   local_parties   "all" (default): the benchmark starts every party on this machine;
                   "data_owner": it starts only the data owner; the model owner (and, with
                   ttp, the dealer) run on other machines:
-                    python -m backends.mpc_party model-owner --master-addr THIS_HOST \
+                    python -m backends.mpc.crypten_party model-owner --master-addr THIS_HOST \
                         --master-port P --checkpoint model.pt --labels L1,L2,... [--triples ...]
-                    python -m backends.mpc_party dealer --master-addr MODEL_OWNER --master-port P
+                    python -m backends.mpc.crypten_party dealer --master-addr MODEL_OWNER --master-port P
                   (same precision_bits / triples / relu / reveal_to on every side: the parties
                   check and refuse to start otherwise). Only the data owner's traffic and CPU
                   are measured then.
   timeout_s       longest wait for a party in one step (setup, one batch); a party that
                   exits or hangs ends the run with a clear error (default 900)
   engine          "crypten" (default, this module) or "spu": SecretFlow SPU parties in
-                  .venv-spu/ (backends/mpc_spu.py), with its own options protocol
+                  .venv-spu/ (backends/mpc/spu_engine.py), with its own options protocol
                   (semi2k | cheetah), field (FM64 | FM128), fxp_fraction_bits,
                   data_owner_addr and data_owner_port; they are rejected with engine=crypten
 
@@ -80,87 +80,24 @@ and the latency projected for a LAN and a WAN from the measured rounds, bytes an
 from __future__ import annotations
 
 import os
-import re
-import socket
-import subprocess
 import sys
-import time
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from backends.party_process import ROOT, recv, send, start_party
-from suite.backend import Backend, BackendContext, BackendOptions
+from backends.mpc.options import MPCOptions  # noqa: F401  (re-exported)
+from backends.mpc.parties import (METER_PARTY, MPCPartyError, PartyBackend,  # noqa: F401
+                                  free_port)
+from backends.mpc.party_process import ROOT, start_party
+from suite.backend import BackendContext, BatchMeta
 from suite.errors import SuiteError
 from suite.threat_model import ThreatModel
 
-ROLE_NAMES = {0: "model owner (party 0)", 1: "data owner (party 1)", 2: "triple dealer (party 2)"}
-METER_PARTY = {0: "model_owner", 1: "data_owner", 2: "dealer"}
-#: network models for the projected-latency rows: (name, bandwidth bit/s, round-trip s)
-NETWORKS = (("lan", 1e9, 0.5e-3), ("wan", 100e6, 40e-3))
 
+class CrypTenBackend(PartyBackend):
+    """`mpc` with engine=crypten: CrypTen parties in this environment."""
 
-class MPCPartyError(RuntimeError):
-    """A party failed, exited or stopped answering: the secure computation cannot go on."""
-
-
-@dataclass
-class MPCOptions(BackendOptions):
-    batch_size: int = 8
-    max_images: int = 64
-    precision_bits: int = 0            # 0 = chosen by the model owner from calibration
-    triples: str = "ttp"
-    pre_mode: str = "split"
-    relu: str = "packed"
-    truncation: str = "exact"
-    threads: int = 0
-    reveal_to: str = "data_owner"
-    master_addr: str = ""
-    master_port: int = 0
-    local_parties: str = "all"
-    timeout_s: float = 900.0
-    # engine=spu (backends/mpc_spu.py): SecretFlow SPU parties in .venv-spu/
-    engine: str = "crypten"
-    protocol: str = ""                 # spu: semi2k (default) | cheetah; crypten: must stay ""
-    field: str = ""                    # spu: FM64 (default) | FM128
-    fxp_fraction_bits: int = 0         # spu: fixed-point fractional bits (0 = SPU's default)
-    data_owner_addr: str = ""          # spu: the data owner's link address (default master_addr)
-    data_owner_port: int = 0           # spu: its link port (default: a free one)
-
-
-class MPCBackend(Backend):
-    name = "mpc"
-    track = "inference"
-    extra = "mpc"
     requires = ("crypten", "omegaconf", "yaml")
-    Options = MPCOptions
-    tolerance = 1e-3
-    default_batch_size = 8
-    test_options = {"max_images": 4, "batch_size": 4, "timeout_s": 300}
-
-    @classmethod
-    def implementation(cls, options: BackendOptions) -> type[Backend]:
-        engine = getattr(options, "engine", "crypten")
-        if engine == "crypten":
-            return MPCBackend
-        if engine == "spu":
-            from backends.mpc_spu import SPUBackend
-
-            return SPUBackend
-        raise SuiteError(f"mpc option engine must be 'crypten' or 'spu', got '{engine}'")
-
-    def __init__(self, options: BackendOptions | None = None) -> None:
-        super().__init__(options)
-        self._procs: dict[int, subprocess.Popen] = {}
-        self._conns: dict[int, Any] = {}
-        self._batches: list[dict[str, Any]] = []
-        self._peak_rss: dict[int, int] = {}
-        self._step = "setup"
-        self._local: tuple[int, ...] = (0, 1)
-        self._validate()
-
-    # ------------------------------------------------------------------ description
 
     def _validate(self) -> None:
         o = self.options
@@ -229,14 +166,6 @@ class MPCBackend(Backend):
                       "with probability ~|x| * 2^(2p-64) per product")),
         )
 
-    def _leaks(self) -> tuple[str, ...]:
-        """What two-party inference reveals, whatever the engine."""
-        return ("the model architecture (layer shapes) to the data owner",
-                "the input shape and batch size to the model owner",
-                "the output scores to the data owner" if self.options.reveal_to == "data_owner"
-                else "the output scores to both parties",
-                "timing and traffic volume (fixed by the architecture)")
-
     def _precision_text(self) -> str:
         chosen = getattr(self, "_precision", 0)
         if self.options.precision_bits or chosen:
@@ -260,7 +189,7 @@ class MPCBackend(Backend):
     # ------------------------------------------------------------------ lifecycle
 
     def setup(self, ctx: BackendContext) -> None:
-        from backends.mpc_plan import build_plan, model_owner_precision
+        from backends.mpc.plan import build_plan, model_owner_precision
 
         o = self.options
         self._meter = ctx.meter
@@ -277,7 +206,7 @@ class MPCBackend(Backend):
         else:                             # the remote model owner chooses; 0 adopts its choice
             self._calibration, self._precision = None, o.precision_bits
         addr = o.master_addr or os.environ.get("MPC_MASTER_ADDR") or "127.0.0.1"
-        port = int(o.master_port or os.environ.get("MPC_MASTER_PORT") or _free_port(addr))
+        port = int(o.master_port or os.environ.get("MPC_MASTER_PORT") or free_port(addr))
         threads = o.threads or max(1, int(ctx.threads) // 2)
         settings = {
             "master_addr": addr, "master_port": port, "threads": threads,
@@ -302,7 +231,7 @@ class MPCBackend(Backend):
         for rank, reply in replies.items():
             self._record(rank, reply, phase="setup")
 
-    def predict_proba(self, images: np.ndarray) -> np.ndarray:
+    def predict_proba(self, images: np.ndarray, meta: BatchMeta | None = None) -> np.ndarray:
         import torch
 
         self._step = f"batch {len(self._batches) + 1}"
@@ -327,103 +256,6 @@ class MPCBackend(Backend):
                               "traffic": {r: replies[r]["traffic"] for r in replies}})
         self.last_logits = logits          # diagnostics: the revealed logits, before sigmoid
         return torch.sigmoid(logits.double()).numpy()
-
-    def teardown(self) -> None:
-        # the data owner tells the model owner to stop; party 0 then stops the dealer
-        if 1 in self._procs and self._procs[1].poll() is None:
-            try:
-                send(self._conns[1], ("stop",))
-            except Exception:
-                pass
-        deadline = time.monotonic() + 15
-        for rank in (0, 1, 2):            # party 0 stops the dealer at its shutdown
-            proc = self._procs.get(rank)
-            if proc is not None:
-                try:
-                    proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-                except subprocess.TimeoutExpired:
-                    pass
-        for proc in self._procs.values():
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(timeout=3)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait(timeout=3)
-        for conn in self._conns.values():
-            conn.close()
-        self._procs.clear()
-        self._conns.clear()
-
-    # ------------------------------------------------------------------ orchestration
-
-    def _wait(self, step: str) -> dict[int, dict]:
-        """Both parties' replies for `step`; a party that errs, exits or hangs raises."""
-        timeout = float(self.options.timeout_s)
-        deadline = time.monotonic() + timeout
-        pending, replies, errors = set(self._local), {}, {}
-        while pending:
-            closed = False
-            for rank in sorted(pending):
-                conn = self._conns[rank]
-                try:
-                    msg = recv(conn) if conn.poll(0.05) else None
-                except (EOFError, OSError):          # the party is gone: see its exit code
-                    closed = True
-                    try:
-                        self._procs[rank].wait(timeout=2)
-                    except subprocess.TimeoutExpired:
-                        pass
-                    continue
-                if msg is None:
-                    continue
-                if msg[0] == "error":
-                    errors[rank] = msg[1]
-                else:
-                    replies[rank] = msg[1]
-                pending.discard(rank)
-            dead = self._dead()
-            if errors or dead or closed:
-                time.sleep(0.5)        # let the other side notice, so the first cause is named
-                for rank in self._dead():
-                    errors.setdefault(rank, None)
-                    try:
-                        if self._conns[rank].poll(0):
-                            msg = recv(self._conns[rank])
-                            errors[rank] = msg[1] if msg[0] == "error" else None
-                    except (EOFError, OSError):
-                        pass
-                    if errors[rank] is None:
-                        del errors[rank]
-                raise MPCPartyError(_failure_message(step, self._dead(), errors))
-            if time.monotonic() > deadline:
-                who = ", ".join(ROLE_NAMES[r] for r in sorted(pending))
-                raise MPCPartyError(f"MPC {step}: no answer from {who} within timeout_s={timeout:.0f} s")
-        return replies
-
-    def _send(self, rank: int, msg: tuple, step: str) -> None:
-        try:
-            send(self._conns[rank], msg)
-        except OSError:                     # broken pipe: the party is gone
-            try:
-                self._procs[rank].wait(timeout=2)
-            except subprocess.TimeoutExpired:
-                pass
-            raise MPCPartyError(_failure_message(step, self._dead(), {})) from None
-
-    def _dead(self) -> dict[int, int | None]:
-        return {r: p.returncode for r, p in self._procs.items() if p.poll() is not None}
-
-    def _record(self, rank: int, reply: dict, phase: str | None) -> None:
-        t = reply["traffic"]
-        self._meter.record(METER_PARTY[rank], sent=t["sent"], received=t["received"],
-                           rounds=t["rounds"], messages=t["rounds"], phase=phase)
-        if rank == 0 and (t["dealer_sent"] or t["dealer_received"]):
-            # seen from the dealer: it sends party 0 its triple shares, receives requests
-            self._meter.record(METER_PARTY[2], sent=t["dealer_received"], received=t["dealer_sent"],
-                               rounds=t["dealer_rounds"], messages=t["dealer_rounds"], phase=phase)
-        self._peak_rss[rank] = max(self._peak_rss.get(rank, 0), int(reply.get("peak_rss", 0)))
 
     # ------------------------------------------------------------------ extra figures
 
@@ -451,76 +283,12 @@ class MPCBackend(Backend):
         return rows
 
 
-    _ROUNDS_TERM = "R = rounds (communication calls) per batch"
-
-    def _batch_rounds(self, batch: dict, local: list[int]) -> int:
-        """Rounds of one batch charged in the projections: the busier party's."""
-        return max(batch["traffic"][r]["rounds"] for r in local)
-
     def extra_rows(self) -> list[dict]:
-        rows = self._precision_rows() + [{"metric": "party_peak_rss", "value": rss, "unit": "bytes", "higher_is_better": False,
-                 "party": METER_PARTY[rank],
-                 "note": "peak resident memory (VmHWM) of the party's own process"}
-                for rank, rss in sorted(self._peak_rss.items())]
-        n = sum(b["n"] for b in self._batches)
-        if not n:
-            return rows
-        local = sorted(self._batches[0]["cpu_s"])
-        for rank in local:
-            rows.append({"metric": "party_cpu_time_per_image", "unit": "s", "higher_is_better": False,
-                         "value": sum(b["cpu_s"][rank] for b in self._batches) / n,
-                         "party": METER_PARTY[rank], "phase": "online",
-                         "note": "CPU seconds the party process spent in the secure computation, per image"})
-        compute = sum(max(b["cpu_s"].values()) for b in self._batches)
-        # (with local_parties=data_owner only the data owner's side is measured here)
-        rounds = sum(self._batch_rounds(b, local) for b in self._batches)
-        peak_bytes = sum(max(max(b["traffic"][r]["sent"], b["traffic"][r]["received"]) for r in local)
-                         for b in self._batches)     # max(sent, received): exact with one party
-        d_rounds = sum(b["traffic"].get(0, {}).get("dealer_rounds", 0) for b in self._batches)
-        d_bytes = sum(b["traffic"].get(0, {}).get("dealer_received", 0)
-                      + b["traffic"].get(0, {}).get("dealer_sent", 0) for b in self._batches)
-        for name, bandwidth, rtt in NETWORKS:
-            value = (compute + (rounds + d_rounds) * rtt + (peak_bytes + d_bytes) * 8 / bandwidth) / n
-            rows.append({
-                "metric": f"projected_latency_per_image_{name}", "value": value, "unit": "s",
-                "higher_is_better": False, "phase": "online",
-                "note": (f"projected from measured rounds and bytes plus measured compute: "
-                         f"sum over batches of (T_cpu + (R + R_dealer) * RTT + (B + B_dealer) * 8 / bandwidth), "
-                         f"divided by the images; RTT {rtt * 1e3:g} ms, bandwidth {bandwidth / 1e6:g} Mbit/s; "
-                         f"T_cpu = CPU time of the busier party (single-threaded parties on their own "
-                         f"hosts); {self._ROUNDS_TERM}; B = bytes sent by the "
-                         f"busier party (links full duplex); dealer terms only with triples=ttp; "
-                         f"ignores overlap of compute and transfer (conservative)"),
-            })
-        return rows
+        return self._precision_rows() + super().extra_rows()
 
 
 def _start_party(rank: int, settings: dict[str, Any], threads: int):
-    """Start party `rank` as `python -m backends.mpc_party`, talking over a socketpair."""
+    """Start party `rank` as `python -m backends.mpc.crypten_party`, talking over a socketpair."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
            "PYTHONPATH": os.pathsep.join([str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])}
-    return start_party(sys.executable, "backends.mpc_party", rank, env, settings)
-
-
-def _free_port(addr: str) -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((addr if addr not in ("", "0.0.0.0") else "127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _failure_message(step: str, dead: dict[int, int | None], errors: dict[int, str]) -> str:
-    """Name the first cause (a party that exited) before the consequences (the peers' errors)."""
-    parts = []
-    for rank, code in sorted(dead.items()):
-        if rank not in errors:
-            how = f"killed by signal {-code}" if code is not None and code < 0 else f"exit code {code}"
-            parts.append(f"{ROLE_NAMES[rank]} exited ({how})")
-    for rank, tb in sorted(errors.items()):
-        last = [line for line in str(tb).strip().splitlines() if line.strip()]
-        text = last[-1] if last else str(tb)
-        text = re.sub(r"\[[^\]]*\.(cc|cpp|h):\d+\] ", "", text).split(". This is typically")[0]
-        verb = "then failed" if parts else "failed"
-        parts.append(f"{ROLE_NAMES[rank]} {verb}: {text[:300]}")
-    if not parts:
-        parts.append("a party closed its pipe")
-    return f"MPC {step} aborted: " + "; ".join(parts) + "; the secure computation cannot continue"
+    return start_party(sys.executable, "backends.mpc.crypten_party", rank, env, settings)

@@ -8,7 +8,7 @@ CrypTen's torch.distributed ("gloo") communicator. The orchestrator (`backends.m
 in the benchmark worker) talks to each local party over its own pipe (a socketpair): party 0's
 carries its own model at setup and its per-batch reports back; party 1's carries the images
 (the hospital's own machine) and the revealed outputs back. A model owner on another machine
-runs the same loop without a pipe (`python -m backends.mpc_party model-owner ...`).
+runs the same loop without a pipe (`python -m backends.mpc.crypten_party model-owner ...`).
 
 Every collective the communicator performs is counted here (bytes sent and received by
 this party, rounds = communication calls, as CrypTen counts them), split into traffic
@@ -29,7 +29,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from backends.party_process import peak_rss_bytes, recv, send, watch_parent
+from backends.mpc.party_process import peak_rss_bytes, recv, send, watch_parent
 
 ROLES = {0: "model_owner", 1: "data_owner"}
 DEALER_RANK = 2
@@ -236,7 +236,7 @@ def _detach(payload: Any) -> Any:
 # ------------------------------------------------------------------ secure ops
 
 class CrypTenOps:
-    """The ops `backends.mpc_plan.run_plan` needs, on CrypTen MPCTensors.
+    """The ops `backends.mpc.plan.run_plan` needs, on CrypTen MPCTensors.
 
     truncation="exact": every product of two encodings (convolutions, the classifier, "mul"
     pre-activations, the global average) is divided by 2^p with `TwoPartyGates.truncate`,
@@ -246,7 +246,7 @@ class CrypTenOps:
 
     def __init__(self, crypten: Any, relu: str = "packed", dealer: Any = None,
                  truncation: str = "exact") -> None:
-        from backends.mpc_protocol import TwoPartyGates
+        from backends.mpc.protocol import TwoPartyGates
 
         self.crypten = crypten
         gates = TwoPartyGates(crypten, dealer) if relu == "packed" or truncation == "exact" else None
@@ -364,7 +364,7 @@ def _configure(settings: dict[str, Any], rank: int, world_size: int = 2) -> Any:
     torch.set_num_interop_threads(1)
     import torch.distributed as dist
 
-    from backends.crypten_compat import import_crypten
+    from backends.mpc.crypten_compat import import_crypten
 
     crypten = import_crypten()
     crypten.cfg.mpc.provider = "TTP" if settings["triples"] == "ttp" else "TFP"
@@ -450,11 +450,11 @@ def party_main(rank: int, conn: Any, settings: dict[str, Any], parent_pid: int) 
 def main(argv: list[str] | None = None) -> int:
     """Two forms:
 
-    `python -m backends.mpc_party RANK FD`   a party started by backends.mpc (FD: its end of
+    `python -m backends.mpc.crypten_party RANK FD`   a party started by backends.mpc (FD: its end of
         a socketpair with the orchestrator; the first message on it is the settings dict);
-    `python -m backends.mpc_party model-owner|dealer --master-addr A --master-port P ...`
+    `python -m backends.mpc.crypten_party model-owner|dealer --master-addr A --master-port P ...`
         a standalone model owner or dealer on another machine, for a data owner running
-        the benchmark with `--backends mpc:local_parties=data_owner` (see backends/mpc.py).
+        the benchmark with `--backends mpc:local_parties=data_owner` (see backends/mpc/crypten_engine.py).
     """
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in ("model-owner", "dealer"):
@@ -471,7 +471,7 @@ def main(argv: list[str] | None = None) -> int:
 def _standalone(argv: list[str]) -> int:
     import argparse
 
-    p = argparse.ArgumentParser(prog="python -m backends.mpc_party",
+    p = argparse.ArgumentParser(prog="python -m backends.mpc.crypten_party",
                                 description="run the model owner (party 0) or the triple dealer "
                                             "(party 2) of a two-party CrypTen session")
     p.add_argument("role", choices=("model-owner", "dealer"))
@@ -499,7 +499,7 @@ def _standalone(argv: list[str]) -> int:
         return 0
     if not a.checkpoint or not a.labels:
         p.error("model-owner needs --checkpoint and --labels")
-    from backends.mpc_plan import build_plan, model_owner_precision
+    from backends.mpc.plan import build_plan, model_owner_precision
     from suite.models import load_checkpoint
 
     bundle = load_checkpoint(Path(a.checkpoint)).restricted([x for x in a.labels.split(",") if x])
@@ -523,7 +523,7 @@ def _party_loop(rank: int, conn: Any, settings: dict[str, Any], model: tuple | N
     """
     import torch
 
-    from backends.mpc_plan import plan_from_dict, plan_to_dict, run_plan
+    from backends.mpc.plan import plan_from_dict, plan_to_dict, run_plan
 
     crypten = _configure(settings, rank)
     traffic = Traffic()
@@ -537,7 +537,7 @@ def _party_loop(rank: int, conn: Any, settings: dict[str, Any], model: tuple | N
     role = ROLES[rank]
     dealer = None
     if settings["triples"] == "ttp" and rank == 0:
-        from backends.mpc_protocol import DealerClient
+        from backends.mpc.protocol import DealerClient
 
         dealer = DealerClient()       # talks to mpc_protocol.serve_dealer, tensor-only answers
     ops = CrypTenOps(crypten, settings.get("relu", "packed"), dealer, settings.get("truncation", "exact"))
@@ -625,7 +625,7 @@ def _party_loop(rank: int, conn: Any, settings: dict[str, Any], model: tuple | N
 def _dealer(settings: dict[str, Any]) -> None:
     """The trusted third party: generates Beaver triples on party 0's requests."""
     _configure(settings, DEALER_RANK)
-    from backends.mpc_protocol import serve_dealer
+    from backends.mpc.protocol import serve_dealer
 
     serve_dealer()       # returns when party 0 sends "terminate" at its shutdown
 

@@ -1,6 +1,6 @@
 """The secure-friendly DenseNet graph, free of torch: plan dataclasses and `run_plan`.
 
-`backends.mpc_plan` builds a `Plan` from a torch model (BatchNorm folded, poolings
+`backends.mpc.plan` builds a `Plan` from a torch model (BatchNorm folded, poolings
 reordered); this module holds what every engine needs to *execute* one: CrypTen's parties
 (torch), the plaintext reference (`mpc_plan.TorchOps`) and the SPU parties, which run in
 their own virtual environment without torch and trace `run_plan` into a JAX function. One

@@ -1,6 +1,6 @@
 """An MPC party as a child process of the benchmark worker: start, talk, watch, measure.
 
-Shared by both MPC engines (CrypTen's `backends.mpc_party`, SPU's `backends.mpc_spu_party`).
+Shared by both MPC engines (CrypTen's `backends.mpc.crypten_party`, SPU's `backends.mpc.spu_party`).
 Standard library only: the SPU parties import it from `.venv-spu/`, which has no torch and a
 different numpy major, so everything that crosses the pipe is plain pickle of builtins (and,
 for CrypTen, torch tensors, which both of its sides can read).

@@ -4,7 +4,7 @@ A torchxrayvision DenseNet is rewritten, in plaintext by the model owner before 
 is secret-shared, into a `Plan`: a small list of convolutions, per-channel pre-activation
 maps, poolings and a classifier whose parameters live in one dict (name -> tensor). The
 same `run_plan` then executes it on plaintext torch tensors (`TorchOps`, for tests) or on
-CrypTen shares (`backends.mpc_party.CrypTenOps`), so what the tests check in plaintext is
+CrypTen shares (`backends.mpc.crypten_party.CrypTenOps`), so what the tests check in plaintext is
 the code path that runs under MPC.
 
 What is folded, and why it is exact (s = gamma / sqrt(var + eps), t = beta - mean * s):
@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from backends.mpc_graph import (  # noqa: F401  (re-exported: the plan's public names)
+from backends.mpc.graph import (  # noqa: F401  (re-exported: the plan's public names)
     INPUT_SCALE, POOL_PAD, PRE_MODES, Conv, Layer, Plan, Pre, Transition, max_pool_separable,
     plan_from_dict, plan_to_dict, pre_activation, run_plan,
 )

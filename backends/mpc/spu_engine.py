@@ -1,9 +1,9 @@
 """Two-party secure inference with SecretFlow SPU: `mpc:engine=spu:protocol=semi2k|cheetah`.
 
 The second engine of the `mpc` backend (`backends.mpc.MPCBackend.implementation` picks this
-class from the options). The same plan as the CrypTen engine (`backends.mpc_plan.build_plan`:
+class from the options). The same plan as the CrypTen engine (`backends.mpc.plan.build_plan`:
 BatchNorm folded, the same poolings) reaches SPU as a JAX function traced from
-`backends.mpc_graph.run_plan` (`backends.mpc_jax`), and runs under one of SPU's two-party
+`backends.mpc.graph.run_plan` (`backends.mpc.spu_jax`), and runs under one of SPU's two-party
 protocols:
 
   semi2k   additive secret sharing over Z_2^k with Beaver triples. SPU 0.9.5 ships only the
@@ -15,7 +15,7 @@ protocols:
 
 SPU 0.9.5 needs numpy<2 and jax<=0.4.34, so its parties run from their own virtual
 environment, `.venv-spu/` (created by scripts/setup.sh), as separate processes
-(`backends.mpc_spu_party`); this object, in the benchmark worker, only hands the model owner
+(`backends.mpc.spu_party`); this object, in the benchmark worker, only hands the model owner
 its folded model and the data owner its images, and reads back outputs and statistics. The
 parties talk over SPU's brpc link, each listening on its own host:port.
 
@@ -44,9 +44,9 @@ from typing import Any
 
 import numpy as np
 
-from backends.mpc import METER_PARTY, MPCBackend, MPCPartyError, _free_port
-from backends.party_process import ROOT, start_party
-from suite.backend import BackendContext, BackendOptions
+from backends.mpc.parties import METER_PARTY, MPCPartyError, PartyBackend, free_port
+from backends.mpc.party_process import ROOT, start_party
+from suite.backend import BackendContext, BackendOptions, BatchMeta
 from suite.errors import BackendUnavailable, SuiteError
 from suite.threat_model import ThreatModel
 
@@ -69,7 +69,7 @@ def spu_available() -> bool:
     return spu_python().exists() and (spu_venv() / ".spu-installed").exists()
 
 
-class SPUBackend(MPCBackend):
+class SPUBackend(PartyBackend):
     """`mpc` with engine=spu: SecretFlow SPU parties in `.venv-spu/`."""
 
     def __init__(self, options: BackendOptions | None = None) -> None:
@@ -168,9 +168,9 @@ class SPUBackend(MPCBackend):
     # ------------------------------------------------------------------ lifecycle
 
     def setup(self, ctx: BackendContext) -> None:
-        from backends.mpc_graph import plan_to_dict
-        from backends.mpc_plan import build_plan
-        from backends.mpc_spu_party import pack
+        from backends.mpc.graph import plan_to_dict
+        from backends.mpc.plan import build_plan
+        from backends.mpc.spu_party import pack
 
         o = self.options
         self._meter = ctx.meter
@@ -179,11 +179,11 @@ class SPUBackend(MPCBackend):
         plan, params = build_plan(ctx.model.net, o.pre_mode)
         self._n_params = plan.n_params()
         addr = o.master_addr or os.environ.get("MPC_MASTER_ADDR") or "127.0.0.1"
-        port0 = int(o.master_port or os.environ.get("MPC_MASTER_PORT") or _free_port(addr))
+        port0 = int(o.master_port or os.environ.get("MPC_MASTER_PORT") or free_port(addr))
         addr1 = o.data_owner_addr or addr
-        port1 = int(o.data_owner_port or _free_port(addr1))
+        port1 = int(o.data_owner_port or free_port(addr1))
         while port1 == port0:
-            port1 = _free_port(addr1)
+            port1 = free_port(addr1)
         threads = max(1, int(ctx.threads) // 2)
         settings = {
             "parties": [f"{addr}:{port0}", f"{addr1}:{port1}"],
@@ -209,10 +209,10 @@ class SPUBackend(MPCBackend):
         for rank, reply in replies.items():
             self._record(rank, reply, phase="setup")
 
-    def predict_proba(self, images: np.ndarray) -> np.ndarray:
+    def predict_proba(self, images: np.ndarray, meta: BatchMeta | None = None) -> np.ndarray:
         from scipy.special import expit
 
-        from backends.mpc_spu_party import pack, unpack
+        from backends.mpc.spu_party import pack, unpack
 
         self._step = f"batch {len(self._batches) + 1}"
         x = np.ascontiguousarray(images, dtype=np.float32)
@@ -274,11 +274,11 @@ class SPUBackend(MPCBackend):
 
 
 def _start_spu_party(rank: int, settings: dict[str, Any], threads: int):
-    """Start party `rank` as `.venv-spu/bin/python -m backends.mpc_spu_party`, over a socketpair."""
+    """Start party `rank` as `.venv-spu/bin/python -m backends.mpc.spu_party`, over a socketpair."""
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONHOME", "VIRTUAL_ENV")}
     env.update({"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(threads),
                 "JAX_PLATFORMS": "cpu", "PYTHONNOUSERSITE": "1"})
-    return start_party(str(spu_python()), "backends.mpc_spu_party", rank, env, settings)
+    return start_party(str(spu_python()), "backends.mpc.spu_party", rank, env, settings)
 
 
 if __name__ == "__main__":  # pragma: no cover

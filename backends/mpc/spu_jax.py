@@ -1,10 +1,10 @@
 """The secure DenseNet plan as a JAX function, for SecretFlow SPU (`mpc:engine=spu`).
 
-`backends.mpc_graph.run_plan` executes a `Plan` through an ops object; `JaxOps` is that
+`backends.mpc.graph.run_plan` executes a `Plan` through an ops object; `JaxOps` is that
 object for `jax.numpy`, so tracing `run_plan` yields the JAX function SPU compiles. The plan
-and its parameters come from the suite's own translator (`backends.mpc_plan.build_plan`:
+and its parameters come from the suite's own translator (`backends.mpc.plan.build_plan`:
 BatchNorm folded, the same poolings), never from a hand-copied network. This module imports
-only numpy, jax and `backends.mpc_graph`: it runs in `.venv-spu/`, which has no torch.
+only numpy, jax and `backends.mpc.graph`: it runs in `.venv-spu/`, which has no torch.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from backends.mpc_graph import Plan, run_plan
+from backends.mpc.graph import Plan, run_plan
 
 
 class JaxOps:
@@ -106,17 +106,17 @@ def plaintext_logits(plan: Plan, params: dict[str, np.ndarray], images: np.ndarr
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m backends.mpc_jax IN.pkl OUT.pkl` (in .venv-spu): the plan in plaintext JAX.
+    """`python -m backends.mpc.spu_jax IN.pkl OUT.pkl` (in .venv-spu): the plan in plaintext JAX.
 
     IN holds {"plan": plan_to_dict(...), "params": {name: packed}, "images": packed} (arrays
-    packed as by `backends.mpc_spu_party.pack`); OUT gets {"logits": packed}. The tests use it
+    packed as by `backends.mpc.spu_party.pack`); OUT gets {"logits": packed}. The tests use it
     to compare the JAX translation with torch across the two environments.
     """
     import pickle
     import sys
 
-    from backends.mpc_graph import plan_from_dict
-    from backends.mpc_spu_party import pack, unpack
+    from backends.mpc.graph import plan_from_dict
+    from backends.mpc.spu_party import pack, unpack
 
     src, dst = (sys.argv[1:] if argv is None else argv)[:2]
     with open(src, "rb") as f:

@@ -1,8 +1,8 @@
 """One SecretFlow SPU party (`mpc:engine=spu`) as its own OS process, run from `.venv-spu/`.
 
-    .venv-spu/bin/python -m backends.mpc_spu_party RANK FD      (PYTHONPATH = the repo root)
+    .venv-spu/bin/python -m backends.mpc.spu_party RANK FD      (PYTHONPATH = the repo root)
 
-Started by `backends.mpc_spu.SPUBackend` (the orchestrator, in the benchmark worker), which
+Started by `backends.mpc.spu_engine.SPUBackend` (the orchestrator, in the benchmark worker), which
 talks to it over a socketpair (FD): the first message is the settings, including both
 parties' link addresses (`host:port`, each party listens on its own), so the two parties
 could as well run on two hosts. This module imports no torch (SPU 0.9.5 needs numpy<2 and
@@ -19,7 +19,7 @@ pickled numpy objects, because the two environments have different numpy majors.
                         shape to the model owner; it alone receives the model owner's share
                         of the logits (unless reveal_to=both) and reconstructs them
 
-Both compile the same JAX function (`backends.mpc_jax.plan_function`) with SPU and check
+Both compile the same JAX function (`backends.mpc.spu_jax.plan_function`) with SPU and check
 that they got the same executable. Everything between the parties goes over SPU's brpc
 link (`libspu.link.create_brpc`); its receive timeout is the backend's `timeout_s`.
 
@@ -43,7 +43,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from backends.party_process import peak_rss_bytes, recv, send, watch_parent
+from backends.mpc.party_process import peak_rss_bytes, recv, send, watch_parent
 
 ROLES = {0: "model_owner", 1: "data_owner"}
 LINK_RE = re.compile(r"Link details: total send bytes (\d+), recv bytes (\d+), "
@@ -228,7 +228,7 @@ class Party:
         import spu.libspu as libspu
         from spu.utils import frontend as fe
 
-        from backends.mpc_jax import param_names, plan_function
+        from backends.mpc.spu_jax import param_names, plan_function
 
         names = param_names(self.plan)
         args = [np.zeros(shape, np.float32)] + [np.zeros(self.plan.shapes[n], np.float32) for n in names]
@@ -268,7 +268,7 @@ class Party:
     def setup(self) -> None:
         import numpy as np
 
-        from backends.mpc_graph import plan_from_dict, plan_to_dict
+        from backends.mpc.graph import plan_from_dict, plan_to_dict
 
         msg = recv(self.conn)
         assert msg[0] == "setup"
@@ -288,7 +288,7 @@ class Party:
         if verdict:
             raise RuntimeError(f"the parties disagree on the protocol settings: {verdict}")
         self.plan = plan
-        from backends.mpc_jax import param_names
+        from backends.mpc.spu_jax import param_names
 
         for name in param_names(plan):
             value = np.asarray(params[name], dtype=np.float32) if self.rank == 0 else None

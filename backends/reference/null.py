@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from suite.backend import Backend, BackendContext, BackendOptions
+from suite.backend import Backend, BackendContext, BackendOptions, BatchMeta
 from suite.threat_model import ThreatModel
 
 
@@ -40,5 +40,5 @@ class NullBackend(Backend):
     def setup(self, ctx: BackendContext) -> None:
         self.n_labels = len(ctx.model.pathologies)
 
-    def predict_proba(self, images: np.ndarray) -> np.ndarray:
+    def predict_proba(self, images: np.ndarray, meta: BatchMeta | None = None) -> np.ndarray:
         return np.full((len(images), self.n_labels), 0.5)

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from suite.backend import Backend, BackendContext, BackendOptions
+from suite.backend import Backend, BackendContext, BackendOptions, BatchMeta
 from suite.threat_model import ThreatModel
 
 
@@ -40,7 +40,7 @@ class PlaintextBackend(Backend):
         self.torch = torch
         self.model = ctx.model
 
-    def predict_proba(self, images: np.ndarray) -> np.ndarray:
+    def predict_proba(self, images: np.ndarray, meta: BatchMeta | None = None) -> np.ndarray:
         with self.torch.inference_mode():
             logits = self.model.logits(self.torch.from_numpy(images))
         return self.torch.sigmoid(logits.double()).numpy()

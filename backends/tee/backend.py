@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from suite.backend import Backend, BackendContext, BackendOptions
+from suite.backend import Backend, BackendContext, BackendOptions, BatchMeta
 from suite.errors import SuiteError, unknown
 from suite.threat_model import ThreatModel
 
@@ -153,9 +153,9 @@ class TEEBackend(Backend):
     def setup(self, ctx: BackendContext) -> None:
         import torch
 
-        from backends import tee_protocol as P
-        from backends.tee_client import AttestedSession
-        from backends.tee_hardware import EnclaveProcess, SimulatedVendor, expected_code_hash
+        from backends.tee import protocol as P
+        from backends.tee.client import AttestedSession
+        from backends.tee.hardware import EnclaveProcess, SimulatedVendor, expected_code_hash
 
         meter = ctx.meter
         # The enclave uses the host torch's intra-op thread count (the worker sets it to
@@ -184,11 +184,11 @@ class TEEBackend(Backend):
         self.session = AttestedSession.open(channel, vendor.public_bytes, self.expected,
                                             on_round=_metered(meter, "data_owner"))
 
-    def predict_proba(self, images: np.ndarray) -> np.ndarray:
+    def predict_proba(self, images: np.ndarray, meta: BatchMeta | None = None) -> np.ndarray:
         return self.session.infer(images)
 
     def teardown(self) -> None:
-        from backends.tee_protocol import TEEError
+        from backends.tee.protocol import TEEError
 
         session, self.session = self.session, None
         if session is not None:

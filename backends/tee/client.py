@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from backends import tee_protocol as P
+from backends.tee import protocol as P
 
 RoundHook = Callable[[int, int], None]   # (bytes sent, bytes received) per request/response
 

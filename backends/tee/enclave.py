@@ -23,7 +23,7 @@ import json
 import time
 from typing import Any
 
-from backends import tee_protocol as P
+from backends.tee import protocol as P
 
 
 class _Session:

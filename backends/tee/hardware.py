@@ -9,7 +9,7 @@ real Ed25519 signatures, and all traffic goes over a real socket pair.
 Process layout:
 
     worker (data owner + model owner roles, untrusted host)
-      └── python -m backends.tee_hardware   (the enclave; same process group, so the
+      └── python -m backends.tee.hardware   (the enclave; same process group, so the
             harness's kill_tree reaches it; it exits on EOF when the worker dies)
 
 Launch parameters (vendor key, configuration) travel on the child's stdin; every
@@ -32,7 +32,7 @@ from typing import Any
 # The enclave's code: measured at launch, and loaded from exactly the measured bytes.
 # Libraries (torch, torchxrayvision, numpy, cryptography) are pinned by version in the
 # measured configuration instead of by hash.
-MEASURED_MODULES = ("backends.tee_protocol", "backends.tee_enclave", "suite.models", "suite.errors")
+MEASURED_MODULES = ("backends.tee", "backends.tee.protocol", "backends.tee.enclave", "suite.models", "suite.errors")
 
 
 def read_sources(names: tuple[str, ...] = MEASURED_MODULES) -> dict[str, bytes]:
@@ -48,7 +48,7 @@ def read_sources(names: tuple[str, ...] = MEASURED_MODULES) -> dict[str, bytes]:
 
 def expected_code_hash() -> bytes:
     """The client's own computation of the code measurement, from its copy of the sources."""
-    from backends.tee_protocol import code_digest
+    from backends.tee.protocol import code_digest
 
     return code_digest(read_sources())
 
@@ -90,7 +90,7 @@ class SimulatedCPU:
         self._model_hash = digest
 
     def report(self, report_data: bytes) -> bytes:
-        from backends import tee_protocol as P
+        from backends.tee import protocol as P
 
         measured = P.Measurement(self._code_hash, self._model_hash or P.NO_MODEL, self._config_hash)
         return P.sign_report(measured, report_data, self._key)
@@ -125,11 +125,11 @@ def _enclave_main() -> int:
     origins = {n: importlib.util.find_spec(n).origin for n in MEASURED_MODULES}
     sources = read_sources()
     sys.meta_path.insert(0, _MeasuredFinder(sources, origins))
-    from backends import tee_protocol as P   # noqa: E402 - the measured copy, via the finder
+    from backends.tee import protocol as P   # noqa: E402 - the measured copy, via the finder
 
     config_bytes = launch["config"].encode()
     cpu = SimulatedCPU(launch["vendor_key"], P.code_digest(sources), P.sha256(config_bytes))
-    from backends import tee_enclave
+    from backends.tee import enclave as tee_enclave
 
     return tee_enclave.serve(conn, cpu, json.loads(config_bytes))
 
@@ -150,7 +150,7 @@ class PipeChannel:
             raise self._gone(f"sending ({type(exc).__name__})") from None
 
     def recv(self, what: str) -> bytes:
-        from backends.tee_protocol import EnclaveUnavailableError
+        from backends.tee.protocol import EnclaveUnavailableError
 
         deadline = time.monotonic() + self.reply_timeout_s
         while True:
@@ -167,7 +167,7 @@ class PipeChannel:
                     f"{self.reply_timeout_s:g} s (option reply_timeout_s)")
 
     def _gone(self, doing: str) -> Exception:
-        from backends.tee_protocol import EnclaveUnavailableError
+        from backends.tee.protocol import EnclaveUnavailableError
 
         try:
             code = self._process.wait(timeout=1.0)
@@ -196,7 +196,7 @@ class EnclaveProcess:
                reply_timeout_s: float = 600.0) -> "EnclaveProcess":
         from multiprocessing.connection import Connection
 
-        from backends.tee_protocol import canonical_config
+        from backends.tee.protocol import canonical_config
 
         host_sock, enclave_sock = socket.socketpair()
         repo = str(Path(__file__).resolve().parents[1])
@@ -204,7 +204,7 @@ class EnclaveProcess:
             p for p in (repo, os.environ.get("PYTHONPATH", "")) if p)}
         fd = enclave_sock.fileno()
         try:
-            process = subprocess.Popen([sys.executable, "-m", "backends.tee_hardware"],
+            process = subprocess.Popen([sys.executable, "-m", "backends.tee.hardware"],
                                        stdin=subprocess.PIPE, pass_fds=(fd,), env=env)
         except BaseException:
             host_sock.close()

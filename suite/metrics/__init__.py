@@ -46,6 +46,7 @@ METRICS: dict[str, MetricSpec] = dict([
     _m("throughput", "images/s", True, None, "images / total online time"),
     _m("setup_time", "s", False, None, "time of setup (keys, sharing weights, starting parties)"),
     _m("fit_time", "s", False, None, "time of the training step (training track)"),
+    _m("audit_time", "s", False, None, "time of the privacy audits (their own phase, after prediction)"),
     _m("online_time", "s", False, None, "total time of all predict calls"),
     _m("wall_time", "s", False, None, "wall time of the whole backend job, process start to exit"),
     _m("peak_rss", "bytes", False, None, "peak resident memory of the backend's process tree"),

@@ -1,0 +1,2 @@
+"""Privacy audits the harness runs after a backend has trained: membership inference
+(`membership`) and gradient inversion against federated updates (`gradient_inversion`)."""

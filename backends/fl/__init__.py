@@ -1,0 +1,20 @@
+"""Federated training across hospital sites with Flower: the apps (`app`) and the simulation
+and deployment engines (`engine`).
+
+Importing this package is cheap: names load on first use, so torch-free processes can import
+its light modules and `suite list` imports no backend library.
+"""
+
+from importlib import import_module
+
+_EXPORTS = {
+    "FLBackend": "backend",
+    "FLOptions": "backend",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(import_module(f"{__name__}.{_EXPORTS[name]}"), name)

@@ -1,0 +1,31 @@
+"""Options of the `mpc` entry (both engines; each engine rejects the other's keys)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from suite.backend import BackendOptions
+
+
+@dataclass
+class MPCOptions(BackendOptions):
+    batch_size: int = 8
+    max_images: int = 64
+    precision_bits: int = 0            # 0 = chosen by the model owner from calibration
+    triples: str = "ttp"
+    pre_mode: str = "split"
+    relu: str = "packed"
+    truncation: str = "exact"
+    threads: int = 0
+    reveal_to: str = "data_owner"
+    master_addr: str = ""
+    master_port: int = 0
+    local_parties: str = "all"
+    timeout_s: float = 900.0
+    # engine=spu (backends/mpc/spu_engine.py): SecretFlow SPU parties in .venv-spu/
+    engine: str = "crypten"
+    protocol: str = ""                 # spu: semi2k (default) | cheetah; crypten: must stay ""
+    field: str = ""                    # spu: FM64 (default) | FM128
+    fxp_fraction_bits: int = 0         # spu: fixed-point fractional bits (0 = SPU's default)
+    data_owner_addr: str = ""          # spu: the data owner's link address (default master_addr)
+    data_owner_port: int = 0           # spu: its link port (default: a free one)

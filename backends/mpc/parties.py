@@ -1,0 +1,226 @@
+"""Party orchestration shared by both MPC engines (CrypTen, SPU).
+
+The worker starts each party as its own process, talks to it over a pipe, and waits for
+all parties' replies to one step at a time; a party that errs, exits or hangs ends the step
+with a message that names the first cause. Traffic is recorded per party in the harness's
+meter, and the per-image projections (LAN/WAN) are computed here from what was measured.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+import subprocess
+import time
+from typing import Any
+
+from backends.mpc.options import MPCOptions
+from backends.mpc.party_process import recv, send
+from suite.backend import Backend, BackendOptions
+
+ROLE_NAMES = {0: "model owner (party 0)", 1: "data owner (party 1)", 2: "triple dealer (party 2)"}
+METER_PARTY = {0: "model_owner", 1: "data_owner", 2: "dealer"}
+#: network models for the projected-latency rows: (name, bandwidth bit/s, round-trip s)
+NETWORKS = (("lan", 1e9, 0.5e-3), ("wan", 100e6, 40e-3))
+
+
+class MPCPartyError(RuntimeError):
+    """A party failed, exited or stopped answering: the secure computation cannot go on."""
+
+
+
+class PartyBackend(Backend):
+    """What every `mpc` engine shares: its row identity, party processes and accounting."""
+
+    name = "mpc"
+    track = "inference"
+    extra = "mpc"
+    Options = MPCOptions
+    tolerance = 1e-3
+    default_batch_size = 8
+    test_options = {"max_images": 4, "batch_size": 4, "timeout_s": 300}
+
+    def __init__(self, options: BackendOptions | None = None) -> None:
+        super().__init__(options)
+        self._procs: dict[int, subprocess.Popen] = {}
+        self._conns: dict[int, Any] = {}
+        self._batches: list[dict[str, Any]] = []
+        self._peak_rss: dict[int, int] = {}
+        self._step = "setup"
+        self._local: tuple[int, ...] = (0, 1)
+        self._validate()
+
+    def _validate(self) -> None:
+        """Engine-specific option checks (each engine overrides this)."""
+
+    def _leaks(self) -> tuple[str, ...]:
+        """What two-party inference reveals, whatever the engine."""
+        return ("the model architecture (layer shapes) to the data owner",
+                "the input shape and batch size to the model owner",
+                "the output scores to the data owner" if self.options.reveal_to == "data_owner"
+                else "the output scores to both parties",
+                "timing and traffic volume (fixed by the architecture)")
+
+    def teardown(self) -> None:
+        # the data owner tells the model owner to stop; party 0 then stops the dealer
+        if 1 in self._procs and self._procs[1].poll() is None:
+            try:
+                send(self._conns[1], ("stop",))
+            except Exception:
+                pass
+        deadline = time.monotonic() + 15
+        for rank in (0, 1, 2):            # party 0 stops the dealer at its shutdown
+            proc = self._procs.get(rank)
+            if proc is not None:
+                try:
+                    proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    pass
+        for proc in self._procs.values():
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=3)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(timeout=3)
+        for conn in self._conns.values():
+            conn.close()
+        self._procs.clear()
+        self._conns.clear()
+
+    # ------------------------------------------------------------------ orchestration
+
+    def _wait(self, step: str) -> dict[int, dict]:
+        """Both parties' replies for `step`; a party that errs, exits or hangs raises."""
+        timeout = float(self.options.timeout_s)
+        deadline = time.monotonic() + timeout
+        pending, replies, errors = set(self._local), {}, {}
+        while pending:
+            closed = False
+            for rank in sorted(pending):
+                conn = self._conns[rank]
+                try:
+                    msg = recv(conn) if conn.poll(0.05) else None
+                except (EOFError, OSError):          # the party is gone: see its exit code
+                    closed = True
+                    try:
+                        self._procs[rank].wait(timeout=2)
+                    except subprocess.TimeoutExpired:
+                        pass
+                    continue
+                if msg is None:
+                    continue
+                if msg[0] == "error":
+                    errors[rank] = msg[1]
+                else:
+                    replies[rank] = msg[1]
+                pending.discard(rank)
+            dead = self._dead()
+            if errors or dead or closed:
+                time.sleep(0.5)        # let the other side notice, so the first cause is named
+                for rank in self._dead():
+                    errors.setdefault(rank, None)
+                    try:
+                        if self._conns[rank].poll(0):
+                            msg = recv(self._conns[rank])
+                            errors[rank] = msg[1] if msg[0] == "error" else None
+                    except (EOFError, OSError):
+                        pass
+                    if errors[rank] is None:
+                        del errors[rank]
+                raise MPCPartyError(failure_message(step, self._dead(), errors))
+            if time.monotonic() > deadline:
+                who = ", ".join(ROLE_NAMES[r] for r in sorted(pending))
+                raise MPCPartyError(f"MPC {step}: no answer from {who} within timeout_s={timeout:.0f} s")
+        return replies
+
+    def _send(self, rank: int, msg: tuple, step: str) -> None:
+        try:
+            send(self._conns[rank], msg)
+        except OSError:                     # broken pipe: the party is gone
+            try:
+                self._procs[rank].wait(timeout=2)
+            except subprocess.TimeoutExpired:
+                pass
+            raise MPCPartyError(failure_message(step, self._dead(), {})) from None
+
+    def _dead(self) -> dict[int, int | None]:
+        return {r: p.returncode for r, p in self._procs.items() if p.poll() is not None}
+
+    def _record(self, rank: int, reply: dict, phase: str | None) -> None:
+        t = reply["traffic"]
+        self._meter.record(METER_PARTY[rank], sent=t["sent"], received=t["received"],
+                           rounds=t["rounds"], messages=t["rounds"], phase=phase)
+        if rank == 0 and (t["dealer_sent"] or t["dealer_received"]):
+            # seen from the dealer: it sends party 0 its triple shares, receives requests
+            self._meter.record(METER_PARTY[2], sent=t["dealer_received"], received=t["dealer_sent"],
+                               rounds=t["dealer_rounds"], messages=t["dealer_rounds"], phase=phase)
+        self._peak_rss[rank] = max(self._peak_rss.get(rank, 0), int(reply.get("peak_rss", 0)))
+
+    _ROUNDS_TERM = "R = rounds (communication calls) per batch"
+
+    def _batch_rounds(self, batch: dict, local: list[int]) -> int:
+        """Rounds of one batch charged in the projections: the busier party's."""
+        return max(batch["traffic"][r]["rounds"] for r in local)
+
+    def extra_rows(self) -> list[dict]:
+        rows = [{"metric": "party_peak_rss", "value": rss, "unit": "bytes", "higher_is_better": False,
+                 "party": METER_PARTY[rank],
+                 "note": "peak resident memory (VmHWM) of the party's own process"}
+                for rank, rss in sorted(self._peak_rss.items())]
+        n = sum(b["n"] for b in self._batches)
+        if not n:
+            return rows
+        local = sorted(self._batches[0]["cpu_s"])
+        for rank in local:
+            rows.append({"metric": "party_cpu_time_per_image", "unit": "s", "higher_is_better": False,
+                         "value": sum(b["cpu_s"][rank] for b in self._batches) / n,
+                         "party": METER_PARTY[rank], "phase": "online",
+                         "note": "CPU seconds the party process spent in the secure computation, per image"})
+        compute = sum(max(b["cpu_s"].values()) for b in self._batches)
+        # (with local_parties=data_owner only the data owner's side is measured here)
+        rounds = sum(self._batch_rounds(b, local) for b in self._batches)
+        peak_bytes = sum(max(max(b["traffic"][r]["sent"], b["traffic"][r]["received"]) for r in local)
+                         for b in self._batches)     # max(sent, received): exact with one party
+        d_rounds = sum(b["traffic"].get(0, {}).get("dealer_rounds", 0) for b in self._batches)
+        d_bytes = sum(b["traffic"].get(0, {}).get("dealer_received", 0)
+                      + b["traffic"].get(0, {}).get("dealer_sent", 0) for b in self._batches)
+        for name, bandwidth, rtt in NETWORKS:
+            value = (compute + (rounds + d_rounds) * rtt + (peak_bytes + d_bytes) * 8 / bandwidth) / n
+            rows.append({
+                "metric": f"projected_latency_per_image_{name}", "value": value, "unit": "s",
+                "higher_is_better": False, "phase": "online",
+                "note": (f"projected from measured rounds and bytes plus measured compute: "
+                         f"sum over batches of (T_cpu + (R + R_dealer) * RTT + (B + B_dealer) * 8 / bandwidth), "
+                         f"divided by the images; RTT {rtt * 1e3:g} ms, bandwidth {bandwidth / 1e6:g} Mbit/s; "
+                         f"T_cpu = CPU time of the busier party (single-threaded parties on their own "
+                         f"hosts); {self._ROUNDS_TERM}; B = bytes sent by the "
+                         f"busier party (links full duplex); dealer terms only with triples=ttp; "
+                         f"ignores overlap of compute and transfer (conservative)"),
+            })
+        return rows
+
+
+def free_port(addr: str) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((addr if addr not in ("", "0.0.0.0") else "127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def failure_message(step: str, dead: dict[int, int | None], errors: dict[int, str]) -> str:
+    """Name the first cause (a party that exited) before the consequences (the peers' errors)."""
+    parts = []
+    for rank, code in sorted(dead.items()):
+        if rank not in errors:
+            how = f"killed by signal {-code}" if code is not None and code < 0 else f"exit code {code}"
+            parts.append(f"{ROLE_NAMES[rank]} exited ({how})")
+    for rank, tb in sorted(errors.items()):
+        last = [line for line in str(tb).strip().splitlines() if line.strip()]
+        text = last[-1] if last else str(tb)
+        text = re.sub(r"\[[^\]]*\.(cc|cpp|h):\d+\] ", "", text).split(". This is typically")[0]
+        verb = "then failed" if parts else "failed"
+        parts.append(f"{ROLE_NAMES[rank]} {verb}: {text[:300]}")
+    if not parts:
+        parts.append("a party closed its pipe")
+    return f"MPC {step} aborted: " + "; ".join(parts) + "; the secure computation cannot continue"
