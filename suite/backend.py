@@ -107,6 +107,9 @@ class Backend(ABC):
     tolerance: ClassVar[float | None] = None
     # Options the shared conformance test uses to keep this backend tiny and fast.
     test_options: ClassVar[dict[str, Any]] = {}
+    # Option overlays (on top of test_options) that reach every engine and mode of this entry:
+    # the conformance battery runs each, and every configuration its expand() yields.
+    conformance_variants: ClassVar[tuple[dict[str, Any], ...]] = ({},)
     # Images per predict call the harness uses unless the options say otherwise.
     default_batch_size: ClassVar[int] = 32
 

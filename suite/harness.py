@@ -22,6 +22,7 @@ from suite.backend import Backend, BackendContext, BatchMeta
 from suite.data.imageset import ImageSet
 from suite.meter import CommMeter
 from suite.results import write_json_atomic, write_parquet_atomic
+from suite.run_folder import RunFolder
 
 
 @dataclass
@@ -69,10 +70,9 @@ class Timings:
 
 
 def part_paths(run_dir: Path, backend_id: str) -> tuple[Path, Path]:
-    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in backend_id)
-    parts = Path(run_dir) / "parts"
-    parts.mkdir(parents=True, exist_ok=True)
-    return parts / f"{safe}.json", parts / f"{safe}.parquet"
+    folder = RunFolder(Path(run_dir))
+    folder.parts_dir.mkdir(parents=True, exist_ok=True)
+    return folder.part_meta(backend_id), folder.part_predictions(backend_id)
 
 
 def check_probabilities(p: Any, batch: int, n_labels: int, backend_id: str) -> np.ndarray:

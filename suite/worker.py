@@ -13,6 +13,7 @@ from pathlib import Path
 from suite.backend import BackendContext
 from suite.harness import Job, format_error, full_traceback, measure, write_part
 from suite.meter import CommMeter
+from suite.run_folder import RunFolder
 
 
 def run_job(job: Job) -> int:
@@ -32,7 +33,7 @@ def run_job(job: Job) -> int:
         cls = BACKENDS.load(job.backend)
         backend = cls.create(cls.Options.parse(job.options, job.backend))
         meter = CommMeter()
-        workdir = Path(job.run_dir) / "work" / job.backend_id
+        workdir = RunFolder(Path(job.run_dir)).workdir(job.backend_id)
         workdir.mkdir(parents=True, exist_ok=True)
         ctx = BackendContext(model=bundle, meter=meter, workdir=workdir, seed=job.seed,
                              threads=job.threads, quick=job.quick,

@@ -1,11 +1,15 @@
-"""One battery for every registered backend (scikit-learn's `parametrize_with_checks` idea).
+"""One battery for every configuration of every registered backend (scikit-learn's
+`parametrize_with_checks` idea).
 
-A backend joins by registering under `suite.backends`; nothing here names one. Each
-is run through the real harness loop on a tiny model and dataset.
+A backend joins by registering under `suite.backends`; nothing here names one. Each entry
+declares the option overlays that reach its engines and modes (`conformance_variants`); every
+configuration their `expand()` yields (sweep points, controls) runs through the real harness
+loop on a tiny model and dataset, and through the same JSON trip to the worker.
 """
 
 from __future__ import annotations
 
+import json
 from importlib.util import find_spec
 from pathlib import Path
 
@@ -13,38 +17,65 @@ import numpy as np
 import psutil
 import pytest
 
-from suite.backend import TRACKS, BackendContext
+from suite.backend import TRACKS, Backend, BackendContext
 from suite.errors import BackendUnavailable
 from suite.harness import measure
 from suite.meter import CommMeter
+from suite.planning import options_dict
 from suite.registry_backends import BACKENDS
 
 
-def _backend_class(name):
-    try:
-        cls = BACKENDS.load(name)
-    except BackendUnavailable as exc:
-        pytest.skip(str(exc))
-    missing = [m for m in cls.requires if find_spec(m) is None]
-    if missing:
-        pytest.skip(f"{name} needs {missing} (extra [{cls.extra}])")
-    return cls
+def _configurations() -> list:
+    """(entry, variant overlay, configuration label) for every configuration, or a skip."""
+    params = []
+    for name in BACKENDS.names():
+        try:
+            cls = BACKENDS.load(name)
+        except BackendUnavailable as exc:
+            params.append(pytest.param(name, {}, None, marks=pytest.mark.skip(reason=str(exc)), id=name))
+            continue
+        missing = [m for m in cls.requires if find_spec(m) is None]
+        if missing:
+            reason = f"{name} needs {missing} (extra [{cls.extra}])"
+            params.append(pytest.param(name, {}, None, marks=pytest.mark.skip(reason=reason), id=name))
+            continue
+        for variant in cls.conformance_variants:
+            try:
+                configs = cls.expand(cls.Options.parse({**cls.test_options, **variant}, name))
+            except BackendUnavailable as exc:
+                label = f"{name}{json.dumps(variant, sort_keys=True)}"
+                params.append(pytest.param(name, variant, None, marks=pytest.mark.skip(reason=str(exc)),
+                                           id=label))
+                continue
+            for config in configs:
+                params.append(pytest.param(name, variant, config.config_label(), id=config.config_label()))
+    return params
 
 
-def _run(cls, tiny_data, tiny_model, tmp_path: Path):
-    backend = cls.create(cls.Options.parse(dict(cls.test_options), cls.name))
-    ctx = BackendContext(model=tiny_model, meter=CommMeter(), workdir=tmp_path / cls.name,
+def _config(name: str, variant: dict, label: str) -> Backend:
+    cls = BACKENDS.load(name)
+    for config in cls.expand(cls.Options.parse({**cls.test_options, **variant}, name)):
+        if config.config_label() == label:
+            return config
+    raise AssertionError(f"{label} is no longer among {name}'s configurations")
+
+
+def _children() -> set[int]:
+    return {p.pid for p in psutil.Process().children(recursive=True)
+            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE}
+
+
+def _run(backend: Backend, tiny_data, tiny_model, tmp_path: Path):
+    ctx = BackendContext(model=tiny_model, meter=CommMeter(), workdir=tmp_path / "work",
                          seed=0, threads=2, quick=True)
     ctx.workdir.mkdir(parents=True)
     test = tiny_data.split("test")
     n = backend.max_images() or len(test)
     test = test.subset(np.arange(min(n, len(test))))
     train = tiny_data.split("train") if backend.track == "training" else None
-    before = {p.pid for p in psutil.Process().children(recursive=True)}
-    probs, timings = measure(backend, ctx, test, train, progress=False)
-    after = {p.pid for p in psutil.Process().children(recursive=True) if p.is_running()
-             and p.status() != psutil.STATUS_ZOMBIE}
-    return backend, ctx, test, probs, timings, after - before
+    before = _children()
+    probs, timings, audit = measure(backend, ctx, test, train, progress=False)
+    return ctx, test, probs, timings, audit, _children() - before
 
 
 @pytest.fixture(scope="module")
@@ -56,33 +87,48 @@ def plaintext_probs(tiny_data, tiny_model):
         return torch.sigmoid(tiny_model.logits(x).double()).numpy()
 
 
-@pytest.mark.parametrize("name", BACKENDS.names())
-def test_backend_conforms(name, tiny_data, tiny_model, plaintext_probs, tmp_path):
-    cls = _backend_class(name)
+@pytest.mark.parametrize("name,variant,label", _configurations())
+def test_configuration_conforms(name, variant, label, tiny_data, tiny_model, plaintext_probs, tmp_path):
+    backend = _config(name, variant, label)
+    cls = type(backend)
     assert cls.track in TRACKS
-    backend, ctx, test, probs, timings, leftover = _run(cls, tiny_data, tiny_model, tmp_path)
+
+    # options survive the trip to the worker: JSON, re-parsed, re-created, same configuration
+    shipped = json.loads(json.dumps(options_dict(backend)))
+    registered = BACKENDS.load(name)
+    rebuilt = registered.create(registered.Options.parse(shipped, name))
+    assert type(rebuilt) is cls and rebuilt.config_label() == label
+    assert options_dict(rebuilt) == options_dict(backend)
+
+    ctx, test, probs, timings, audit, leftover = _run(backend, tiny_data, tiny_model, tmp_path)
 
     # outputs: one probability per image and label
     assert probs.shape == (len(test), len(tiny_data.label_names))
     assert np.all((probs >= 0) & (probs <= 1))
     assert sum(timings.batch_sizes) == len(test)
+    assert audit.status in ("none", "ok"), f"{label}: audit {audit.status}: {audit.error}"
 
-    # fidelity: inference backends reproduce plaintext within their declared tolerance
-    if cls.track == "inference" and cls.tolerance is not None:
-        diff = np.abs(probs - plaintext_probs[: len(test)]).max()
-        assert diff <= cls.tolerance, f"{name}: max |dp| {diff:.2e} > tolerance {cls.tolerance}"
+    # fidelity: within the declared tolerance of the configuration's own reference
+    if cls.tolerance is not None:
+        reference = backend.reference()
+        if isinstance(reference, Backend):
+            _, _, ref_probs, _, _, _ = _run(reference, tiny_data, tiny_model, tmp_path / "reference")
+        else:
+            ref_probs = plaintext_probs[: len(test)]
+        diff = np.abs(probs - ref_probs).max()
+        assert diff <= cls.tolerance, f"{label}: max |dp| {diff:.2e} > tolerance {cls.tolerance}"
 
     # a complete threat model
     tm = backend.threat_model()
-    assert tm.missing_fields() == [], f"{name}: threat model lacks {tm.missing_fields()}"
+    assert tm.missing_fields() == [], f"{label}: threat model lacks {tm.missing_fields()}"
     if cls.track != "reference":
-        assert tm.protects, f"{name} protects nothing"
+        assert tm.protects or tm.guarantee_kind == "none", f"{label} protects nothing and says so nowhere"
 
     # more than one party talking: bytes were metered
     if len(tm.parties) > 1 and cls.track == "inference":
         online = ctx.meter.totals("online")
-        assert online.bytes_sent > 0, f"{name} has {len(tm.parties)} parties but metered no bytes"
+        assert online.bytes_sent > 0, f"{label} has {len(tm.parties)} parties but metered no bytes"
 
     # clean teardown: no process left behind
-    assert not leftover, f"{name} left processes running: {leftover}"
+    assert not leftover, f"{label} left processes running: {leftover}"
     assert isinstance(backend.versions(), dict)

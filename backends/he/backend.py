@@ -81,6 +81,7 @@ class HEBackend(Backend):
     tolerance = 1e-3
     default_batch_size = 2048          # = slots at N=4096: one image per slot of each feature ciphertext
     test_options = {"batch_size": 16}
+    conformance_variants = ({}, {"mode": "cnn", "max_images": 4})
 
     @classmethod
     def implementation(cls, options: BackendOptions) -> type[Backend]:

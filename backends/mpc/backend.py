@@ -13,6 +13,8 @@ ENGINES: dict[str, type[Backend]] = {"crypten": CrypTenBackend, "spu": SPUBacken
 class MPCBackend(CrypTenBackend):
     """Two-party secure inference; `engine=crypten` (default) or `engine=spu`."""
 
+    conformance_variants = ({}, {"engine": "spu", "protocol": "semi2k"}, {"engine": "spu", "protocol": "cheetah"})
+
     @classmethod
     def implementation(cls, options: BackendOptions) -> type[Backend]:
         engine = getattr(options, "engine", "crypten")

@@ -199,7 +199,7 @@ class EnclaveProcess:
         from backends.tee.protocol import canonical_config
 
         host_sock, enclave_sock = socket.socketpair()
-        repo = str(Path(__file__).resolve().parents[1])
+        repo = str(Path(__file__).resolve().parents[2])   # the repo root
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(
             p for p in (repo, os.environ.get("PYTHONPATH", "")) if p)}
         fd = enclave_sock.fileno()
