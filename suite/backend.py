@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -66,6 +66,8 @@ class BackendOptions:
 def _coerce(value: Any, f: dataclasses.Field, backend: str) -> Any:
     """Turn CLI strings ('8', 'true') into the option's declared type."""
     kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    if isinstance(value, list) and kind.startswith("tuple"):
+        return tuple(value)           # JSON (the worker's job file) has no tuples
     if not isinstance(value, str):
         return value
     try:

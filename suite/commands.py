@@ -50,20 +50,21 @@ def cmd_list(args, console) -> int:
 
     from suite.data.catalog import DATASETS
     from suite.errors import BackendUnavailable
-    from suite.model_source import BUILTIN_MODELS
+    from suite.model_names import BUILTIN_MODELS
     from suite.registry_backends import BACKENDS
 
     table = Table(title="backends")
-    for col in ("name", "track", "available", "why not / extra"):
+    for col in ("name", "track", "available", "why not / install"):
         table.add_column(col)
-    for name in BACKENDS.names():
+    for name in BACKENDS.names():          # read from LISTING tables: no backend is imported
         try:
-            cls = BACKENDS.load(name)
-            missing = [m for m in getattr(cls, "requires", ()) if find_spec(m) is None]
-            why = f"missing {', '.join(missing)}: pip install -e '.[{cls.extra}]'" if missing else ""
-            table.add_row(name, cls.track, "no" if missing else "yes", why)
+            info = BACKENDS.listing(name)
         except BackendUnavailable as exc:
             table.add_row(name, "?", "no", str(exc))
+            continue
+        missing = [m for m in info["requires"] if find_spec(m) is None]
+        why = f"missing {', '.join(missing)}: {info['install']}" if missing else ""
+        table.add_row(name, info["track"], "no" if missing else "yes", why)
     console.print(table)
     ds = Table(title="datasets")
     ds.add_column("name")

@@ -17,7 +17,7 @@ from suite.metrics.agreement import agreement
 from suite.metrics.auroc import (bootstrap_macro_auroc, bootstrap_paired_macro_delta, delong_ci,
                                  paired_delong)
 from suite.metrics.perf import latency_summary
-from suite.results import ALL, MACRO, NONE, ResultRow
+from suite.results import ALL, MACRO, ResultRow
 
 
 def _row(base: dict[str, Any], metric: str, value, **kw) -> ResultRow:

@@ -14,14 +14,10 @@ from suite.data.imageset import ImageSet
 from suite.errors import SuiteError
 from suite.models import (SMALL_DENSENET, ModelBundle, build_densenet, cache_key, load_checkpoint,
                           load_xrv_weights, random_densenet121, random_small_densenet, save_checkpoint)
+from suite.model_names import BUILTIN_MODELS  # noqa: F401  (re-exported)
 from suite.paths import cache_dir
 from suite.training import Recipe, train_logits_model
 
-BUILTIN_MODELS = {
-    "small-densenet": "small xrv DenseNet (growth 12, blocks 2-2-2-2) trained on the fly on the training split",
-    "small-densenet-untrained": "the small xrv DenseNet with seeded random weights (fidelity checks; AUROC ~0.5)",
-    "densenet121-random": "xrv DenseNet-121, untrained weights (for timing; AUROC ~0.5)",
-}
 
 
 def recipe_for(cfg: ModelConfig, seed: int, quick: bool) -> Recipe:

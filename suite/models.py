@@ -11,8 +11,6 @@ Backends get a `ModelBundle` and treat `net` as the vendor's private model.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +19,7 @@ import torch
 from torch import nn
 
 from suite.errors import SuiteError, unknown
+from suite.hashing import cache_key  # noqa: F401  (re-exported)
 
 SMALL_DENSENET = dict(growth_rate=12, block_config=(2, 2, 2, 2), num_init_features=16, bn_size=4)
 DENSENET121 = dict(growth_rate=32, block_config=(6, 12, 24, 16), num_init_features=64, bn_size=4)
@@ -158,5 +157,3 @@ def random_densenet121(pathologies: list[str], resolution: int) -> ModelBundle:
                        pathologies=list(pathologies), resolution=resolution, source="random-init")
 
 
-def cache_key(*parts: Any) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -48,6 +48,22 @@ class Registry(Generic[T]):
             raise unknown(self.kind, name, self._targets)
         return self._targets[name]
 
+    def listing(self, name: str) -> dict[str, Any]:
+        """What `suite list` shows (track, extra, requires, install), read from the module's
+        `LISTING` table so nothing heavy is imported; an entry without one is loaded."""
+        module_name, _, attr = self.target(name).partition(":")
+        try:
+            table = getattr(import_module(module_name), "LISTING", {})
+        except ImportError:
+            table = {}
+        if attr in table:
+            return dict(table[attr])
+        obj: Any = self.load(name)
+        extra = getattr(obj, "extra", None)
+        return {"track": getattr(obj, "track", "?"), "extra": extra,
+                "requires": tuple(getattr(obj, "requires", ())),
+                "install": f"pip install -e '.[{extra}]'" if extra else "pip install -e ."}
+
     def load(self, name: str) -> T:
         """Import and return the entry; a missing optional library becomes BackendUnavailable."""
         if name in self._loaded:

@@ -6,7 +6,7 @@ without the guarantee it bought.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, fields
 
 ASSETS = ("input_images", "model_weights", "training_membership", "predictions")
 GUARANTEES = ("none", "cryptographic", "differential_privacy", "simulated_hardware", "data_locality")
@@ -37,7 +37,3 @@ class ThreatModel:
         """Fields left empty; the conformance test demands none (but `protects` may be empty)."""
         optional = {"protects", "notes", "simulated", "leaks"}
         return [f.name for f in fields(self) if f.name not in optional and not getattr(self, f.name)]
-
-    def as_row_fields(self) -> dict:
-        """Flat `tm_*` columns for tidy result rows (lists stay lists)."""
-        return {f"tm_{k}": (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}

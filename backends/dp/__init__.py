@@ -12,6 +12,13 @@ _EXPORTS = {
 }
 __all__ = sorted(_EXPORTS)
 
+# What `suite list` shows without importing the backend (and so its library); a test
+# checks it against the classes' own attributes.
+LISTING = {
+    "DPBackend": {"track": "training", "extra": 'dp', "requires": ('opacus', 'dp_accounting'),
+                  "install": "pip install -e '.[dp]'"},
+}
+
 
 def __getattr__(name: str):
     if name not in _EXPORTS:

@@ -13,6 +13,13 @@ _EXPORTS = {
 }
 __all__ = sorted(_EXPORTS)
 
+# What `suite list` shows without importing the backend (and so its library); a test
+# checks it against the classes' own attributes.
+LISTING = {
+    "FLBackend": {"track": "training", "extra": 'fl', "requires": ('flwr', 'ray'),
+                  "install": "pip install -e '.[fl]'"},
+}
+
 
 def __getattr__(name: str):
     if name not in _EXPORTS:

@@ -12,6 +12,15 @@ _EXPORTS = {
 }
 __all__ = sorted(_EXPORTS)
 
+# What `suite list` shows without importing the backend (and so its library); a test
+# checks it against the classes' own attributes.
+LISTING = {
+    "PlaintextBackend": {"track": "reference", "extra": None, "requires": (),
+                         "install": 'pip install -e .'},
+    "NullBackend": {"track": "reference", "extra": None, "requires": (),
+                    "install": 'pip install -e .'},
+}
+
 
 def __getattr__(name: str):
     if name not in _EXPORTS:

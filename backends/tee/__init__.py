@@ -14,6 +14,13 @@ _EXPORTS = {
 }
 __all__ = sorted(_EXPORTS)
 
+# What `suite list` shows without importing the backend (and so its library); a test
+# checks it against the classes' own attributes.
+LISTING = {
+    "TEEBackend": {"track": "inference", "extra": 'tee', "requires": ('cryptography',),
+                   "install": "pip install -e '.[tee]'"},
+}
+
 
 def __getattr__(name: str):
     if name not in _EXPORTS:

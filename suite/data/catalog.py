@@ -14,7 +14,7 @@ import numpy as np
 from suite.config import DatasetConfig
 from suite.data.imageset import ImageSet
 from suite.errors import SuiteError
-from suite.models import cache_key
+from suite.hashing import cache_key
 from suite.paths import dataset_cache_dir
 from suite.registry import Registry
 

@@ -1,0 +1,96 @@
+"""Every asv benchmark runs: its setup (and setup_cache) and one call on its first parameters.
+
+`asv check` only imports the benchmark files; a benchmark whose setup raises (as
+`MPCEngines.setup_cache` once did with KeyError 'rounds') would still pass it and silently
+never produce a number. This runs each one the way asv does, once, on its smallest
+parameters (asv lists them first by convention here), so a change that breaks a benchmark
+fails CI. No timing is asserted: performance lives in asv itself.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import itertools
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
+PREFIXES = ("time_", "timeraw_", "mem_", "peakmem_", "track_")
+
+
+def _modules() -> list[str]:
+    return sorted(p.stem for p in BENCH_DIR.glob("bench_*.py"))
+
+
+def _first_params(obj) -> tuple:
+    params = getattr(obj, "params", None)
+    if params is None:
+        return ()
+    names = getattr(obj, "param_names", None) or []
+    if len(names) <= 1 and not (params and isinstance(params[0], (list, tuple))):
+        params = [params]
+    return tuple(values[0] for values in params)
+
+
+def _benchmarks() -> list:
+    """One entry per benchmark class (its methods share one setup_cache, as in asv) or function."""
+    sys.path.insert(0, str(BENCH_DIR.parent))
+    found = []
+    for module_name in _modules():
+        module = importlib.import_module(f"benchmarks.{module_name}")
+        for name, obj in vars(module).items():
+            if getattr(obj, "__module__", None) != module.__name__:
+                continue
+            if inspect.isclass(obj) and any(a.startswith(PREFIXES) for a in vars(obj)):
+                found.append(pytest.param(module_name, name, id=f"{module_name}.{name}"))
+            elif inspect.isfunction(obj) and name.startswith(PREFIXES):
+                found.append(pytest.param(module_name, name, id=f"{module_name}.{name}"))
+    return found
+
+
+def test_every_benchmark_file_defines_benchmarks():
+    assert _modules(), "no benchmarks found"
+    names = {p.values[0] for p in _benchmarks()}
+    assert names == set(_modules()), f"files without benchmarks: {set(_modules()) - names}"
+
+
+@pytest.mark.parametrize("module_name,name", _benchmarks())
+def test_benchmark_runs_once(module_name, name):
+    obj = getattr(importlib.import_module(f"benchmarks.{module_name}"), name)
+    if inspect.isfunction(obj):
+        obj(*_first_params(obj))
+        return
+    params = _first_params(obj)
+    cached = (obj().setup_cache(),) if hasattr(obj, "setup_cache") else ()
+    args = cached + params
+    for method in sorted(a for a in vars(obj) if a.startswith(PREFIXES)):
+        bench = obj()
+        if hasattr(bench, "setup"):
+            try:
+                bench.setup(*args)
+            except NotImplementedError as exc:   # asv's way of skipping a benchmark here
+                pytest.skip(f"{name}.setup: {exc}")
+        try:
+            result = getattr(bench, method)(*args)
+            if method.startswith("track_"):
+                assert result is not None and result == result, f"{name}.{method} tracked no number"
+        finally:
+            if hasattr(bench, "teardown"):
+                bench.teardown(*args)
+
+
+def test_parameter_combinations_are_finite():
+    """asv runs the Cartesian product of params; keep each benchmark's grid small."""
+    for p in _benchmarks():
+        module_name, name = p.values
+        cls = getattr(importlib.import_module(f"benchmarks.{module_name}"), name)
+        if not inspect.isclass(cls):
+            continue
+        params = getattr(cls, "params", None)
+        if params is None:
+            continue
+        grid = params if params and isinstance(params[0], (list, tuple)) else [params]
+        assert len(list(itertools.product(*grid))) <= 16, f"{name} has a huge parameter grid"
