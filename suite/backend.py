@@ -112,6 +112,9 @@ class Backend(ABC):
     # Option overlays (on top of test_options) that reach every engine and mode of this entry:
     # the conformance battery runs each, and every configuration its expand() yields.
     conformance_variants: ClassVar[tuple[dict[str, Any], ...]] = ({},)
+    # The backend's own metrics (name -> MetricSpec). When declared, every extra or audit row
+    # must use one of these names (suite.extra_rows checks it) and inherits unit and direction.
+    extra_metrics: ClassVar[dict[str, Any]] = {}
     # Images per predict call the harness uses unless the options say otherwise.
     default_batch_size: ClassVar[int] = 32
 
@@ -182,8 +185,10 @@ class Backend(ABC):
     def extra_rows(self) -> list[dict]:
         """Backend-specific measured or projected figures as partial result rows.
 
-        Each dict has at least `metric`, `value`, `unit`, `higher_is_better`; anything
-        projected or simulated must say so in its metric name and `note`.
+        Each dict has at least `metric` and `value` (and `unit`, `higher_is_better` unless the
+        metric is declared in `extra_metrics`). Conditions are typed columns, never parts of
+        the name: `party`, `phase`, `network` (lan | wan), `estimate` (measured | projected |
+        simulated), `round`; see suite.extra_rows.
         """
         return []
 

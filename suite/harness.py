@@ -20,6 +20,7 @@ import pandas as pd
 
 from suite.backend import Backend, BackendContext, BatchMeta
 from suite.data.imageset import ImageSet
+from suite.extra_rows import typed_extra_rows
 from suite.meter import CommMeter
 from suite.results import write_json_atomic, write_parquet_atomic
 from suite.run_folder import RunFolder
@@ -178,13 +179,26 @@ def write_part(job: Job, status: str, error: str | None, test: ImageSet | None,
         "backend_id": job.backend_id, "backend": job.backend, "status": status, "error": error,
         "timings": asdict(timings) if timings else None, "traffic": traffic,
         "versions": _safe(lambda: backend.versions(), {}) if backend else {},
-        "extra_rows": backend.extra_rows() if backend and status == "ok" else [],
-        "audit": asdict(audit) if audit else asdict(AuditOutcome()),
+        "extra_rows": _typed(backend, backend.extra_rows()) if backend and status == "ok" else [],
+        "audit": asdict(_typed_audit(backend, audit)) if audit else asdict(AuditOutcome()),
         "n_images": len(test) if test is not None else None,
         "batch_size": backend.batch_size() if backend else None,
         "traceback": log,
     }
     write_json_atomic(meta_path, meta)
+
+
+def _typed(backend: Backend, rows: list[dict]) -> list[dict]:
+    return typed_extra_rows(backend.config_label(), rows, getattr(backend, "extra_metrics", None))
+
+
+def _typed_audit(backend: Backend | None, audit: AuditOutcome) -> AuditOutcome:
+    if backend is None or audit.status != "ok":
+        return audit
+    try:
+        return AuditOutcome(status="ok", rows=_typed(backend, audit.rows))
+    except ValueError as exc:
+        return AuditOutcome(status="failed", error=format_error(exc))
 
 
 def _safe(fn, default):
