@@ -128,7 +128,7 @@ def test_jax_plan_matches_torch_in_plaintext(bundle, tmp_path, pre_mode):
     .venv-spu and compare with torch (the model itself and the folded plan)."""
     from backends.mpc.graph import plan_to_dict
     from backends.mpc.plan import build_plan
-    from backends.mpc.spu_party import pack, unpack
+    from backends.mpc.codec import pack, unpack
 
     plan, params = build_plan(bundle.net, pre_mode)
     images = _images(3)

@@ -170,7 +170,7 @@ class SPUBackend(PartyBackend):
     def setup(self, ctx: BackendContext) -> None:
         from backends.mpc.graph import plan_to_dict
         from backends.mpc.plan import build_plan
-        from backends.mpc.spu_party import pack
+        from backends.mpc.codec import pack
 
         o = self.options
         self._meter = ctx.meter
@@ -212,7 +212,7 @@ class SPUBackend(PartyBackend):
     def predict_proba(self, images: np.ndarray, meta: BatchMeta | None = None) -> np.ndarray:
         from scipy.special import expit
 
-        from backends.mpc.spu_party import pack, unpack
+        from backends.mpc.codec import pack, unpack
 
         self._step = f"batch {len(self._batches) + 1}"
         x = np.ascontiguousarray(images, dtype=np.float32)

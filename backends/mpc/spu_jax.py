@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     import sys
 
     from backends.mpc.graph import plan_from_dict
-    from backends.mpc.spu_party import pack, unpack
+    from backends.mpc.codec import pack, unpack
 
     src, dst = (sys.argv[1:] if argv is None else argv)[:2]
     with open(src, "rb") as f:

@@ -43,6 +43,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from backends.mpc.codec import pack, unpack  # noqa: F401  (the parties' wire format)
 from backends.mpc.party_process import peak_rss_bytes, recv, send, watch_parent
 
 ROLES = {0: "model_owner", 1: "data_owner"}
@@ -52,22 +53,6 @@ PROTOCOLS = {"semi2k": "SEMI2K", "cheetah": "CHEETAH"}
 
 
 # ------------------------------------------------------------------ plumbing
-
-def pack(a: Any) -> tuple:
-    """A numpy array as builtins (dtype string, shape, bytes): safe across numpy 1 and 2."""
-    import numpy as np
-
-    a = np.ascontiguousarray(a)
-    return ("ndarray", a.dtype.str, tuple(int(d) for d in a.shape), a.tobytes())
-
-
-def unpack(t: tuple) -> Any:
-    import numpy as np
-
-    kind, dtype, shape, data = t
-    assert kind == "ndarray"
-    return np.frombuffer(data, dtype=np.dtype(dtype)).reshape(shape).copy()
-
 
 class Link:
     """SPU's brpc link plus this party's own count of what it sends outside SPU's runs."""
