@@ -33,6 +33,7 @@ class BackendContext:
     threads: int = 2
     quick: bool = False
     cache_dir: Path | None = None
+    released_model_path: Path | None = None   # where the harness saves released_model()
 
 
 @dataclass(frozen=True)
@@ -144,6 +145,12 @@ class Backend(ABC):
         as its own timed phase after prediction and before teardown; a raised exception is
         recorded as a failed audit, never swallowed. `train` is None on the inference track."""
         return []
+
+    def released_model(self) -> Any:
+        """Training track: the model this configuration releases (a suite.models.ModelBundle),
+        which a composition (`dp>mpc`) serves through another technique; None if it releases
+        none. The harness saves it after fit, before teardown."""
+        return None
 
     def teardown(self) -> None:
         """Release processes, files and keys. Must be safe to call after a failed setup."""

@@ -123,6 +123,7 @@ def measure(backend: Backend, ctx: BackendContext, test: ImageSet, train: ImageS
                                                                 ctx.workdir.name)
             bar.update(len(x))
         bar.close()
+        save_released_model(backend, ctx)
         audit = run_audit(backend, ctx, train, test, t)
     finally:
         meter.set_phase("teardown")
@@ -130,6 +131,17 @@ def measure(backend: Backend, ctx: BackendContext, test: ImageSet, train: ImageS
         backend.teardown()
         t.teardown_s = time.perf_counter() - start
     return out, t, audit
+
+
+def save_released_model(backend: Backend, ctx: BackendContext) -> None:
+    """A training configuration's released model, kept for compositions that serve it."""
+    if backend.track != "training" or ctx.released_model_path is None:
+        return
+    bundle = backend.released_model()
+    if bundle is not None:
+        from suite.models import save_checkpoint
+
+        save_checkpoint(bundle, ctx.released_model_path, recipe={"released_by": ctx.workdir.name})
 
 
 def run_audit(backend: Backend, ctx: BackendContext, train: ImageSet | None, test: ImageSet,

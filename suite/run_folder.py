@@ -9,6 +9,7 @@ is part of the results' contract, so no other module spells a file name of it.
   parts/<id>.json       a backend job's timings, traffic and extra rows, written as it finishes
   parts/<id>.parquet    its predictions
   parts/<id>.job.json   the job the worker ran (plain JSON, so it can run on another host)
+  parts/<id>.released.pt  the model a training configuration released (compositions serve it)
   work/<id>/            the backend's private scratch folder
   work/<id>/artifacts/  files an audit produced that the report shows (referenced by rows)
   leaderboard.csv, leaderboard.md, report.html
@@ -74,6 +75,10 @@ class RunFolder:
 
     def artifacts(self, backend_id: str) -> Path:
         return self.workdir(backend_id) / "artifacts"
+
+    def released_model(self, backend_id: str) -> Path:
+        """The checkpoint a training configuration released (served by compositions)."""
+        return self.parts_dir / f"{safe_name(backend_id)}.released.pt"
 
     def relative(self, path: Path) -> str:
         """How a row refers to a file of this run (portable when the folder moves)."""
