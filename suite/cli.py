@@ -113,7 +113,10 @@ def main(argv: list[str] | None = None) -> int:
 
     # Before torch loads OpenMP: idle threads sleep rather than spin (see suite/runner.py).
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:   # --help, or a bad invocation already reported in one line
+        return int(exc.code or 0)
     from suite import commands
     from suite.procwatch import stop_on_signals
 

@@ -97,6 +97,13 @@ def check_out_dir(out: str | None, run_id: str, overwrite: bool = False) -> Path
         raise SuiteError(f"--out {run_dir} cannot be created: {ancestor} is a file, not a folder")
     if not os.access(ancestor, os.W_OK | os.X_OK):
         raise SuiteError(f"output folder {run_dir} is not writable: no write permission in {ancestor}")
+    try:   # what os.access cannot tell (read-only mounts, /proc, quotas): try, leave nothing
+        import tempfile
+
+        os.rmdir(tempfile.mkdtemp(prefix=".suite-probe-", dir=ancestor))
+    except OSError as exc:
+        raise SuiteError(f"output folder {run_dir} is not writable: cannot create folders in "
+                         f"{ancestor} ({exc.strerror or exc})") from None
     return run_dir
 
 
