@@ -48,5 +48,7 @@ class Interrupted(BaseException):
     def hint(self) -> str:
         if self.run_dir is None:
             return "stopped before the run folder was written; nothing to resume"
+        import shlex
+
         return (f"results written so far are kept; continue with "
-                f"python -m suite run --resume {self.run_dir}")
+                f"python -m suite run --resume {shlex.quote(str(self.run_dir))}")

@@ -269,3 +269,32 @@ def test_out_where_nothing_can_be_created(capsys):
     """Even root cannot create folders in /proc: refused before any work, in one line."""
     one_line_error(capsys, ["run", "--config", TINY, "--out", "/proc/suite-run"],
                    "output folder /proc/suite-run is not writable")
+
+
+def test_ctrl_c_hint_names_the_actual_run_folder(tmp_path, capsys, monkeypatch):
+    """Interrupted after run.json is written: the hint is a command to copy, not `RUN_DIR`."""
+    import suite.runner
+
+    def interrupted(*_args, **_kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(suite.runner, "run_pending", interrupted)
+    out = tmp_path / "my run"
+    rc = main(["run", "--config", TINY, "--model", "small-densenet-untrained", "--out", str(out),
+               "--backends", "null"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 130 and err[-1] == (f"interrupted (SIGINT): results written so far are kept; "
+                                     f"continue with python -m suite run --resume '{out}'"), err
+    assert (out / "run.json").exists()
+
+
+def test_ctrl_c_before_anything_is_written_leaves_nothing(tmp_path, capsys, monkeypatch):
+    import suite.runner
+
+    def interrupted(*_args, **_kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(suite.runner, "load_dataset", interrupted)
+    rc = main(["run", "--config", TINY, "--out", str(tmp_path / "r"), "--backends", "null"])
+    assert rc == 130 and "nothing to resume" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
