@@ -105,3 +105,13 @@ def test_nih_data_dir_above_images_says_where_they_are(nih_sample_dir):
     assert f"none of the images listed in {nih_sample_dir / 'Data_Entry_2017_v2020.csv'}" in msg
     assert "(listed 299, found 0)" in msg
     assert f"pass --data-dir {nih_sample_dir / 'images'}" in msg
+
+
+def test_train_with_the_nih_parent_folder_is_one_line(nih_sample_dir, tmp_path, capsys):
+    from tests.test_reliability_inputs import one_line_error
+
+    one_line_error(capsys, ["train", "--dataset", "nih", "--data-dir", str(nih_sample_dir),
+                            "--out", str(tmp_path / "m.pt")],
+                   "none of the images listed", "(listed 299, found 0)",
+                   f"pass --data-dir {nih_sample_dir / 'images'}")
+    assert not (tmp_path / "m.pt").exists()
