@@ -126,13 +126,6 @@ def create_run_dir(run_dir: Path, overwrite: bool = False) -> None:
         raise SuiteError(f"output folder {run_dir} is not writable: {exc.strerror or exc}") from None
 
 
-def prepare_run_dir(out: str | None, run_id: str, overwrite: bool = False) -> Path:
-    """Check and create the run folder at once (for callers that write straight away)."""
-    run_dir = check_out_dir(out, run_id, overwrite)
-    create_run_dir(run_dir, overwrite)
-    return run_dir
-
-
 def stratified_order(test: ImageSet, seed: int) -> np.ndarray:
     """A fixed order of test rows whose every prefix is balanced over sites and findings.
 
