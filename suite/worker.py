@@ -13,15 +13,13 @@ import sys
 from pathlib import Path
 
 
-
 def run_job(job) -> int:
     import torch
 
     from suite.backend import BackendContext
+    from suite.data.catalog import load_npz
     from suite.harness import format_error, full_traceback, measure, write_part
     from suite.meter import CommMeter
-
-    from suite.data.catalog import load_npz
     from suite.model_source import load_model_ref
     from suite.registry_backends import BACKENDS
 
