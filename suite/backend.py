@@ -65,28 +65,69 @@ class BackendOptions:
 
 
 def _coerce(value: Any, f: dataclasses.Field, backend: str) -> Any:
-    """Turn CLI strings ('8', 'true') into the option's declared type."""
+    """Turn CLI strings ('8', 'true') into the option's declared type; check TOML/JSON values
+    by type (a boolean is never a number) and range (no negative count, size or time; a field
+    may narrow the range with `metadata`, e.g. field(default=1, metadata={"min": 1}))."""
+    from suite.config import check_range, shown, type_name
+
     kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
-    if isinstance(value, list) and kind.startswith("tuple"):
-        return tuple(value)           # JSON (the worker's job file) has no tuples
-    if not isinstance(value, str):
-        return value
-    try:
-        if kind.startswith("bool"):
-            if value.lower() in ("1", "true", "yes", "on"):
-                return True
-            if value.lower() in ("0", "false", "no", "off"):
-                return False
-            raise ValueError(value)
-        if kind.startswith("int"):
-            return int(value)
-        if kind.startswith("float"):
-            return float(value)
-        if kind.startswith("tuple") or kind.startswith("list"):
-            return tuple(float(v) if _is_number(v) else v for v in value.split("/") if v)
-    except ValueError:
-        raise SuiteError(f"backend '{backend}' option '{f.name}' expects {kind}, got '{value}'") from None
-    return value
+    kinds = [k.strip() for k in kind.split("|")]
+    base = next((k for k in kinds if k != "None"), "str")
+    where = f"backend '{backend}' option '{f.name}'"
+    words = {"bool": "true or false", "int": "an integer", "float": "a number", "str": "a string"}
+    expects = words.get(base.split("[")[0], "a list of values separated by /")
+    if value is None or (isinstance(value, str) and "None" in kinds and value.lower() in ("", "none")):
+        if "None" in kinds:
+            return None
+        raise SuiteError(f"{where} expects {expects}, got nothing")
+    if isinstance(value, str):
+        try:
+            value = _from_text(value, base)
+        except ValueError:
+            raise SuiteError(f"{where} expects {expects}, got '{value}'") from None
+    elif not _has_type(value, base):
+        raise SuiteError(f"{where} expects {expects}, got {type_name(value)} ({shown(value)})")
+    if base.startswith(("tuple", "list")):
+        value = tuple(value)
+    for item in (value if isinstance(value, tuple) else (value,)):
+        if isinstance(item, (int, float)) and not isinstance(item, bool):
+            check_range(where, item, {"min": 0, **dict(f.metadata)})
+        elif f.metadata and not isinstance(item, bool):
+            check_range(where, item, dict(f.metadata))
+    return float(value) if base == "float" else value
+
+
+def _from_text(text: str, base: str) -> Any:
+    if base == "bool":
+        if text.lower() in ("1", "true", "yes", "on"):
+            return True
+        if text.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(text)
+    if base == "int":
+        return int(text)
+    if base == "float":
+        return float(text)
+    if base.startswith(("tuple", "list")):
+        return tuple(float(v) if _is_number(v) else v for v in text.split("/") if v)
+    return text
+
+
+def _has_type(value: Any, base: str) -> bool:
+    """Strict type test of a TOML/JSON value against a declared type name."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if base == "bool":
+        return isinstance(value, bool)
+    if base == "int":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if base == "float":
+        return number
+    if base == "str":
+        return isinstance(value, str)
+    if base.startswith(("tuple", "list")):
+        return isinstance(value, (list, tuple)) and all(
+            isinstance(v, str) or (isinstance(v, (int, float)) and not isinstance(v, bool)) for v in value)
+    return True
 
 
 def _is_number(text: str) -> bool:

@@ -2,44 +2,83 @@
 
 from __future__ import annotations
 
+import copy
+import sys
 from pathlib import Path
 
 from suite.config import load_config
-from suite.errors import SuiteError
+from suite.errors import EXIT_BACKEND_FAILED, SuiteError
 
 
 def _apply_run_flags(cfg, args):
-    if args.backends:
-        cfg.backends = [b for b in args.backends.split(",") if b.strip()]
+    """CLI flags over the config; a flag given is used even when it is 0 or empty."""
+    if getattr(args, "backends", None) is not None:
+        cfg.backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+        if not cfg.backends:
+            raise SuiteError("--backends is empty: name at least one backend, e.g. --backends plaintext,null")
     for flag, attr in (("dataset", "name"), ("data_dir", "data_dir"), ("label_file", "label_file")):
-        if getattr(args, flag, None):
+        if getattr(args, flag, None) is not None:
             setattr(cfg.dataset, attr, getattr(args, flag))
-    if getattr(args, "model", None):
+    if getattr(args, "model", None) is not None:
         cfg.model.name = args.model
-    if getattr(args, "out", None):
+    if getattr(args, "out", None) is not None:
         cfg.out = args.out
     if getattr(args, "seed", None) is not None:
         cfg.seed = args.seed
     if getattr(args, "quick", False):
         cfg.quick = True
-    if getattr(args, "timeout", None):
+    if getattr(args, "timeout", None) is not None:
         cfg.timeout_s = args.timeout
     return cfg
 
 
-def cmd_run(args, console) -> int:
-    from suite.leaderboard import print_leaderboard, write_leaderboard
-    from suite.runner import run
+def _resume_config(args):
+    """--resume continues the saved run as it was; an option that contradicts it is refused."""
+    from suite.config import config_differences
+    from suite.runner import load_resume
 
-    cfg = _apply_run_flags(load_config(args.config), args)
-    run_dir = run(cfg, console, resume=Path(args.resume) if args.resume else None)
+    resume = Path(args.resume)
+    if args.overwrite:
+        raise SuiteError("--resume and --overwrite contradict each other: resume keeps the run's results")
+    if args.out is not None and Path(args.out).resolve() != resume.resolve():
+        raise SuiteError(f"--resume {resume} writes into that folder; drop --out {args.out}")
+    _, saved = load_resume(resume)
+    base = load_config(args.config) if args.config else copy.deepcopy(saved)
+    wanted = _apply_run_flags(base, args)
+    conflicts = config_differences(saved, wanted)
+    if conflicts:
+        raise SuiteError(f"--resume {resume}: {'; '.join(conflicts)} contradicts the saved run; drop "
+                         f"the option, or start a fresh run with a new --out")
+    return saved
+
+
+def cmd_run(args, console) -> int:
+    from rich.markup import escape
+
+    from suite.leaderboard import print_leaderboard, write_leaderboard
+    from suite.results import read_run_state
+    from suite.runner import failed_configurations, run
+
+    if args.resume:
+        cfg = _resume_config(args)
+    else:
+        cfg = _apply_run_flags(load_config(args.config), args)
+    run_dir = run(cfg, console, resume=Path(args.resume) if args.resume else None,
+                  overwrite=args.overwrite)
     board = write_leaderboard(run_dir)
     print_leaderboard(board, console)
     if not args.no_report:
         from suite.report import render_report
 
         console.print(f"report: {render_report(run_dir)}")
-    console.print(f"run folder: {run_dir}")
+    console.print(f"run folder: {escape(str(run_dir))}")
+    failed = failed_configurations(run_dir)
+    if failed:
+        total = len(read_run_state(run_dir)["backends"])
+        console.file.flush()
+        print(f"failed: {len(failed)} of {total} backend configurations failed ({', '.join(failed)}); "
+              f"their errors are in {run_dir / 'run.json'}", file=sys.stderr)
+        return EXIT_BACKEND_FAILED
     return 0
 
 
@@ -85,9 +124,14 @@ def cmd_list(args, console) -> int:
 
 
 def _require_run_dir(path: str) -> Path:
+    """A run folder whose run.json and results.jsonl read cleanly (one-line error otherwise)."""
+    from suite.results import read_results, read_run_state
+
     run_dir = Path(path)
     if not (run_dir / "run.json").exists() or not (run_dir / "results.jsonl").exists():
         raise SuiteError(f"{run_dir} is not a run folder (needs run.json and results.jsonl)")
+    read_run_state(run_dir)
+    read_results(run_dir / "results.jsonl")
     return run_dir
 
 
@@ -119,7 +163,7 @@ def cmd_train(args, console) -> int:
         cfg.dataset.data_dir = args.data_dir
     if args.label_file:
         cfg.dataset.label_file = args.label_file
-    if args.epochs:
+    if args.epochs is not None:
         cfg.model.epochs = args.epochs
     cfg.seed = args.seed
     path = train_checkpoint(cfg, Path(args.out), console)

@@ -29,13 +29,15 @@ def compare_runs(a: Path, b: Path) -> pd.DataFrame:
 
 
 def print_comparison(df: pd.DataFrame, console) -> None:
+    from rich.markup import escape
     from rich.table import Table
 
     table = Table(title="run comparison (B vs A)")
     for col in ("backend_id", "metric", "a", "b", "b_minus_a", "ratio_b_over_a"):
         table.add_column(col)
     for _, r in df.iterrows():
-        table.add_row(str(r.backend_id), str(r.metric), *[_fmt(r[c]) for c in
+        # configuration names hold brackets (dp[target_epsilon=1.0]): not rich markup
+        table.add_row(escape(str(r.backend_id)), escape(str(r.metric)), *[_fmt(r[c]) for c in
                                                          ("a", "b", "b_minus_a", "ratio_b_over_a")])
     console.print(table)
 

@@ -25,3 +25,30 @@ def unknown(kind: str, name: str, choices: Iterable[str]) -> SuiteError:
     return SuiteError(
         f"unknown {kind} '{name}'{did_you_mean(name, choices)}; known: {', '.join(choices)}"
     )
+
+
+EXIT_USAGE = 2            # a bad invocation: option, file or value the user can fix
+EXIT_BACKEND_FAILED = 3   # the run finished, but at least one backend configuration failed
+
+
+class Interrupted(BaseException):
+    """SIGINT, SIGTERM or SIGHUP reached the parent. A BaseException, like KeyboardInterrupt,
+    so no `except Exception` on the way up swallows it before the workers are stopped."""
+
+    def __init__(self, signame: str, run_dir: object = None) -> None:
+        super().__init__(signame)
+        self.signame, self.run_dir = signame, run_dir
+
+    @property
+    def exit_code(self) -> int:
+        import signal
+
+        return 128 + int(getattr(signal, self.signame, signal.SIGINT))
+
+    def hint(self) -> str:
+        if self.run_dir is None:
+            return "stopped before the run folder was written; nothing to resume"
+        import shlex
+
+        return (f"results written so far are kept; continue with "
+                f"python -m suite run --resume {shlex.quote(str(self.run_dir))}")

@@ -26,6 +26,7 @@ class Planned:
     max_images: int | None
     instance: Backend | None = None
     unavailable: str | None = None   # why it cannot run here
+    requested: int = 0               # entries of the user's list that yield it (>1: merged)
 
 
 def options_dict(backend: Backend) -> dict[str, Any]:
@@ -44,7 +45,7 @@ def plan_backends(cfg: RunConfig) -> list[Planned]:
         BACKENDS.target(spec.name)  # unknown name -> one-line error with a suggestion
     plans: dict[str, Planned] = {}
 
-    def add(backend: Backend) -> str:
+    def add(backend: Backend, by_user: bool = False) -> str:
         ref = backend.reference()
         ref_id = None
         if isinstance(ref, Backend):
@@ -55,6 +56,7 @@ def plan_backends(cfg: RunConfig) -> list[Planned]:
         if bid not in plans:
             plans[bid] = Planned(bid, backend.name, backend.track, options_dict(backend), ref_id,
                                  backend.max_images(), backend)
+        plans[bid].requested += by_user
         return bid
 
     add(_instantiate("plaintext", {}, cfg))
@@ -65,10 +67,17 @@ def plan_backends(cfg: RunConfig) -> list[Planned]:
         except BackendUnavailable as exc:
             plans.setdefault(spec.name, Planned(spec.name, spec.name, "unknown", raw, None, None,
                                                 unavailable=str(exc)))
+            plans[spec.name].requested += 1
             continue
-        for backend in cls.expand(cls.Options.parse(raw, spec.name)):
-            add(backend)
+        for backend in {b.config_label(): b for b in cls.expand(cls.Options.parse(raw, spec.name))}.values():
+            add(backend, by_user=True)
     return list(plans.values())
+
+
+def merged_entries(plans: list[Planned]) -> list[str]:
+    """A note for each configuration several entries of the user's list asked for (it runs once)."""
+    return [f"configuration {p.backend_id} is asked for by {p.requested} entries of the backend "
+            f"list; it runs once" for p in plans if p.requested > 1]
 
 
 def _instantiate(name: str, raw: dict[str, Any], cfg: RunConfig) -> Backend:

@@ -1,20 +1,33 @@
-"""Run a worker process under a hard time limit while sampling its memory.
+"""Run a worker process under a hard time limit while sampling its memory, and make sure
+nothing of a run outlives it.
 
 Memory is the resident set of the whole process tree (parties, enclaves, clients the
 backend starts), sampled by the parent so every backend is measured the same way.
+
+Nothing left behind: SIGINT, SIGTERM and SIGHUP to the parent raise `Interrupted`, which
+stops the running worker's whole tree on the way up; a worker watches its parent (Linux
+PR_SET_PDEATHSIG plus a polling thread) and stops its own children and itself when the
+parent is gone, even after a SIGKILL no handler can see.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
+
+from suite.errors import Interrupted
+
+PARENT_ENV = "SUITE_PARENT_PID"    # the worker's parent, for its parent-death watch
+STOP_SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP")
 
 
 @dataclass
@@ -96,22 +109,25 @@ def kill_tree(pid: int, grace_s: float = 3.0) -> None:
 def run_watched(cmd: list[str], timeout_s: float, env: dict[str, str] | None = None,
                 log_path: Path | None = None) -> ProcResult:
     start = time.perf_counter()
+    env = {**(os.environ if env is None else env), PARENT_ENV: str(os.getpid())}
     log = open(log_path, "ab") if log_path else subprocess.DEVNULL
     try:
         proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=None, start_new_session=True)
-        sampler = TreeMemorySampler(proc.pid)
-        sampler.start()
-        timed_out = False
         try:
-            proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            timed_out = True
-        except KeyboardInterrupt:
-            kill_tree(proc.pid)
-            raise
-        sampler.stop()
-        kill_tree(proc.pid)  # also reaps anything the backend left running
-        proc.wait()
+            sampler = TreeMemorySampler(proc.pid)
+            sampler.start()
+            timed_out = False
+            try:
+                proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                timed_out = True
+            sampler.stop()
+        finally:
+            # on every way out (time limit, exception, Interrupted): the worker, its parties
+            # and anything else the backend left running
+            with _signals_deferred():
+                kill_tree(proc.pid)
+                proc.wait()
     finally:
         if log_path:
             log.close()
@@ -120,3 +136,85 @@ def run_watched(cmd: list[str], timeout_s: float, env: dict[str, str] | None = N
         wall_s=time.perf_counter() - start, peak_rss=sampler.peak_total,
         peak_rss_max_process=sampler.peak_single,
     )
+
+
+# ---------------------------------------------------------------- the parent's signals
+
+_interrupted = threading.Event()
+
+
+def _raise_interrupted(signum, _frame) -> None:
+    if _interrupted.is_set():
+        return   # already stopping: a second Ctrl-C must not cut the clean-up short
+    _interrupted.set()
+    raise Interrupted(signal.Signals(signum).name)
+
+
+@contextlib.contextmanager
+def stop_on_signals():
+    """SIGINT, SIGTERM and SIGHUP raise `Interrupted` in the main thread (what `timeout`,
+    systemd, Slurm and a closed terminal send), so the run stops its workers on the way out."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    _interrupted.clear()
+    previous = {name: signal.signal(getattr(signal, name), _raise_interrupted)
+                for name in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for name, handler in previous.items():
+            signal.signal(getattr(signal, name), handler)
+
+
+@contextlib.contextmanager
+def _signals_deferred():
+    """Hold stop signals while a worker tree is being stopped; re-deliver them after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    sigs = {getattr(signal, n) for n in STOP_SIGNALS}
+    signal.pthread_sigmask(signal.SIG_BLOCK, sigs)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, sigs)
+
+
+# ---------------------------------------------------------------- the worker's watch
+
+def stop_children_and_exit(code: int) -> None:
+    """Stop every descendant of this process (parties, enclaves, clients), then exit at once."""
+    try:
+        children = psutil.Process().children(recursive=True)
+    except psutil.Error:
+        children = []
+    terminate_then_kill(children, grace_s=2.0)
+    os._exit(code)
+
+
+def watch_parent(parent_pid: int | None = None, interval_s: float = 0.2) -> None:
+    """Exit with all children when the parent dies: the kernel sends SIGTERM at once
+    (PR_SET_PDEATHSIG, Linux), and a thread polls getppid() as a fallback for the rare case
+    the main thread is stuck in native code or prctl is unavailable."""
+    parent_pid = parent_pid or os.getppid()
+    signal.signal(signal.SIGTERM, lambda *_: stop_children_and_exit(128 + signal.SIGTERM))
+    signal.signal(signal.SIGHUP, lambda *_: stop_children_and_exit(128 + signal.SIGHUP))
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(1, int(signal.SIGTERM), 0, 0, 0)   # 1 = PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent_pid:   # the parent died before the watch was set
+        stop_children_and_exit(1)
+
+    def loop() -> None:
+        while True:
+            if os.getppid() != parent_pid:
+                stop_children_and_exit(1)
+            time.sleep(interval_s)
+
+    threading.Thread(target=loop, daemon=True, name="parent-watch").start()

@@ -100,28 +100,110 @@ class ResultWriter:
         return len(lines)
 
 
-def read_results(path: Path) -> pd.DataFrame:
-    """All rows of a results.jsonl; a torn last line (crash mid-write) is ignored."""
+REQUIRED_ROW_KEYS = ("backend_id", "metric", "status")
+REQUIRED_RUN_KEYS = ("schema_version", "run_id", "config", "dataset", "backends")
+_noted: set[tuple[str, int]] = set()
+
+
+def read_result_lines(path: Path) -> tuple[list[tuple[str, dict[str, Any]]], int | None]:
+    """(line text, row) for every row of a results.jsonl, and the number of a torn last line.
+
+    Only the last line may be torn (a crash while appending); a bad line anywhere else, or
+    a line that is not a result row, is a SuiteError naming the file and the line."""
+    from suite.errors import SuiteError
+
     path = Path(path)
-    rows = []
-    if path.exists():
-        with open(path, encoding="utf-8") as fh:
-            for line in fh:
-                line = line.strip()
-                if not line:
-                    continue
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError:
-                    continue
-    df = pd.DataFrame(rows)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return [], None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SuiteError(f"cannot read {path}: {exc}") from None
+    numbered = [(i, line) for i, line in enumerate(text.splitlines(), 1) if line.strip()]
+    rows, torn = [], None
+    for k, (lineno, line) in enumerate(numbered):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            if k == len(numbered) - 1:
+                torn = lineno
+                break
+            raise SuiteError(f"{path} line {lineno} is not valid JSON ({exc.msg}): the file is torn "
+                             f"or was edited; only a torn last line can be skipped") from None
+        if not isinstance(row, dict) or any(key not in row for key in REQUIRED_ROW_KEYS):
+            missing = [key for key in REQUIRED_ROW_KEYS if not isinstance(row, dict) or key not in row]
+            raise SuiteError(f"{path} line {lineno} is not a result row (lacks {', '.join(missing)})")
+        rows.append((line, row))
+    return rows, torn
+
+
+def note_torn_line(path: Path, lineno: int) -> None:
+    """Say once per process that a torn last line was skipped (the crash case)."""
+    import sys
+
+    if (str(path), lineno) not in _noted:
+        _noted.add((str(path), lineno))
+        print(f"note: skipped the torn last line {lineno} of {path} (a crash while writing)",
+              file=sys.stderr)
+
+
+def read_results(path: Path) -> pd.DataFrame:
+    """All rows of a results.jsonl; a torn last line (crash mid-write) is skipped with a note,
+    anything else torn or invalid is a SuiteError naming file and line."""
+    path = Path(path)
+    lines, torn = read_result_lines(path)
+    if torn is not None:
+        note_torn_line(path, torn)
+    df = pd.DataFrame([row for _, row in lines])
     for col in RESULT_COLUMNS:
         if col not in df.columns:
             df[col] = None
-    if len(df) and (df["schema_version"] > SCHEMA_VERSION).any():
+    if len(df) and (pd.to_numeric(df["schema_version"], errors="coerce") > SCHEMA_VERSION).any():
         from suite.errors import SuiteError
         raise SuiteError(f"{path} was written by a newer suite (schema {df['schema_version'].max()})")
     return df
+
+
+def rewrite_results(path: Path, keep: Iterable[str]) -> None:
+    """Replace results.jsonl with the given lines (write then rename)."""
+    path = Path(path)
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write("".join(line + "\n" for line in keep))
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def read_run_state(run_dir: Path) -> dict[str, Any]:
+    """run.json of a run folder, checked: a torn or foreign file is a SuiteError naming it."""
+    from suite.errors import SuiteError
+
+    path = Path(run_dir) / "run.json"
+    if not Path(run_dir).is_dir():
+        raise SuiteError(f"{run_dir} is not a run folder (no such folder)")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SuiteError(f"{run_dir} is not a run folder (no run.json)") from None
+    except json.JSONDecodeError as exc:
+        raise SuiteError(f"{path} line {exc.lineno} is not valid JSON ({exc.msg}): "
+                         f"the file is torn or was edited") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SuiteError(f"cannot read {path}: {exc}") from None
+    if not isinstance(data, dict):
+        raise SuiteError(f"{path} is not a run description (not a JSON object)")
+    missing = [k for k in REQUIRED_RUN_KEYS if k not in data]
+    if missing:
+        raise SuiteError(f"{path} is not a run description (lacks {', '.join(missing)})")
+    if not isinstance(data["schema_version"], int) or data["schema_version"] > SCHEMA_VERSION:
+        raise SuiteError(f"{path} has schema {data['schema_version']!r}; this suite reads up to "
+                         f"{SCHEMA_VERSION}")
+    backends = data["backends"]
+    if not isinstance(backends, dict) or not all(
+            isinstance(b, dict) and isinstance(b.get("status"), str) for b in backends.values()):
+        raise SuiteError(f"{path}: 'backends' must map each configuration to its status")
+    return data
 
 
 def write_json_atomic(path: Path, data: Any) -> None:

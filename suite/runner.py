@@ -22,14 +22,15 @@ from suite import SCHEMA_VERSION, __version__
 from suite.config import RunConfig
 from suite.data.catalog import load_dataset
 from suite.data.imageset import ImageSet
-from suite.errors import SuiteError
+from suite.errors import Interrupted, SuiteError
 from suite.evaluate import accuracy_rows, cost_rows, paired_rows
 from suite.harness import Job, part_paths
 from suite.model_source import resolve_model
 from suite.paths import REPO_ROOT, cache_dir, reports_dir
-from suite.planning import Planned, plan_backends
+from suite.planning import Planned, merged_entries, plan_backends
 from suite.procwatch import run_watched
-from suite.results import ResultRow, ResultWriter, read_results, write_json_atomic, write_parquet_atomic
+from suite.results import (ResultRow, ResultWriter, note_torn_line, read_result_lines, read_results,
+                           read_run_state, rewrite_results, write_json_atomic, write_parquet_atomic)
 from suite.threat_model import ThreatModel
 
 FINAL = ("ok", "failed", "skipped")
@@ -59,16 +60,70 @@ def library_versions() -> dict[str, str]:
     return out
 
 
-def prepare_run_dir(out: str | None, run_id: str) -> Path:
-    run_dir = Path(out) if out else reports_dir() / run_id
+RUN_FILES = ("run.json", "results.jsonl", "predictions.parquet", "parts")
+
+
+def holds_a_run(folder: Path) -> bool:
+    return any((folder / name).exists() for name in RUN_FILES)
+
+
+def check_out_dir(out: str | None, run_id: str, overwrite: bool = False) -> Path:
+    """Where this run will write, checked before any work and created only when the first
+    file is written (so an early error leaves no empty folder behind).
+
+    A folder that holds another run is refused (two runs would mix on one leaderboard)
+    unless `overwrite`; a non-empty folder that holds no run is never cleared."""
+    if out is None:
+        base = reports_dir() / run_id
+        run_dir, n = base, 1
+        while run_dir.exists():
+            n += 1
+            run_dir = base.with_name(f"{base.name}-{n}")
+        return run_dir
+    run_dir = Path(out)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise SuiteError(f"--out {run_dir} is an existing file, not a folder; give a new folder path")
+    if run_dir.is_dir() and any(run_dir.iterdir()):
+        if not holds_a_run(run_dir):
+            raise SuiteError(f"--out {run_dir} is a folder that is not empty and holds no run; "
+                             f"give a new or empty folder")
+        if not overwrite:
+            raise SuiteError(f"--out {run_dir} already holds a run; continue it with --resume {run_dir}, "
+                             f"give a fresh --out, or add --overwrite to replace it")
+    ancestor = run_dir
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise SuiteError(f"--out {run_dir} cannot be created: {ancestor} is a file, not a folder")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise SuiteError(f"output folder {run_dir} is not writable: no write permission in {ancestor}")
+    try:   # what os.access cannot tell (read-only mounts, /proc, quotas): try, leave nothing
+        import tempfile
+
+        os.rmdir(tempfile.mkdtemp(prefix=".suite-probe-", dir=ancestor))
+    except OSError as exc:
+        raise SuiteError(f"output folder {run_dir} is not writable: cannot create folders in "
+                         f"{ancestor} ({exc.strerror or exc})") from None
+    return run_dir
+
+
+def create_run_dir(run_dir: Path, overwrite: bool = False) -> None:
+    """Create the run folder (clearing the old run first when `overwrite`), and prove it writable."""
+    import shutil
+
     try:
+        if overwrite and run_dir.is_dir() and holds_a_run(run_dir):
+            for child in run_dir.iterdir():
+                if child.is_dir() and not child.is_symlink():
+                    shutil.rmtree(child)
+                else:
+                    child.unlink()
         run_dir.mkdir(parents=True, exist_ok=True)
         probe = run_dir / ".write-test"
         probe.write_text("ok")
         probe.unlink()
     except OSError as exc:
         raise SuiteError(f"output folder {run_dir} is not writable: {exc.strerror or exc}") from None
-    return run_dir
 
 
 def stratified_order(test: ImageSet, seed: int) -> np.ndarray:
@@ -154,11 +209,18 @@ def drop_rows(results_path: Path, backend_id: str) -> None:
     """Resume: remove rows of a backend that was interrupted between writing rows and status."""
     if not results_path.exists():
         return
-    keep = [line for line in results_path.read_text().splitlines()
-            if line.strip() and json.loads(line).get("backend_id") != backend_id]
-    tmp = results_path.with_suffix(".tmp")
-    tmp.write_text("".join(line + "\n" for line in keep))
-    tmp.replace(results_path)
+    lines, torn = read_result_lines(results_path)
+    keep = [line for line, row in lines if row.get("backend_id") != backend_id]
+    if torn is not None or len(keep) != len(lines):
+        rewrite_results(results_path, keep)
+
+
+def repair_torn_tail(results_path: Path) -> None:
+    """Resume after a crash mid-append: cut the torn last line, or new rows would be glued to it."""
+    lines, torn = read_result_lines(results_path)
+    if torn is not None:
+        note_torn_line(results_path, torn)
+        rewrite_results(results_path, [line for line, _ in lines])
 
 
 def execute_backend(plan: Planned, state: RunState, run_dir: Path, cfg: RunConfig,
@@ -252,23 +314,82 @@ def map_labels_to_model(data: ImageSet, data_path: Path, bundle, console):
     return mapped, path, unmapped
 
 
-def run(cfg: RunConfig, console, resume: Path | None = None) -> Path:
-    """The whole `suite run`; returns the run folder."""
+def check_checkpoint_file(name: str) -> None:
+    """A clear error for a --model file that is no checkpoint at all: a text file, an empty
+    or truncated .pt (torch's own errors read `OSError: [Errno 22]` or `UnpicklingError`)."""
+    import zipfile
+
+    path = Path(name)
+    if not path.exists():
+        return   # resolve_model says "checkpoint not found" (or "unknown model")
+    if path.is_dir():
+        raise SuiteError(f"--model {path} is a folder, not a checkpoint file (.pt)")
+    with open(path, "rb") as fh:
+        head = fh.read(1024)
+    if head.startswith(b"PK\x03\x04"):           # torch.save's zip format
+        try:
+            with zipfile.ZipFile(path) as zf:
+                zf.namelist()
+        except (zipfile.BadZipFile, OSError):
+            raise SuiteError(f"model checkpoint {path} is corrupt or truncated (an incomplete "
+                             f"PyTorch file); write it again with `python -m suite train`") from None
+        return
+    if head.startswith(b"\x80"):                  # torch's legacy pickle format
+        return
+    if not head:
+        raise SuiteError(f"model checkpoint {path} is empty (0 bytes); write it again with "
+                         f"`python -m suite train`")
+    kind = "a text file" if b"\x00" not in head else "not a PyTorch file"
+    raise SuiteError(f"--model {path} is {kind}, not a checkpoint written by `python -m suite train`")
+
+
+def check_model_resolution(bundle, data: ImageSet) -> None:
+    """A model trained at one side length must see images of that side length."""
+    if bundle.source in ("checkpoint", "xrv-weights") and bundle.resolution != data.resolution:
+        raise SuiteError(
+            f"model '{bundle.name}' expects {bundle.resolution} px images but the dataset is "
+            f"{data.resolution} px; set [dataset] resolution = {bundle.resolution}")
+
+
+def load_resume(resume: Path) -> tuple[dict[str, Any], RunConfig]:
+    """The saved state and config of a run to continue; a torn or foreign run.json is refused."""
+    from suite.config import config_from_dict
+
+    saved = read_run_state(Path(resume))
+    try:
+        cfg = config_from_dict(saved["config"])
+    except SuiteError as exc:
+        raise SuiteError(f"{Path(resume) / 'run.json'}: saved config is invalid: {exc}") from None
+    return saved, cfg
+
+
+def run(cfg: RunConfig, console, resume: Path | None = None, overwrite: bool = False) -> Path:
+    """The whole `suite run`; returns the run folder. Interrupted (Ctrl-C, SIGTERM, SIGHUP),
+    it raises `Interrupted` naming the folder to resume, or none when nothing was written."""
+    where: list[Path] = []
+    try:
+        return _run(cfg, console, resume, overwrite, where)
+    except (KeyboardInterrupt, Interrupted) as exc:
+        name = exc.signame if isinstance(exc, Interrupted) else "SIGINT"
+        written = where and (where[0] / "run.json").exists()
+        raise Interrupted(name, where[0] if written else None) from None
+
+
+def _run(cfg: RunConfig, console, resume: Path | None, overwrite: bool, where: list[Path]) -> Path:
     from rich.progress import Progress
 
     if resume is not None:
-        state_path = Path(resume) / "run.json"
-        if not state_path.exists():
-            raise SuiteError(f"--resume: {resume} has no run.json")
-        saved = json.loads(state_path.read_text())
-        from suite.config import config_from_dict
-
-        cfg = config_from_dict(saved["config"])
+        saved, cfg = load_resume(resume)
         run_id, run_dir = saved["run_id"], Path(resume)
     else:
         run_id = time.strftime("%Y%m%d-%H%M%S") + f"-{cfg.hash()[:6]}"
-        run_dir = prepare_run_dir(cfg.out, run_id)
+        run_dir = check_out_dir(cfg.out, run_id, overwrite)
+    where.append(run_dir)
     plans = plan_backends(cfg)
+    for note in merged_entries(plans):
+        console.print(f"[yellow]note[/yellow]: {escape(note)}")
+    if cfg.model.name.endswith(".pt") or Path(cfg.model.name).is_file():
+        check_checkpoint_file(cfg.model.name)
     console.print(f"run [bold]{run_id}[/bold] -> {run_dir}")
     data, data_path = load_dataset(cfg.dataset, cfg.seed, cfg.quick)
     console.print(f"dataset {data.name}: {(data.splits == 'train').sum()} train / "
@@ -279,13 +400,35 @@ def run(cfg: RunConfig, console, resume: Path | None = None) -> Path:
         bundle, model_ref = resolve_model(cfg.model, data, cfg.seed, cfg.quick,
                                           progress=lambda e, loss: progress.update(
                                               task, description=f"training {cfg.model.name}: epoch {e + 1}, loss {loss:.3f}"))
+    check_model_resolution(bundle, data)
     data, data_path, unmapped = map_labels_to_model(data, data_path, bundle, console)
     if resume is not None:
         state = RunState(run_dir / "run.json", saved)
+        check_resume_matches(state, data, plans, run_dir)
+        repair_torn_tail(run_dir / "results.jsonl")
     else:
         state = new_state(run_dir, run_id, cfg, data, bundle.describe(), plans)
         state.data["dataset"]["unmapped_labels"] = unmapped
+        create_run_dir(run_dir, overwrite)
     state.save()
+    run_pending(plans, state, run_dir, cfg, data_path, data, model_ref, console)
+    return run_dir
+
+
+def check_resume_matches(state: RunState, data: ImageSet, plans: list[Planned], run_dir: Path) -> None:
+    """Continue only the run that was started: same data, same configurations."""
+    saved_fp = state.data["dataset"].get("fingerprint")
+    if saved_fp and saved_fp != data.fingerprint():
+        raise SuiteError(f"--resume {run_dir}: the dataset changed since the run started (fingerprint "
+                         f"{saved_fp}, now {data.fingerprint()}); start a fresh run with a new --out")
+    missing = [p.backend_id for p in plans if p.backend_id not in state.data["backends"]]
+    if missing:
+        raise SuiteError(f"--resume {run_dir}: the saved run has no configuration {', '.join(missing)} "
+                         f"(the suite changed since); start a fresh run with a new --out")
+
+
+def run_pending(plans: list[Planned], state: RunState, run_dir: Path, cfg: RunConfig, data_path: Path,
+                data: ImageSet, model_ref: dict, console) -> None:
     writer = ResultWriter(run_dir / "results.jsonl")
     order = stratified_order(data.split("test"), cfg.seed)
     pending = [p for p in plans if state.backend(p.backend_id)["status"] not in FINAL]
@@ -302,4 +445,9 @@ def run(cfg: RunConfig, console, resume: Path | None = None) -> Path:
     state.data["finished_at"] = datetime.now(timezone.utc).isoformat()
     state.save()
     consolidate_predictions(run_dir, state)
-    return run_dir
+
+
+def failed_configurations(run_dir: Path) -> list[str]:
+    """Backend configurations of a finished run whose status is 'failed'."""
+    state = read_run_state(run_dir)
+    return [bid for bid, b in state["backends"].items() if b.get("status") == "failed"]

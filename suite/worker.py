@@ -1,7 +1,9 @@
 """Entry point of one backend job: `python -m suite.worker JOB.json`.
 
 Each backend configuration runs in its own process so the parent can enforce a hard
-time limit, measure the process tree's memory, and survive a backend that crashes.
+time limit, measure the process tree's memory, and survive a backend that crashes. The
+worker watches its parent from the first line on: if the parent dies (even by SIGKILL),
+the worker stops every process it started and exits, so nothing of a run is left behind.
 """
 
 from __future__ import annotations
@@ -10,18 +12,17 @@ import os
 import sys
 from pathlib import Path
 
-from suite.backend import BackendContext
-from suite.harness import Job, format_error, full_traceback, measure, write_part
-from suite.meter import CommMeter
-from suite.run_folder import RunFolder
 
-
-def run_job(job: Job) -> int:
+def run_job(job) -> int:
     import torch
 
+    from suite.backend import BackendContext
     from suite.data.catalog import load_npz
+    from suite.harness import format_error, full_traceback, measure, write_part
+    from suite.meter import CommMeter
     from suite.model_source import load_model_ref
     from suite.registry_backends import BACKENDS
+    from suite.run_folder import RunFolder
 
     torch.set_num_threads(max(1, job.threads))
     test = backend = meter = None
@@ -58,7 +59,12 @@ def main(argv: list[str] | None = None) -> int:
     if len(argv) != 1:
         print("usage: python -m suite.worker JOB.json", file=sys.stderr)
         return 2
+    from suite.procwatch import PARENT_ENV, watch_parent
+
+    watch_parent(int(os.environ.get(PARENT_ENV) or 0) or None)
     os.environ.setdefault("OMP_NUM_THREADS", "2")
+    from suite.harness import Job
+
     return run_job(Job.load(Path(argv[0])))
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 
@@ -61,7 +60,7 @@ def test_unwritable_output_folder(tmp_path):
 def test_output_folder_that_is_a_file(tmp_path):
     f = tmp_path / "afile"
     f.write_text("precious")
-    _one_line_error(run_cli("run", "--config", TINY, "--out", str(f)), "not writable")
+    _one_line_error(run_cli("run", "--config", TINY, "--out", str(f)), "is an existing file, not a folder")
     assert f.read_text() == "precious"
 
 

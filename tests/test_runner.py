@@ -7,7 +7,7 @@ import json
 import pandas as pd
 import pytest
 
-from suite.results import read_results
+from suite.results import read_result_lines, read_results
 from tests.conftest import REPO, run_cli
 from tests.faulty_backends import EXTRA
 
@@ -81,7 +81,11 @@ def test_failures_are_recorded_and_the_run_goes_on(tmp_path):
     out = tmp_path / "r"
     proc = run_cli("run", "--config", TINY, "--out", str(out), "--timeout", "40",
                    "--backends", "raising,crashing,badshape,hanging,null", env=FAULTY)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    # finished, but not all well: a distinct exit status, said in the last line
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("failed: 4 of 6 backend configurations failed"), last
+    assert all(name in last for name in ("raising", "crashing", "badshape", "hanging")), last
     state = json.loads((out / "run.json").read_text())["backends"]
     assert state["raising"]["status"] == "failed"
     assert "deliberate failure" in state["raising"]["error"]
@@ -105,8 +109,13 @@ def test_resume_finishes_an_interrupted_run_without_duplicates(tiny_run, tmp_pat
     state["backends"]["null"]["status"] = "running"          # died mid-way
     (run / "run.json").write_text(json.dumps(state))
     before = read_results(run / "results.jsonl")
+    with open(run / "results.jsonl", "a") as fh:                # ... while appending a row
+        fh.write('{"backend_id": "null", "metr')
     proc = run_cli("run", "--resume", str(run))
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "skipped the torn last line" in proc.stderr
+    lines, torn = read_result_lines(run / "results.jsonl")      # the torn tail was cut, not glued to
+    assert torn is None
     after = read_results(run / "results.jsonl")
     assert len(after) == len(before)
     assert not after.duplicated(["backend_id", "site", "label", "metric", "party", "phase"]).any()
@@ -118,3 +127,14 @@ def test_empty_dataset_is_a_clear_error(tmp_path):
     cfg.write_text(open(TINY).read().replace("n_test_per_site = 8", "n_test_per_site = 0"))
     proc = run_cli("run", "--config", str(cfg), "--out", str(tmp_path / "r"))
     assert proc.returncode == 2 and "no 'test' images" in proc.stderr
+
+
+def test_out_onto_an_existing_run_is_refused(tiny_run):
+    """Two runs in one folder once mixed on one leaderboard (old null rows, new plaintext)."""
+    out, _ = tiny_run
+    before = (out / "results.jsonl").read_bytes()
+    proc = run_cli("run", "--config", TINY, "--out", str(out))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"--resume {out}" in lines[0] and "fresh --out" in lines[0], proc.stderr
+    assert (out / "results.jsonl").read_bytes() == before

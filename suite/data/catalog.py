@@ -1,12 +1,16 @@
 """Dataset registry and on-disk cache of prepared datasets.
 
 Every loader turns a DatasetConfig into an ImageSet; the prepared set is cached as
-.npz so backend worker processes load exactly the same arrays the parent saw.
+.npz so backend worker processes load exactly the same arrays the parent saw. The cache
+key covers the files the set is built from (every file's size and modification time,
+label files by content), so an edited label or image is never served from a stale cache.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import os
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +42,8 @@ def _registered_name(name: str) -> str:
 def load_dataset(cfg: DatasetConfig, seed: int, quick: bool = False) -> tuple[ImageSet, Path]:
     """The prepared ImageSet and its cache file (built on first use)."""
     registered = _registered_name(cfg.name)  # unknown name: fail before any work
-    key = cache_key(dataclasses.asdict(cfg), seed, quick, _loader_version(registered))
+    key = cache_key(dataclasses.asdict(cfg), seed, quick, _loader_version(registered),
+                    source_fingerprint(cfg))
     path = dataset_cache_dir() / f"{cfg.name.replace('+', '_')}-{key}.npz"
     if path.exists():
         try:
@@ -54,6 +59,39 @@ def load_dataset(cfg: DatasetConfig, seed: int, quick: bool = False) -> tuple[Im
             raise SuiteError(f"dataset '{cfg.name}' has no '{split}' images")
     save_npz(data, path)
     return data, path
+
+
+LABEL_SUFFIXES = (".csv", ".csv.gz", ".tsv", ".json")
+
+
+def source_fingerprint(cfg: DatasetConfig) -> str:
+    """What the prepared set is built from: size and mtime of every file under each data
+    folder, and the content of every label file (given, or lying in a data folder)."""
+    h = hashlib.sha256()
+    labels = [Path(p) for part in (cfg.label_file or "").split(",") for p in part.split(";") if p]
+    for d in [Path(p) for p in (cfg.data_dir or "").split(",") if p]:
+        if not d.is_dir():
+            continue   # the loader names the missing folder
+        for root, dirs, files in os.walk(d):
+            dirs.sort()
+            for name in sorted(files):
+                path = Path(root) / name
+                try:
+                    st = path.stat()
+                except OSError:
+                    continue
+                h.update(f"{path.relative_to(d)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+                if root == str(d) and name.lower().endswith(LABEL_SUFFIXES):
+                    labels.append(path)
+    for path in labels:
+        h.update(str(path).encode())
+        try:
+            with open(path, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(block)
+        except OSError:
+            h.update(b"(unreadable)")
+    return h.hexdigest()[:16]
 
 
 def _loader_version(name: str) -> str:

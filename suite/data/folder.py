@@ -16,10 +16,10 @@ import pandas as pd
 
 from suite.config import DatasetConfig
 from suite.data.imageset import ImageSet, patient_level_split
-from suite.data.preprocess import BadImage, crop_and_resize, read_any
+from suite.data.preprocess import PREPROCESS_VERSION, BadImage, crop_and_resize, read_any
 from suite.errors import SuiteError
 
-LOADER_VERSION = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:12]
+LOADER_VERSION = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:12] + "-" + PREPROCESS_VERSION
 RESERVED = ("image", "site", "patient")
 
 

@@ -3,11 +3,15 @@ values in [-1024, 1024], centre crop to a square, resize to the model's side."""
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
 
 from suite.errors import SuiteError
+
+# Part of every dataset cache key: a change to how pixels become model input re-prepares data.
+PREPROCESS_VERSION = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:8]
 
 
 class BadImage(SuiteError):

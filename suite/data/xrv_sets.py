@@ -17,9 +17,10 @@ import numpy as np
 
 from suite.config import DatasetConfig
 from suite.data.imageset import ImageSet, patient_level_split
+from suite.data.preprocess import PREPROCESS_VERSION
 from suite.errors import SuiteError, unknown
 
-LOADER_VERSION = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:12]
+LOADER_VERSION = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:12] + "-" + PREPROCESS_VERSION
 DEFAULT_VIEWS = ["PA", "AP"]
 
 
@@ -31,6 +32,7 @@ class XrvSet:
     image_id: Callable[[Any], Any]  # csv -> image id column
     patient_id: Callable[[Any], Any] | None
     extra: tuple[tuple[str, Any], ...] = ()
+    ids_are_files: bool = False     # image ids are file names directly in --data-dir
 
 
 def _col(name):
@@ -39,7 +41,7 @@ def _col(name):
 
 XRV_SETS: dict[str, XrvSet] = {
     "nih": XrvSet("NIH_Dataset", ("csvpath",), ("Data_Entry_2017_v2020.csv", "Data_Entry_2017.csv"),
-                  _col("Image Index"), _col("Patient ID"), (("unique_patients", False),)),
+                  _col("Image Index"), _col("Patient ID"), (("unique_patients", False),), True),
     "chexpert": XrvSet("CheX_Dataset", ("csvpath",), ("train.csv",), _col("Path"), _col("patientid"),
                        (("unique_patients", False),)),
     "padchest": XrvSet("PC_Dataset", ("csvpath",),
@@ -68,6 +70,8 @@ def _label_files(spec: XrvSet, data_dir: Path, label_file: str | None) -> dict[s
         paths = [Path(p) for p in given]
     else:
         paths = [data_dir / name for name in spec.label_default]
+        if len(spec.label_kw) == 1:   # one label file, known under several names: the first found
+            paths = [p for p in paths if p.exists()][:1] or paths
         if not all(p.exists() for p in paths):
             if spec.cls in ("NIH_Dataset", "CheX_Dataset", "PC_Dataset", "RSNA_Pneumonia_Dataset"):
                 return {}  # xrv ships these label files
@@ -85,10 +89,12 @@ def open_xrv(name: str, data_dir: Path, label_file: str | None, views: list[str]
     spec = XRV_SETS[name]
     if not data_dir.is_dir():
         raise SuiteError(f"--data-dir {data_dir} is not a folder")
-    kwargs = {"imgpath": str(data_dir), "views": views, "seed": seed,
-              **_label_files(spec, data_dir, label_file), **dict(spec.extra)}
+    labels = _label_files(spec, data_dir, label_file)
+    kwargs = {"imgpath": str(data_dir), "views": views, "seed": seed, **labels, **dict(spec.extra)}
     try:
-        return getattr(xrv.datasets, spec.cls)(**kwargs)
+        ds = getattr(xrv.datasets, spec.cls)(**kwargs)
+        ds.suite_label_source = labels.get("csvpath", "torchxrayvision's bundled label file")
+        return ds
     except KeyError as exc:
         raise SuiteError(f"label file for '{name}' lacks column {exc}") from None
     except (FileNotFoundError, ValueError) as exc:
@@ -122,6 +128,9 @@ def load_one(name: str, cfg: DatasetConfig, data_dir: Path, label_file: str | No
     n = len(ds) if not cfg.max_images else min(len(ds), cfg.max_images)
     csv = ds.csv.iloc[:n]
     ids = spec.image_id(csv).to_numpy()
+    if spec.ids_are_files:
+        check_images_present(ids, data_dir, getattr(ds, "suite_label_source", "the label file"),
+                             cfg.on_bad_image)
     patients = spec.patient_id(csv).to_numpy() if spec.patient_id else ids
     sub = _Head(ds, n)
     images, keep, bad = read_images(sub, size, ids, cfg.on_bad_image)
@@ -134,6 +143,27 @@ def load_one(name: str, cfg: DatasetConfig, data_dir: Path, label_file: str | No
                     sites=site, patient_ids=np.array([f"{name}:{p}" for p in patients[keep]]),
                     splits=np.full(len(keep), "train"))
     return data, bad
+
+
+def check_images_present(ids: np.ndarray, data_dir: Path, label_source: str, on_bad: str) -> None:
+    """The listed images must be in --data-dir; say so with counts (and where they are, when
+    --data-dir is the folder above images/), instead of failing on the first missing file."""
+    listed = len(ids)
+    found = sum((data_dir / str(i)).is_file() for i in ids)
+    if found == listed or (found and on_bad == "skip"):
+        return
+    hint = ""
+    below = data_dir / "images"
+    if below.is_dir():
+        in_below = sum((below / str(i)).is_file() for i in ids)
+        if in_below:
+            hint = f"; {in_below} of them are in {below}: pass --data-dir {below}"
+    if found == 0:
+        raise SuiteError(f"none of the images listed in {label_source} are in {data_dir} "
+                         f"(listed {listed}, found 0){hint}")
+    raise SuiteError(f"only {found} of the {listed} images listed in {label_source} are in {data_dir}"
+                     f"{hint or '; pass --label-file with the label CSV of these images'} "
+                     f"(or set dataset.on_bad_image = \"skip\")")
 
 
 class _Head:
