@@ -49,6 +49,11 @@ Options (`--backends mpc:KEY=VALUE:KEY=VALUE` or `[backends.mpc]` in the run con
                   division, free but wrong by ~2^(64-p) with probability |y| * 2^(2p-64) per
                   value - negligible on a trained model, about one failure per hundred images
                   on a model with uncalibrated BatchNorm (activations in the thousands)
+  rng             "csprng" (default): every random value (shares, masks, zero-sharing seeds,
+                  the dealer's seeds and triples) from AES-256-CTR keyed from os.urandom
+                  (backends/mpc/csprng.py); "torch": CrypTen's stock MT19937 generators,
+                  INSECURE (a party rebuilds the other's stream from what it receives), kept
+                  only to measure the CSPRNG's cost; its row's guarantee says so
   threads         torch threads per party (0 = half the run's threads, at least 1)
   reveal_to       "data_owner" (default) or "both"
   master_addr     rendezvous address (default $MPC_MASTER_ADDR or 127.0.0.1)
@@ -111,6 +116,8 @@ class CrypTenBackend(PartyBackend):
             raise SuiteError(f"mpc option relu must be 'packed' or 'crypten', got '{o.relu}'")
         if o.truncation not in ("exact", "local"):
             raise SuiteError(f"mpc option truncation must be 'exact' or 'local', got '{o.truncation}'")
+        if o.rng not in ("csprng", "torch"):
+            raise SuiteError(f"mpc option rng must be 'csprng' or 'torch', got '{o.rng}'")
         if o.local_parties not in ("all", "data_owner"):
             raise SuiteError(f"mpc option local_parties must be 'all' or 'data_owner', got '{o.local_parties}'")
         if o.precision_bits and not 4 <= o.precision_bits <= 30:
@@ -149,9 +156,10 @@ class CrypTenBackend(PartyBackend):
                 ("each party runs on its own host; this benchmark runs the data owner, the model "
                  "owner runs its own program with its own checkpoint"),
             ),
-            guarantee_kind="cryptographic",
+            guarantee_kind="none" if o.rng == "torch" else "cryptographic",
             guarantee=(f"2-party additive secret sharing over Z_2^64 (CrypTen {self._crypten_version()}), "
-                       f"fixed point with {self._precision_text()}; protects {protection}"),
+                       f"fixed point with {self._precision_text()}; protects {protection}; "
+                       + self._randomness_text()),
             leaks=self._leaks(),
             protected_scope="entire DenseNet (all convolutions, BN (folded), ReLU, pooling, "
                             "concatenation, classifier)",
@@ -165,6 +173,14 @@ class CrypTenBackend(PartyBackend):
                       "fixed-point truncation is CrypTen's local one, which fails (a large error) "
                       "with probability ~|x| * 2^(2p-64) per product")),
         )
+
+    def _randomness_text(self) -> str:
+        if self.options.rng == "torch":
+            return ("INSECURE RANDOMNESS (rng=torch): shares, masks and triples come from MT19937, "
+                    "whose state either party can rebuild from the values it receives; this row "
+                    "protects nothing and exists only to measure the CSPRNG's cost")
+        return ("every share, mask, zero-sharing seed and triple from AES-256-CTR keyed with "
+                "256-bit keys from os.urandom (backends.mpc.csprng)")
 
     def _precision_text(self) -> str:
         chosen = getattr(self, "_precision", 0)
@@ -213,7 +229,7 @@ class CrypTenBackend(PartyBackend):
             "triples": o.triples, "precision_bits": self._precision, "reveal_to": o.reveal_to,
             "timeout_s": o.timeout_s, "record_dir": os.environ.get("MPC_RECORD_DIR") or None,
             "profile": os.environ.get("MPC_PROFILE") == "1", "relu": o.relu,
-            "truncation": o.truncation,
+            "truncation": o.truncation, "rng": o.rng,
         }
         if o.local_parties == "all":
             ranks = (2, 0, 1) if o.triples == "ttp" else (0, 1)

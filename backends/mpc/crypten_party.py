@@ -366,7 +366,7 @@ def _configure(settings: dict[str, Any], rank: int, world_size: int = 2) -> Any:
 
     from backends.mpc.crypten_compat import import_crypten
 
-    crypten = import_crypten()
+    crypten = import_crypten(settings.get("rng", "csprng"))
     crypten.cfg.mpc.provider = "TTP" if settings["triples"] == "ttp" else "TFP"
     # 0 = the data owner adopts the model owner's precision, announced at setup
     crypten.cfg.encoder.precision_bits = int(settings["precision_bits"]) or 16
@@ -487,13 +487,17 @@ def _standalone(argv: list[str]) -> int:
     p.add_argument("--relu", choices=("packed", "crypten"), default="packed")
     p.add_argument("--truncation", choices=("exact", "local"), default="exact")
     p.add_argument("--reveal-to", choices=("data_owner", "both"), default="data_owner")
+    p.add_argument("--rng", choices=("csprng", "torch"), default="csprng",
+                   help="randomness: csprng (AES-256-CTR keyed from os.urandom, default) or torch "
+                        "(CrypTen's stock MT19937: insecure, only to measure the CSPRNG's cost); "
+                        "every party and the dealer must use the same")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--timeout-s", type=float, default=900.0)
     a = p.parse_args(argv)
     settings = {"master_addr": a.master_addr, "master_port": a.master_port, "threads": a.threads,
                 "triples": a.triples, "precision_bits": a.precision_bits, "reveal_to": a.reveal_to,
                 "timeout_s": a.timeout_s, "relu": a.relu, "truncation": a.truncation,
-                "record_dir": None, "profile": False}
+                "record_dir": None, "profile": False, "rng": a.rng}
     if a.role == "dealer":
         _dealer(settings)
         return 0
@@ -560,7 +564,7 @@ def _party_loop(rank: int, conn: Any, settings: dict[str, Any], model: tuple | N
         kind, plan, params = recv(conn)
         assert kind == "setup"
     before = init_before          # setup traffic includes CrypTen's seed exchange
-    agreed = {k: settings.get(k) for k in ("triples", "relu", "reveal_to", "truncation")}
+    agreed = {k: settings.get(k) for k in ("triples", "relu", "reveal_to", "truncation", "rng")}
     bits = int(settings["precision_bits"])
     offer = comm.broadcast_obj({"plan": plan_to_dict(plan), "settings": agreed, "precision_bits": bits}
                                if rank == 0 else None, 0)
@@ -610,6 +614,9 @@ def _party_loop(rank: int, conn: Any, settings: dict[str, Any], model: tuple | N
         cpu_s = time.process_time() - cpu_start
         if record_dir is not None:
             torch.save(traffic.record, record_dir / f"{role}_batch{n_batch}.pt")
+            # the party's own view besides what it received: its share of the input
+            torch.save({"input_share": x._tensor.share.clone(), "precision_bits": bits,
+                        "input_scale": plan.input_scale}, record_dir / f"{role}_batch{n_batch}_own.pt")
             traffic.record = []
         n_batch += 1
         receives = rank == 1 or settings["reveal_to"] == "both"

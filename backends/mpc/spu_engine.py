@@ -95,6 +95,8 @@ class SPUBackend(PartyBackend):
         if bits and not 4 <= bits <= limit // 2 - 2:
             raise SuiteError(f"mpc option fxp_fraction_bits must be 0 (SPU's default) or in "
                              f"[4, {limit // 2 - 2}] for {o.field}, got {bits}")
+        if o.rng != "csprng":
+            raise SuiteError("mpc option rng applies to engine=crypten only (SPU draws its own randomness)")
         if o.reveal_to not in ("data_owner", "both"):
             raise SuiteError(f"mpc option reveal_to must be 'data_owner' or 'both', got '{o.reveal_to}'")
         if o.pre_mode not in ("split", "mul"):
