@@ -186,3 +186,17 @@ def test_the_rows_say_which_randomness_they_had(recorded_view):
         assert "INSECURE RANDOMNESS" in tm.guarantee and tm.guarantee_kind == "none"
     else:
         assert "AES-256-CTR" in tm.guarantee and tm.guarantee_kind == "cryptographic"
+
+
+@pytest.mark.parametrize("host", ["model_owner", "data_owner"])
+def test_a_co_located_dealer_is_labelled_as_trust(host):
+    from backends.mpc import MPCBackend, MPCOptions
+
+    tm = MPCBackend(MPCOptions(triples="ttp", dealer_host=host)).threat_model()
+    assert f"CO-LOCATED WITH THE {host.replace('_', ' ').upper()}" in " ".join(tm.trust_assumptions)
+    victim = "images protected from the model owner by trust" if host == "model_owner" else \
+        "weights protected from the data owner by trust"
+    assert victim in tm.guarantee
+    third = MPCBackend(MPCOptions(triples="ttp")).threat_model()
+    assert "by trust" not in third.guarantee and "on its own host" in " ".join(third.trust_assumptions)
+    assert any("fractional bits" in leak and "headroom" in leak for leak in third.leaks)

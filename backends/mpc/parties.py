@@ -189,8 +189,8 @@ class PartyBackend(Backend):
         for name, bandwidth, rtt in NETWORKS:
             value = (compute + (rounds + d_rounds) * rtt + (peak_bytes + d_bytes) * 8 / bandwidth) / n
             rows.append({
-                "metric": f"projected_latency_per_image_{name}", "value": value, "unit": "s",
-                "higher_is_better": False, "phase": "online",
+                "metric": "projected_latency_per_image", "value": value, "unit": "s",
+                "higher_is_better": False, "phase": "online", "network": name, "estimate": "projected",
                 "note": (f"projected from measured rounds and bytes plus measured compute: "
                          f"sum over batches of (T_cpu + (R + R_dealer) * RTT + (B + B_dealer) * 8 / bandwidth), "
                          f"divided by the images; RTT {rtt * 1e3:g} ms, bandwidth {bandwidth / 1e6:g} Mbit/s; "
