@@ -255,6 +255,7 @@ class CrypTenBackend(PartyBackend):
             "timeout_s": o.timeout_s, "record_dir": os.environ.get("MPC_RECORD_DIR") or None,
             "profile": os.environ.get("MPC_PROFILE") == "1", "relu": o.relu,
             "truncation": o.truncation, "rng": o.rng,
+            "faults": os.environ.get("MPC_PROTOCOL_FAULTS", ""),   # tests only: broken variants
         }
         if o.local_parties == "all":
             ranks = (2, 0, 1) if o.triples == "ttp" else (0, 1)

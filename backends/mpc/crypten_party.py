@@ -46,6 +46,7 @@ class Traffic:
         self.sent = self.received = self.rounds = 0
         self.dealer_sent = self.dealer_received = self.dealer_rounds = 0
         self.record: list[tuple[str, Any]] | None = None
+        self.opened: list[Any] | None = None       # tests: values opened to both parties
 
     def snapshot(self) -> dict[str, int]:
         return {f: int(getattr(self, f)) for f in self.FIELDS}
@@ -87,6 +88,10 @@ def install_counters(traffic: Traffic) -> None:
     def keep(name: str, payload: Any) -> None:
         if traffic.record is not None:
             traffic.record.append((name, _detach(payload)))
+
+    def keep_opened(payload: Any) -> None:
+        if traffic.opened is not None:
+            traffic.opened.append(_detach(payload))
 
     orig = {n: getattr(comm, n) for n in ("send", "recv", "isend", "irecv", "scatter", "reduce",
                                           "all_reduce", "gather", "all_gather", "broadcast",
@@ -140,6 +145,7 @@ def install_counters(traffic: Traffic) -> None:
         traffic.received += _nbytes(input)
         traffic.rounds += 1
         keep("all_reduce", _other_part(out, input, op))
+        keep_opened(out)               # what both parties learn: the opened value itself
         return out
 
     def gather(self, tensor, dst):
@@ -250,6 +256,7 @@ class CrypTenOps:
 
         self.crypten = crypten
         gates = TwoPartyGates(crypten, dealer) if relu == "packed" or truncation == "exact" else None
+        self.gates = gates
         self._relu = gates.relu if relu == "packed" else None
         self._gates = gates if truncation == "exact" else None
 
@@ -533,7 +540,7 @@ def _party_loop(rank: int, conn: Any, settings: dict[str, Any], model: tuple | N
     traffic = Traffic()
     record_dir = Path(settings["record_dir"]) if settings.get("record_dir") else None
     if record_dir is not None:
-        traffic.record = []
+        traffic.record, traffic.opened = [], []
     install_counters(traffic)
     init_before = traffic.snapshot()
     crypten.init()
@@ -545,6 +552,16 @@ def _party_loop(rank: int, conn: Any, settings: dict[str, Any], model: tuple | N
 
         dealer = DealerClient()       # talks to mpc_protocol.serve_dealer, tensor-only answers
     ops = CrypTenOps(crypten, settings.get("relu", "packed"), dealer, settings.get("truncation", "exact"))
+    gates = ops.gates
+    faults = (settings.get("faults") or "").split(",")    # tests only: one variant per batch
+    from backends.mpc.protocol import FAULTS
+
+    unknown = sorted({f for f in faults if f and f not in FAULTS})
+    if unknown or (any(faults) and (gates is None or record_dir is None)):
+        raise ValueError(f"MPC_PROTOCOL_FAULTS is for the leak tests only (with MPC_RECORD_DIR and our "
+                         f"gates); known variants {', '.join(FAULTS)}, got {','.join(faults)}")
+    if record_dir is not None and gates is not None:
+        gates.view = []
     if settings.get("profile"):
         ops = ProfiledOps(ops)
 
@@ -600,6 +617,8 @@ def _party_loop(rank: int, conn: Any, settings: dict[str, Any], model: tuple | N
             shape = comm.broadcast_obj(None, 1)
         if shape == "stop":
             break
+        if gates is not None:
+            gates.fault = faults[n_batch] if n_batch < len(faults) else ""
         start, cpu_start = time.perf_counter(), time.process_time()
         with crypten.no_grad():
             # the data owner's public, exact rescaling of its own pixels (see Plan.input_scale)
@@ -616,7 +635,12 @@ def _party_loop(rank: int, conn: Any, settings: dict[str, Any], model: tuple | N
             torch.save(traffic.record, record_dir / f"{role}_batch{n_batch}.pt")
             # the party's own view besides what it received: its share of the input
             torch.save({"input_share": x._tensor.share.clone(), "precision_bits": bits,
-                        "input_scale": plan.input_scale}, record_dir / f"{role}_batch{n_batch}_own.pt")
+                        "input_scale": plan.input_scale,
+                        "gate_inputs": list(gates.view) if gates is not None else [],
+                        "opened": traffic.opened}, record_dir / f"{role}_batch{n_batch}_own.pt")
+            traffic.opened = []
+            if gates is not None:
+                gates.view = []
             traffic.record = []
         n_batch += 1
         receives = rank == 1 or settings["reveal_to"] == "both"
