@@ -112,3 +112,39 @@ def predict_after(observed_words, n_words: int):
     """Predict the n_words ring elements that follow 312 observed ones (MT19937 attack)."""
     bg = clone_mt19937(words_to_outputs(observed_words[:312]))
     return outputs_to_words(bg.random_raw(2 * n_words))
+
+
+def kill_party_during_setup(backend, ctx, victim: int, delay: float) -> tuple[BaseException | None, float]:
+    """SIGKILL party `victim` `delay` seconds after it started, while `backend.setup` runs;
+    returns what setup raised (None if it finished first) and how many seconds after the kill.
+    Fails if setup hangs or teardown leaves party processes behind."""
+    before = children()
+    outcome: dict = {}
+
+    def run():
+        try:
+            backend.setup(ctx)
+        except BaseException as exc:  # noqa: BLE001
+            outcome["exc"] = exc
+        outcome["at"] = time.monotonic()
+
+    worker = threading.Thread(target=run, daemon=True)
+    try:
+        worker.start()
+        deadline = time.monotonic() + 60
+        while victim not in backend._procs and time.monotonic() < deadline and worker.is_alive():
+            time.sleep(0.02)
+        assert victim in backend._procs, "the party was never started"
+        time.sleep(delay)
+        killed_at = time.monotonic()
+        try:
+            os.kill(backend._procs[victim].pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        worker.join(timeout=60)
+        assert not worker.is_alive(), "setup hung after a party was killed"
+    finally:
+        backend.teardown()
+    time.sleep(0.5)
+    assert not (children() - before), "teardown left party processes behind"
+    return outcome.get("exc"), outcome["at"] - killed_at

@@ -68,7 +68,8 @@ class PartyBackend(Backend):
                 send(self._conns[1], ("stop",))
             except Exception:
                 pass
-        deadline = time.monotonic() + 15
+        # a party already gone: the others are stuck waiting for it, stop them at once
+        deadline = time.monotonic() + (1 if self._dead() else 15)
         for rank in (0, 1, 2):            # party 0 stops the dealer at its shutdown
             proc = self._procs.get(rank)
             if proc is not None:
