@@ -200,3 +200,12 @@ def test_a_co_located_dealer_is_labelled_as_trust(host):
     third = MPCBackend(MPCOptions(triples="ttp")).threat_model()
     assert "by trust" not in third.guarantee and "on its own host" in " ".join(third.trust_assumptions)
     assert any("fractional bits" in leak and "headroom" in leak for leak in third.leaks)
+
+
+def test_every_row_says_which_channel_it_had():
+    from backends.mpc import MPCBackend, MPCOptions
+
+    local = " ".join(MPCBackend(MPCOptions()).threat_model().trust_assumptions)
+    remote = " ".join(MPCBackend(MPCOptions(local_parties="data_owner")).threat_model().trust_assumptions)
+    assert "channels: loopback" in local
+    assert "channels: PLAIN TCP between hosts" in remote

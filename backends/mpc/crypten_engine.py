@@ -174,6 +174,7 @@ class CrypTenBackend(PartyBackend):
                 if o.local_parties == "all" else
                 ("each party runs on its own host; this benchmark runs the data owner, the model "
                  "owner runs its own program with its own checkpoint"),
+                self._channel_text(),
             ),
             guarantee_kind="none" if o.rng == "torch" else "cryptographic",
             guarantee=(f"2-party additive secret sharing over Z_2^64 (CrypTen {self._crypten_version()}), "
@@ -192,6 +193,15 @@ class CrypTenBackend(PartyBackend):
                       "fixed-point truncation is CrypTen's local one, which fails (a large error) "
                       "with probability ~|x| * 2^(2p-64) per product")),
         )
+
+    def _channel_text(self) -> str:
+        if self.options.local_parties == "all":
+            return ("channels: loopback on one host (plain TCP through CrypTen's gloo transport, "
+                    "which has no TLS; nothing leaves the machine)")
+        return ("channels: PLAIN TCP between hosts (CrypTen's gloo transport has no TLS and the suite "
+                "starts no tunnel): anyone who can watch the links reads the dealer's keys, the triple "
+                "shares and the openings, hence both inputs; the hosts' network must authenticate and "
+                "encrypt them (IPsec or WireGuard between the hosts)")
 
     def _leaks(self) -> tuple[str, ...]:
         return super()._leaks() + (
