@@ -3,6 +3,8 @@
 Always on (a tiny DenseNet; ~1 min in all, most of it starting parties):
   MPCTinyInference   latency of one secure batch, CPU per image, bytes per image and rounds
                      per batch, for both triple sources and both ReLU protocols
+  MPCRandomness      the CSPRNG's cost: rng=csprng vs rng=torch on the default model's
+                     architecture (64 px, batch 8), same run (~2-4 min)
   MPCPackedReLU      the packed MSB circuit alone, on a plaintext simulation (no parties)
   MPCEngines         every engine / protocol row side by side (CrypTen ttp, SPU SEMI2K, SPU
                      Cheetah): seconds per batch, CPU per image, bytes and messages per image
@@ -13,6 +15,7 @@ Only when asked (minutes each; set MPC_BENCH_DENSENET121=1):
                      baseline of CrypTen's own operators); MPC_BENCH_RESOLUTION=224 for the
                      full size (~20 s per image, ~1.1 GB per party here);
                      MPC_BENCH_TRIPLES=tfp for the trusted-first-party triples;
+                     MPC_BENCH_RNG=torch for CrypTen's stock (insecure) generator;
                      MPC_BENCH_ENGINES=crypten,spu-semi2k,spu-cheetah picks the engine rows
                      (default crypten,spu-semi2k; Cheetah is ~10x slower)
 
@@ -77,7 +80,9 @@ class _Running:
         """(bytes sent by the busier party per image, rounds per batch) of the last batch."""
         last = self.backend._batches[-1]
         t = last["traffic"]
-        return max(t[r]["sent"] for r in (0, 1)) / last["n"], max(t[r]["rounds"] for r in (0, 1))
+        # SPU parties count messages, not rounds: their traffic has no "rounds" (0 here)
+        return (max(t[r]["sent"] for r in (0, 1)) / last["n"],
+                max(t[r].get("rounds", 0) for r in (0, 1)))
 
     def messages_per_image(self):
         """Messages sent by the busier party per image, last batch (SPU: send actions)."""
@@ -222,6 +227,50 @@ class MPCEngines:
     track_messages_per_image.unit = "messages"
 
 
+class MPCRandomness:
+    """The CSPRNG's cost: the default model's architecture (small DenseNet, 64 px, random
+    weights), batches of 8, dealer triples, with rng=csprng (AES-256-CTR) and rng=torch
+    (CrypTen's stock MT19937, insecure), both measured in the same `setup_cache`.
+
+    Median wall time of 2 batches after a warm-up, and CPU time of the busier party per
+    image (the steadier figure on a shared machine).
+    """
+
+    params = (["csprng", "torch"],)
+    param_names = ["rng"]
+    timeout = 1800
+
+    def setup_cache(self):
+        import statistics
+        import time
+
+        from suite.models import SMALL_DENSENET
+
+        results = {}
+        for rng in self.params[0]:
+            r = _Running()
+            r.start(_bundle(SMALL_DENSENET, 64), _images(8, 64), triples="ttp", rng=rng)
+            try:
+                r.run()
+                walls = []
+                for _ in range(2):
+                    start = time.perf_counter()
+                    r.run()
+                    walls.append(time.perf_counter() - start)
+                results[rng] = {"seconds": statistics.median(walls), "cpu": r.cpu_per_image()}
+            finally:
+                r.stop()
+        return results
+
+    def track_seconds_per_batch(self, results, rng):
+        return results[rng]["seconds"]
+    track_seconds_per_batch.unit = "seconds"
+
+    def track_cpu_seconds_per_image(self, results, rng):
+        return results[rng]["cpu"]
+    track_cpu_seconds_per_image.unit = "seconds"
+
+
 class MPCPackedReLU:
     """The packed MSB circuit on 2^16 elements, both parties simulated in one process."""
 
@@ -275,6 +324,7 @@ class MPCDenseNet121:
         options = dict(ENGINES[engine])
         if options["engine"] == "crypten":
             options["triples"] = os.environ.get("MPC_BENCH_TRIPLES", "ttp")
+            options["rng"] = os.environ.get("MPC_BENCH_RNG", "csprng")
         self.r = _Running()
         self.r.start(_bundle(DENSENET121, resolution), _images(batch, resolution), **options)
 
@@ -301,6 +351,13 @@ def main() -> None:
         print(f"tiny  triples={triples:3s} relu={relu:7s} batch of 4: {r['seconds']:6.2f} s wall, "
               f"{r['cpu'] * 1e3:6.1f} ms CPU/image (busier party), "
               f"{r['bytes'] / 1e6:6.2f} MB/image sent (busier party), {r['rounds']} rounds", flush=True)
+    if os.environ.get("MPC_BENCH_SKIP_RNG") != "1":
+        rng = MPCRandomness().setup_cache()
+        for name, r in rng.items():
+            print(f"small DenseNet 64 px rng={name:6s} batch of 8: {r['seconds']:6.2f} s wall, "
+                  f"{r['cpu'] * 1e3:7.1f} ms CPU/image (busier party)", flush=True)
+        print(f"CSPRNG added online latency: {rng['csprng']['seconds'] / rng['torch']['seconds'] - 1:+.1%} "
+              f"wall, {rng['csprng']['cpu'] / rng['torch']['cpu'] - 1:+.1%} CPU", flush=True)
     for engine, r in MPCEngines().setup_cache().items():
         print(f"tiny  engine={engine:11s} batch of 2: {r['seconds']:6.2f} s wall, "
               f"{r['cpu'] * 1e3:7.1f} ms CPU/image (busier party), {r['bytes'] / 1e6:6.2f} MB/image sent, "

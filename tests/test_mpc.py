@@ -65,11 +65,11 @@ def _backend(tmp_path, bundle, **options):
 
 # ------------------------------------------------------------------ leak detector
 
-ENC_BITS = 16
+ENC_BITS = 16          # the detector's own positive control; runs pass their actual precision
 
 
-def _encoded(values: torch.Tensor) -> torch.Tensor:
-    return torch.round(values.double() * 2.0 ** ENC_BITS).long().flatten()
+def _encoded(values: torch.Tensor, bits: int = ENC_BITS) -> torch.Tensor:
+    return torch.round(values.double() * 2.0 ** bits).long().flatten()
 
 
 def _tensors(record):
@@ -80,11 +80,15 @@ def _tensors(record):
                 yield t
 
 
-def leak_report(record, secrets: list[torch.Tensor]) -> dict:
+def leak_report(record, secrets: list[torch.Tensor], bits: tuple[int, ...] = (ENC_BITS,)) -> dict:
     """How much of `record` (what a party received) looks like the `secrets` (plain values).
 
     * equal:       received elements equal to a fixed-point encoding of a secret value
-                   (values with |v| > 2^8, so protocol bits and zeros do not count)
+                   (values with |v| > 2^8, so protocol bits and zeros do not count), in
+                   tensors where at least 3 elements and 1% match: the last word of a packed
+                   bit opening holds only a few random bits, and such a small random number
+                   matches some encoding by chance (this made the scan flaky); a leaked
+                   tensor matches everywhere. Bit openings are tested in test_mpc_leaks.py
     * small:       fraction of received elements with 2 < |v| < 2^48: shares are uniform on
                    Z_2^64, so this is ~1e-5; plaintext fixed-point data is all below 2^48
     * corr_z:      largest |Pearson r| * sqrt(n) between a received tensor and a secret of
@@ -93,9 +97,13 @@ def leak_report(record, secrets: list[torch.Tensor]) -> dict:
     """
     received = [t.flatten() for t in _tensors(record)]
     allv = torch.cat(received) if received else torch.zeros(0, dtype=torch.long)
-    enc = torch.cat([_encoded(s) for s in secrets])
+    enc = torch.cat([_encoded(s, b) for s in secrets for b in bits])   # p and 2p (products)
     enc = enc[enc.abs() > 2 ** 8]
-    equal = int(torch.isin(allv, enc).sum()) if len(allv) else 0
+    equal = 0
+    for t in received:
+        hits = int(torch.isin(t, enc).sum())
+        if hits >= max(3, 0.01 * t.numel()):
+            equal += hits
     mag = allv.abs()
     small = float(((mag > 2) & (mag < 2 ** 48)).double().mean()) if len(allv) else 0.0
     corr_z = 0.0
@@ -141,10 +149,18 @@ def recorded_run(bundle, tmp_path_factory):
             "backend": backend}
 
 
+def _run_bits(recorded_run) -> tuple[int, ...]:
+    """The run's actual fixed-point precision p (and 2p, the scale of a product)."""
+    p = int(torch.load(recorded_run["dir"] / "model_owner_batch0_own.pt", weights_only=False)["precision_bits"])
+    assert p >= 16
+    return (p, 2 * p)
+
+
 def test_model_owner_never_receives_the_image(recorded_run):
     record = torch.load(recorded_run["dir"] / "model_owner_batch0.pt", weights_only=False)
     img = torch.from_numpy(recorded_run["images"])
-    report = leak_report(record, [img, img * 2 ** -10])
+    bits = _run_bits(recorded_run)
+    report = leak_report(record, [img, img * 2 ** -10], bits)
     assert report["elements"] > 10_000, report          # it did receive plenty (masked values)
     assert report["equal"] == 0, report
     assert report["small"] < 1e-3, report
@@ -157,7 +173,7 @@ def test_data_owner_never_receives_the_weights(recorded_run, bundle):
     record = torch.load(recorded_run["dir"] / "data_owner_batch0.pt", weights_only=False)
     _, params = build_plan(bundle.net)
     weights = list(params.values()) + [p.detach() for p in bundle.net.parameters()]
-    report = leak_report(record, weights)
+    report = leak_report(record, weights, _run_bits(recorded_run))
     assert report["elements"] > 10_000, report
     assert report["equal"] == 0, report
     assert report["small"] < 1e-3, report
@@ -177,8 +193,10 @@ def test_secure_logits_match_torch_and_traffic_is_metered(recorded_run, bundle):
     assert online["model_owner"].rounds == online["data_owner"].rounds > 50
     # the dealer only ever talks to party 0: what it sends, party 0 receives
     assert online["dealer"].bytes_sent > 0
-    rows = {r["metric"]: r for r in recorded_run["backend"].extra_rows()}
-    assert rows["projected_latency_per_image_wan"]["value"] > rows["projected_latency_per_image_lan"]["value"]
+    rows = {(r["metric"], r.get("network")): r for r in recorded_run["backend"].extra_rows()}
+    lan, wan = rows[("projected_latency_per_image", "lan")], rows[("projected_latency_per_image", "wan")]
+    assert wan["value"] > lan["value"]
+    assert lan["estimate"] == wan["estimate"] == "projected"
 
 
 @pytest.mark.parametrize("victim", [0, 1, 2])

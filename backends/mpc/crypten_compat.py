@@ -19,6 +19,9 @@ raises a clear error if anything ever uses it, then imports CrypTen. Nothing els
 patched. `tests/test_crypten_compat.py` fails loudly when this stops being true (torch
 brings the module back, CrypTen asks for something else, or the import works without
 the stand-in), so the shim is revisited instead of silently rotting.
+
+The same function installs the suite's CSPRNG under CrypTen (`backends.mpc.csprng`), so no
+code path can import CrypTen through the suite and run it on MT19937.
 """
 
 from __future__ import annotations
@@ -71,11 +74,17 @@ def install_stand_in() -> types.ModuleType | None:
     return module
 
 
-def import_crypten():
-    """Import and return the `crypten` package, installing the stand-in first if needed."""
-    if "crypten" in sys.modules:
-        return sys.modules["crypten"]
-    install_stand_in()
+def import_crypten(rng: str = "csprng"):
+    """Import and return the `crypten` package, installing the stand-in first if needed,
+    with its randomness routed through `backends.mpc.csprng` (AES-256-CTR keyed from
+    os.urandom) for the next `crypten.init()`. rng="torch" keeps CrypTen's stock MT19937
+    generators: insecure, only for measuring the CSPRNG's cost."""
+    from backends.mpc import csprng
+
+    csprng.set_mode(rng)
+    if "crypten" not in sys.modules:
+        install_stand_in()
     import crypten
 
+    csprng.install(crypten)
     return crypten

@@ -49,6 +49,15 @@ Options (`--backends mpc:KEY=VALUE:KEY=VALUE` or `[backends.mpc]` in the run con
                   division, free but wrong by ~2^(64-p) with probability |y| * 2^(2p-64) per
                   value - negligible on a trained model, about one failure per hundred images
                   on a model with uncalibrated BatchNorm (activations in the thousands)
+  rng             "csprng" (default): every random value (shares, masks, zero-sharing seeds,
+                  the dealer's seeds and triples) from AES-256-CTR keyed from os.urandom
+                  (backends/mpc/csprng.py); "torch": CrypTen's stock MT19937 generators,
+                  INSECURE (a party rebuilds the other's stream from what it receives), kept
+                  only to measure the CSPRNG's cost; its row's guarantee says so
+  dealer_host     with triples=ttp, who hosts the dealer in the deployment this row describes:
+                  "third_party" (default: a host of its own, non-colluding), "model_owner" or
+                  "data_owner" (co-located: that party can read the triples, so the other
+                  party's input is protected from it by trust; the row says so)
   threads         torch threads per party (0 = half the run's threads, at least 1)
   reveal_to       "data_owner" (default) or "both"
   master_addr     rendezvous address (default $MPC_MASTER_ADDR or 127.0.0.1)
@@ -111,6 +120,13 @@ class CrypTenBackend(PartyBackend):
             raise SuiteError(f"mpc option relu must be 'packed' or 'crypten', got '{o.relu}'")
         if o.truncation not in ("exact", "local"):
             raise SuiteError(f"mpc option truncation must be 'exact' or 'local', got '{o.truncation}'")
+        if o.rng not in ("csprng", "torch"):
+            raise SuiteError(f"mpc option rng must be 'csprng' or 'torch', got '{o.rng}'")
+        if o.dealer_host not in ("third_party", "model_owner", "data_owner"):
+            raise SuiteError(f"mpc option dealer_host must be 'third_party', 'model_owner' or "
+                             f"'data_owner', got '{o.dealer_host}'")
+        if o.dealer_host != "third_party" and o.triples != "ttp":
+            raise SuiteError("mpc option dealer_host applies to triples=ttp only")
         if o.local_parties not in ("all", "data_owner"):
             raise SuiteError(f"mpc option local_parties must be 'all' or 'data_owner', got '{o.local_parties}'")
         if o.precision_bits and not 4 <= o.precision_bits <= 30:
@@ -124,11 +140,21 @@ class CrypTenBackend(PartyBackend):
     def threat_model(self) -> ThreatModel:
         o = self.options
         parties = ["model owner (party 0: holds the weights)", "data owner (party 1: holds the images)"]
-        if o.triples == "ttp":
-            parties.append("triple dealer (party 2: generates Beaver triples, sees no data)")
-            triples = ("a third-party dealer generates the Beaver triples and does not collude "
-                       "with either party")
+        if o.triples == "ttp" and o.dealer_host == "third_party":
+            parties.append("triple dealer (party 2: generates Beaver triples, sees no data; "
+                           "on a host of its own)")
+            triples = ("a third-party dealer, on its own host, generates the Beaver triples and "
+                       "does not collude with either party")
             protection = "input images from the model owner, model weights from the data owner"
+        elif o.triples == "ttp":
+            host = o.dealer_host.replace("_", " ")
+            parties.append(f"triple dealer (party 2: generates Beaver triples; hosted by the {host})")
+            triples = (f"DEALER CO-LOCATED WITH THE {host.upper()}: the {host}'s host runs the dealer and "
+                       f"can read every triple; it is trusted not to use them")
+            protection = ("model weights from the data owner (cryptographic); images protected from "
+                          "the model owner by trust" if o.dealer_host == "model_owner" else
+                          "input images from the model owner (cryptographic); weights protected from "
+                          "the data owner by trust")
         else:
             triples = ("TRUSTED FIRST PARTY: the model owner (party 0) generates all Beaver "
                        "triples; it holds their randomness and is trusted to discard it - a model "
@@ -148,10 +174,12 @@ class CrypTenBackend(PartyBackend):
                 if o.local_parties == "all" else
                 ("each party runs on its own host; this benchmark runs the data owner, the model "
                  "owner runs its own program with its own checkpoint"),
+                self._channel_text(),
             ),
-            guarantee_kind="cryptographic",
+            guarantee_kind="none" if o.rng == "torch" else "cryptographic",
             guarantee=(f"2-party additive secret sharing over Z_2^64 (CrypTen {self._crypten_version()}), "
-                       f"fixed point with {self._precision_text()}; protects {protection}"),
+                       f"fixed point with {self._precision_text()}; protects {protection}; "
+                       + self._randomness_text()),
             leaks=self._leaks(),
             protected_scope="entire DenseNet (all convolutions, BN (folded), ReLU, pooling, "
                             "concatenation, classifier)",
@@ -165,6 +193,29 @@ class CrypTenBackend(PartyBackend):
                       "fixed-point truncation is CrypTen's local one, which fails (a large error) "
                       "with probability ~|x| * 2^(2p-64) per product")),
         )
+
+    def _channel_text(self) -> str:
+        if self.options.local_parties == "all":
+            return ("channels: loopback on one host (plain TCP through CrypTen's gloo transport, "
+                    "which has no TLS; nothing leaves the machine)")
+        return ("channels: PLAIN TCP between hosts (CrypTen's gloo transport has no TLS and the suite "
+                "starts no tunnel): anyone who can watch the links reads the dealer's keys, the triple "
+                "shares and the openings, hence both inputs; the hosts' network must authenticate and "
+                "encrypt them (IPsec or WireGuard between the hosts)")
+
+    def _leaks(self) -> tuple[str, ...]:
+        return super()._leaks() + (
+            "the fixed-point precision (fractional bits) to the data owner: chosen by the model owner "
+            "from its calibration, it bounds the model's largest activation (rows "
+            "fixed_point_precision_bits and fixed_point_headroom_bits give both figures)",)
+
+    def _randomness_text(self) -> str:
+        if self.options.rng == "torch":
+            return ("INSECURE RANDOMNESS (rng=torch): shares, masks and triples come from MT19937, "
+                    "whose state either party can rebuild from the values it receives; this row "
+                    "protects nothing and exists only to measure the CSPRNG's cost")
+        return ("every share, mask, zero-sharing seed and triple from AES-256-CTR keyed with "
+                "256-bit keys from os.urandom (backends.mpc.csprng)")
 
     def _precision_text(self) -> str:
         chosen = getattr(self, "_precision", 0)
@@ -213,7 +264,8 @@ class CrypTenBackend(PartyBackend):
             "triples": o.triples, "precision_bits": self._precision, "reveal_to": o.reveal_to,
             "timeout_s": o.timeout_s, "record_dir": os.environ.get("MPC_RECORD_DIR") or None,
             "profile": os.environ.get("MPC_PROFILE") == "1", "relu": o.relu,
-            "truncation": o.truncation,
+            "truncation": o.truncation, "rng": o.rng,
+            "faults": os.environ.get("MPC_PROTOCOL_FAULTS", ""),   # tests only: broken variants
         }
         if o.local_parties == "all":
             ranks = (2, 0, 1) if o.triples == "ttp" else (0, 1)

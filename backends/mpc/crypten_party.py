@@ -46,6 +46,7 @@ class Traffic:
         self.sent = self.received = self.rounds = 0
         self.dealer_sent = self.dealer_received = self.dealer_rounds = 0
         self.record: list[tuple[str, Any]] | None = None
+        self.opened: list[Any] | None = None       # tests: values opened to both parties
 
     def snapshot(self) -> dict[str, int]:
         return {f: int(getattr(self, f)) for f in self.FIELDS}
@@ -87,6 +88,10 @@ def install_counters(traffic: Traffic) -> None:
     def keep(name: str, payload: Any) -> None:
         if traffic.record is not None:
             traffic.record.append((name, _detach(payload)))
+
+    def keep_opened(payload: Any) -> None:
+        if traffic.opened is not None:
+            traffic.opened.append(_detach(payload))
 
     orig = {n: getattr(comm, n) for n in ("send", "recv", "isend", "irecv", "scatter", "reduce",
                                           "all_reduce", "gather", "all_gather", "broadcast",
@@ -140,6 +145,7 @@ def install_counters(traffic: Traffic) -> None:
         traffic.received += _nbytes(input)
         traffic.rounds += 1
         keep("all_reduce", _other_part(out, input, op))
+        keep_opened(out)               # what both parties learn: the opened value itself
         return out
 
     def gather(self, tensor, dst):
@@ -250,6 +256,7 @@ class CrypTenOps:
 
         self.crypten = crypten
         gates = TwoPartyGates(crypten, dealer) if relu == "packed" or truncation == "exact" else None
+        self.gates = gates
         self._relu = gates.relu if relu == "packed" else None
         self._gates = gates if truncation == "exact" else None
 
@@ -366,7 +373,7 @@ def _configure(settings: dict[str, Any], rank: int, world_size: int = 2) -> Any:
 
     from backends.mpc.crypten_compat import import_crypten
 
-    crypten = import_crypten()
+    crypten = import_crypten(settings.get("rng", "csprng"))
     crypten.cfg.mpc.provider = "TTP" if settings["triples"] == "ttp" else "TFP"
     # 0 = the data owner adopts the model owner's precision, announced at setup
     crypten.cfg.encoder.precision_bits = int(settings["precision_bits"]) or 16
@@ -487,13 +494,17 @@ def _standalone(argv: list[str]) -> int:
     p.add_argument("--relu", choices=("packed", "crypten"), default="packed")
     p.add_argument("--truncation", choices=("exact", "local"), default="exact")
     p.add_argument("--reveal-to", choices=("data_owner", "both"), default="data_owner")
+    p.add_argument("--rng", choices=("csprng", "torch"), default="csprng",
+                   help="randomness: csprng (AES-256-CTR keyed from os.urandom, default) or torch "
+                        "(CrypTen's stock MT19937: insecure, only to measure the CSPRNG's cost); "
+                        "every party and the dealer must use the same")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--timeout-s", type=float, default=900.0)
     a = p.parse_args(argv)
     settings = {"master_addr": a.master_addr, "master_port": a.master_port, "threads": a.threads,
                 "triples": a.triples, "precision_bits": a.precision_bits, "reveal_to": a.reveal_to,
                 "timeout_s": a.timeout_s, "relu": a.relu, "truncation": a.truncation,
-                "record_dir": None, "profile": False}
+                "record_dir": None, "profile": False, "rng": a.rng}
     if a.role == "dealer":
         _dealer(settings)
         return 0
@@ -529,7 +540,7 @@ def _party_loop(rank: int, conn: Any, settings: dict[str, Any], model: tuple | N
     traffic = Traffic()
     record_dir = Path(settings["record_dir"]) if settings.get("record_dir") else None
     if record_dir is not None:
-        traffic.record = []
+        traffic.record, traffic.opened = [], []
     install_counters(traffic)
     init_before = traffic.snapshot()
     crypten.init()
@@ -541,6 +552,16 @@ def _party_loop(rank: int, conn: Any, settings: dict[str, Any], model: tuple | N
 
         dealer = DealerClient()       # talks to mpc_protocol.serve_dealer, tensor-only answers
     ops = CrypTenOps(crypten, settings.get("relu", "packed"), dealer, settings.get("truncation", "exact"))
+    gates = ops.gates
+    faults = (settings.get("faults") or "").split(",")    # tests only: one variant per batch
+    from backends.mpc.protocol import FAULTS
+
+    unknown = sorted({f for f in faults if f and f not in FAULTS})
+    if unknown or (any(faults) and (gates is None or record_dir is None)):
+        raise ValueError(f"MPC_PROTOCOL_FAULTS is for the leak tests only (with MPC_RECORD_DIR and our "
+                         f"gates); known variants {', '.join(FAULTS)}, got {','.join(faults)}")
+    if record_dir is not None and gates is not None:
+        gates.view = []
     if settings.get("profile"):
         ops = ProfiledOps(ops)
 
@@ -560,7 +581,7 @@ def _party_loop(rank: int, conn: Any, settings: dict[str, Any], model: tuple | N
         kind, plan, params = recv(conn)
         assert kind == "setup"
     before = init_before          # setup traffic includes CrypTen's seed exchange
-    agreed = {k: settings.get(k) for k in ("triples", "relu", "reveal_to", "truncation")}
+    agreed = {k: settings.get(k) for k in ("triples", "relu", "reveal_to", "truncation", "rng")}
     bits = int(settings["precision_bits"])
     offer = comm.broadcast_obj({"plan": plan_to_dict(plan), "settings": agreed, "precision_bits": bits}
                                if rank == 0 else None, 0)
@@ -596,6 +617,8 @@ def _party_loop(rank: int, conn: Any, settings: dict[str, Any], model: tuple | N
             shape = comm.broadcast_obj(None, 1)
         if shape == "stop":
             break
+        if gates is not None:
+            gates.fault = faults[n_batch] if n_batch < len(faults) else ""
         start, cpu_start = time.perf_counter(), time.process_time()
         with crypten.no_grad():
             # the data owner's public, exact rescaling of its own pixels (see Plan.input_scale)
@@ -610,6 +633,14 @@ def _party_loop(rank: int, conn: Any, settings: dict[str, Any], model: tuple | N
         cpu_s = time.process_time() - cpu_start
         if record_dir is not None:
             torch.save(traffic.record, record_dir / f"{role}_batch{n_batch}.pt")
+            # the party's own view besides what it received: its share of the input
+            torch.save({"input_share": x._tensor.share.clone(), "precision_bits": bits,
+                        "input_scale": plan.input_scale,
+                        "gate_inputs": list(gates.view) if gates is not None else [],
+                        "opened": traffic.opened}, record_dir / f"{role}_batch{n_batch}_own.pt")
+            traffic.opened = []
+            if gates is not None:
+                gates.view = []
             traffic.record = []
         n_batch += 1
         receives = rank == 1 or settings["reveal_to"] == "both"

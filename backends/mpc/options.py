@@ -22,6 +22,8 @@ class MPCOptions(BackendOptions):
     master_port: int = 0
     local_parties: str = "all"
     timeout_s: float = 900.0
+    dealer_host: str = "third_party"   # crypten ttp: who hosts the dealer (third_party | model_owner | data_owner)
+    rng: str = "csprng"                # crypten: csprng (AES-256-CTR) | torch (stock MT19937: insecure)
     # engine=spu (backends/mpc/spu_engine.py): SecretFlow SPU parties in .venv-spu/
     engine: str = "crypten"
     protocol: str = ""                 # spu: semi2k (default) | cheetah; crypten: must stay ""

@@ -68,7 +68,8 @@ class PartyBackend(Backend):
                 send(self._conns[1], ("stop",))
             except Exception:
                 pass
-        deadline = time.monotonic() + 15
+        # a party already gone: the others are stuck waiting for it, stop them at once
+        deadline = time.monotonic() + (1 if self._dead() else 15)
         for rank in (0, 1, 2):            # party 0 stops the dealer at its shutdown
             proc = self._procs.get(rank)
             if proc is not None:
@@ -189,8 +190,8 @@ class PartyBackend(Backend):
         for name, bandwidth, rtt in NETWORKS:
             value = (compute + (rounds + d_rounds) * rtt + (peak_bytes + d_bytes) * 8 / bandwidth) / n
             rows.append({
-                "metric": f"projected_latency_per_image_{name}", "value": value, "unit": "s",
-                "higher_is_better": False, "phase": "online",
+                "metric": "projected_latency_per_image", "value": value, "unit": "s",
+                "higher_is_better": False, "phase": "online", "network": name, "estimate": "projected",
                 "note": (f"projected from measured rounds and bytes plus measured compute: "
                          f"sum over batches of (T_cpu + (R + R_dealer) * RTT + (B + B_dealer) * 8 / bandwidth), "
                          f"divided by the images; RTT {rtt * 1e3:g} ms, bandwidth {bandwidth / 1e6:g} Mbit/s; "

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[2]   # the repo root (backends/mpc/ is two levels down)
+ROOT = Path(__file__).resolve().parents[2]          # the repository root (backends/mpc/ is two down)
 
 
 def send(conn: Any, obj: Any) -> None:

@@ -293,6 +293,10 @@ def serve_dealer() -> None:
     BatchingTTPServer().serve()
 
 
+#: deliberately broken variants, for the leak tests only (MPC_PROTOCOL_FAULTS)
+FAULTS = ("open_bits", "reuse_mask", "own_share")
+
+
 class TwoPartyGates:
     """ReLU and exact truncation on CrypTen shares with the circuits above (two parties only)."""
 
@@ -306,6 +310,10 @@ class TwoPartyGates:
             raise ValueError("TwoPartyGates is a two-party protocol")
         self.dealer = dealer          # party 0 with a dealer: announce each ReLU's triples
         self.provider = crypten.mpc.get_default_provider()   # fixed for the session
+        #: tests only: this party's own input share of every gate call (its view), or None
+        self.view: list[torch.Tensor] | None = None
+        #: tests only: a deliberately broken variant (one of FAULTS) or "" for the real protocol
+        self.fault = ""
 
     def _and(self, xs: list[torch.Tensor], ys: list[torch.Tensor]) -> list[torch.Tensor]:
         import torch.distributed as dist
@@ -334,6 +342,8 @@ class TwoPartyGates:
     def relu(self, x):
         """relu(x) for an arithmetic MPCTensor x (any shape, any fixed-point scale)."""
         share = x.share
+        if self.view is not None:
+            self.view.append(share.reshape(-1).clone())
         if self.dealer is not None:
             self.dealer.announce(relu_triple_requests(share.numel()), device=share.device)
         d = self.drelu_shares(share)
@@ -344,8 +354,13 @@ class TwoPartyGates:
                                                     device=share.device)
         flat = share.reshape(-1)
         z_bit = (d ^ r_b.share) & 1
+        eps_part, b_share = flat - a.share, b.share
+        if self.fault == "own_share" and self.rank == 1:    # BROKEN: sends its own share
+            eps_part = flat
+        if self.fault == "reuse_mask":                      # BROKEN: one mask for x and r_A
+            b_share = a.share
         # one message: the masked bit and the Beaver openings for x * r_A
-        z_sum, eps, delta = self.comm.all_reduce([z_bit, flat - a.share, r_a.share - b.share],
+        z_sum, eps, delta = self.comm.all_reduce([z_bit, eps_part, r_a.share - b_share],
                                                  batched=True)
         z = z_sum & 1
         xr = c.share + eps * b.share + a.share * delta
@@ -362,12 +377,15 @@ class TwoPartyGates:
         if self.dealer is not None:
             self.dealer.announce(truncate_triple_requests(share.numel()), device=share.device)
         flat = share.reshape(-1)
+        if self.view is not None:
+            self.view.append(flat.clone())
         n = flat.numel()
         w, msb = wrap_msb_shares(flat, self.rank, self._and)
         r_a, r_b = self.provider.B2A_rng(torch.Size([2 * n]), device=share.device)
         import torch.distributed as dist
 
-        masked = pack_bits((torch.cat([w, msb]) ^ r_b.share) & 1)
+        mask = torch.zeros_like(r_b.share) if self.fault == "open_bits" else r_b.share   # BROKEN: unmasked
+        masked = pack_bits((torch.cat([w, msb]) ^ mask) & 1)
         (z,) = self.comm.all_reduce([masked], op=dist.ReduceOp.BXOR, batched=True)
         z = unpack_bits(z, 2 * n)                         # opened w ^ r, msb ^ r: uniformly random
         bits = (1 - 2 * z) * r_a.share                    # arithmetic shares of w and msb

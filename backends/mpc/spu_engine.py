@@ -9,7 +9,11 @@ protocols:
   semi2k   additive secret sharing over Z_2^k with Beaver triples. SPU 0.9.5 ships only the
            trusted-first-party triple source (`BeaverTfpUnsafe`): party 0, the model owner,
            generates every triple's randomness, so the images are protected from it by TRUST
-           (like CrypTen's triples=tfp), not by cryptography.
+           (like CrypTen's triples=tfp), not by cryptography. Its beaver_type may also be
+           TrustedThirdParty, but that is only a client (BeaverTtp) needing the host of SPU's
+           beaver TTP server, which the 0.9.5 wheel does not ship (unimplemented service
+           stubs; building it needs SPU's bazel tree), and MultiParty is refused ("unsupported
+           beaver type 2"): tests/test_mpc_spu_beaver.py pins this, so no dealer is offered.
   cheetah  dealer-free: products by lattice HE (silent OT for the nonlinear parts); neither
            party holds the other's randomness. Several times slower.
 
@@ -95,6 +99,8 @@ class SPUBackend(PartyBackend):
         if bits and not 4 <= bits <= limit // 2 - 2:
             raise SuiteError(f"mpc option fxp_fraction_bits must be 0 (SPU's default) or in "
                              f"[4, {limit // 2 - 2}] for {o.field}, got {bits}")
+        if o.rng != "csprng":
+            raise SuiteError("mpc option rng applies to engine=crypten only (SPU draws its own randomness)")
         if o.reveal_to not in ("data_owner", "both"):
             raise SuiteError(f"mpc option reveal_to must be 'data_owner' or 'both', got '{o.reveal_to}'")
         if o.pre_mode not in ("split", "mul"):
