@@ -29,6 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--dataset", help="dataset name (default synthetic)")
     run.add_argument("--data-dir", help="folder of a real dataset")
     run.add_argument("--label-file", help="label CSV, where the dataset needs one")
+    run.add_argument("--pretrain-dataset", metavar="NAME[:DATA_DIR]",
+                     help="the vendor's own data the default model trains on (real data needs it)")
     run.add_argument("--model", help="small-densenet | densenet121-random | xrv:<weights> | checkpoint.pt")
     run.add_argument("--out", help="run folder (default reports/<run id>)")
     run.add_argument("--config", help="TOML config file")

@@ -11,7 +11,8 @@ from suite.errors import SuiteError
 def _apply_run_flags(cfg, args):
     if args.backends:
         cfg.backends = [b for b in args.backends.split(",") if b.strip()]
-    for flag, attr in (("dataset", "name"), ("data_dir", "data_dir"), ("label_file", "label_file")):
+    for flag, attr in (("dataset", "name"), ("data_dir", "data_dir"), ("label_file", "label_file"),
+                       ("pretrain_dataset", "pretrain_dataset")):
         if getattr(args, flag, None):
             setattr(cfg.dataset, attr, getattr(args, flag))
     if getattr(args, "model", None):

@@ -31,6 +31,7 @@ class DatasetConfig:
     max_images: int | None = None          # real data: cap for quick looks
     on_bad_image: str = "fail"             # fail | skip
     views: list[str] | None = None         # real data: view positions kept (None: PA and AP)
+    pretrain_dataset: str | None = None    # the vendor's own data, NAME[:DATA_DIR] (suite.data.roles)
 
 
 @dataclass

@@ -25,7 +25,8 @@ from suite.data.imageset import ImageSet
 from suite.errors import SuiteError
 from suite.evaluate import accuracy_rows, cost_rows, paired_rows
 from suite.harness import Job, part_paths
-from suite.model_source import resolve_model
+from suite.data.roles import describe as describe_roles
+from suite.model_source import check_vendor_disjoint, resolve_model, vendor_description
 from suite.paths import REPO_ROOT, cache_dir, reports_dir
 from suite.planning import Planned, plan_backends
 from suite.procwatch import run_watched
@@ -278,13 +279,20 @@ def run(cfg: RunConfig, console, resume: Path | None = None) -> Path:
         task = progress.add_task(f"model {cfg.model.name}", total=None)
         bundle, model_ref = resolve_model(cfg.model, data, cfg.seed, cfg.quick,
                                           progress=lambda e, loss: progress.update(
-                                              task, description=f"training {cfg.model.name}: epoch {e + 1}, loss {loss:.3f}"))
+                                              task, description=f"training {cfg.model.name}: epoch {e + 1}, loss {loss:.3f}"),
+                                          dataset_cfg=cfg.dataset)
+    # data roles: the vendor's images must be none of the hospitals' (train too when a
+    # training row treats that split as the hospitals' private data)
+    checked = ("train", "test") if any(p.track == "training" for p in plans) else ("test",)
+    check_vendor_disjoint(bundle, data, checked, cfg.dataset.name)
+    data_roles = describe_roles(data, vendor_description(bundle), checked)
     data, data_path, unmapped = map_labels_to_model(data, data_path, bundle, console)
     if resume is not None:
         state = RunState(run_dir / "run.json", saved)
     else:
         state = new_state(run_dir, run_id, cfg, data, bundle.describe(), plans)
         state.data["dataset"]["unmapped_labels"] = unmapped
+        state.data["data_roles"] = data_roles
     state.save()
     writer = ResultWriter(run_dir / "results.jsonl")
     order = stratified_order(data.split("test"), cfg.seed)
