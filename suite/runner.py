@@ -25,6 +25,7 @@ from suite.data.imageset import ImageSet
 from suite.errors import SuiteError
 from suite.evaluate import accuracy_rows, cost_rows, paired_rows
 from suite.harness import Job, part_paths
+from suite.control_ratio import fit_time_ratio_rows
 from suite.data.roles import describe as describe_roles
 from suite.model_source import check_vendor_disjoint, resolve_model, vendor_description
 from suite.paths import REPO_ROOT, cache_dir, reports_dir
@@ -210,6 +211,9 @@ def execute_backend(plan: Planned, state: RunState, run_dir: Path, cfg: RunConfi
         rows += [_with_reference(r, ref) for r in
                  paired_rows(base, preds, pd.read_parquet(ref_pred_path), labels, cfg.seed)]
     rows += cost_rows(base, part, proc.__dict__)
+    if plan.track == "training" and ref and state.backend(ref)["status"] == "ok":
+        ref_part = json.loads(part_paths(run_dir, ref)[0].read_text())
+        rows += fit_time_ratio_rows(base, part, ref_part, ref)
     writer.write(rows)
     entry.update(status="ok", error=None, versions=part.get("versions", {}))
     state.save()
