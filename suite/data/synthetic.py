@@ -103,7 +103,7 @@ def generate_synthetic(n_train_per_site: int = 300, n_test_per_site: int = 100, 
                            site_names=[f"site-{s}" for s in range(1, n_sites + 1)])
 
 
-def generate_vendor_synthetic(n_per_site: int = 525, size: int = 64, seed: int = 0) -> ImageSet:
+def generate_vendor_synthetic(n_per_site: int = 800, size: int = 64, seed: int = 0) -> ImageSet:
     """The vendor's own training phantoms: `VENDOR_SITES`, all 'train', never a hospital's.
 
     Ids `synth-vendor-v{k}-{i:06d}`, patients `synth-vendor-patient-v{k}-{i:06d}`; streams
