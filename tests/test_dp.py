@@ -192,9 +192,40 @@ def test_full_scope_trains_the_whole_groupnorm_densenet_with_per_sample_clipping
         tiny_data, tiny_model, tmp_path):
     backend, probs, rows = _run({"noise": "false", "scope": "full", "epochs": 1, "batch_size": 32},
                                 tiny_data, tiny_model, tmp_path)
-    assert backend.mode == "hooks" and backend.shadows == 0
+    assert backend.mode == "ew" and backend.shadows == 0
     assert np.all((probs >= 0) & (probs <= 1))
     assert "epsilon" not in rows and rows["noise_multiplier"]["value"] == 0
     assert rows["max_grad_norm"]["value"] == 1.0
     assert "mia_auroc" in rows and "mia_lira_auroc" not in rows
     assert any(isinstance(m, torch.nn.GroupNorm) for m in backend.module.modules())
+
+
+@pytest.mark.filterwarnings("ignore:Full backward hook")
+def test_ew_takes_small_and_empty_poisson_batches_on_the_densenet():
+    """ew used to fail under 32 images (strided conv gradients) and refuses empty batches;
+    the contiguous-gradient hooks and the noise-only step make it usable for DP-SGD."""
+    from backends.dp.training import DenseNetLogits, noise_only_step
+    from suite.models import SMALL_DENSENET, build_densenet
+
+    torch.manual_seed(0)
+    x, y = torch.randn(6, 1, 32, 32) * 300, (torch.rand(6, 5) < 0.3).float()
+    net = DenseNetLogits(make_opacus_compatible(build_densenet(SMALL_DENSENET, 5)))
+    run = prepare(net, x, y, TrainConfig(epochs=1, batch_size=2, lr=1e-3, privacy="dp",
+                                         noise_multiplier=1.0, grad_sample_mode="ew"))
+    before = [p.detach().clone() for p in net.parameters()]
+    noise_only_step(run.optimizer)                            # an empty batch: noise only
+    assert any(not torch.equal(a, p) for a, p in zip(before, net.parameters()))
+    for xb, yb in ((x[:1], y[:1]), (x[:5], y[:5])):
+        run.optimizer.zero_grad()
+        run.loss_fn(run.model(xb), yb).backward()
+        run.optimizer.step()
+    assert run.engine.accountant.history[-1][2] == 3          # every step is accounted
+    run.close()
+    # positive control: without the hooks torch's small-batch path fails on this model
+    bare = DenseNetLogits(make_opacus_compatible(build_densenet(SMALL_DENSENET, 5),
+                                                 contiguous_conv_grads=False))
+    run = prepare(bare, x, y, TrainConfig(epochs=1, batch_size=2, lr=1e-3, privacy="dp",
+                                          noise_multiplier=1.0, grad_sample_mode="ew"))
+    with pytest.raises(RuntimeError, match="view size"):
+        run.loss_fn(run.model(x[:4]), y[:4]).backward()
+    run.close()

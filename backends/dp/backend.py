@@ -293,10 +293,13 @@ class DPBackend(Backend):
         if shadows is None:
             shadows = min(DEFAULT_SHADOWS[o.scope], QUICK_SHADOWS) if ctx.quick else DEFAULT_SHADOWS[o.scope]
         self.shadows = shadows
-        # hooks: Opacus' default and, on this DenseNet, within 10% of the fastest mode (ew,
-        # benchmarks/bench_dp.py); ew fails on Poisson batches under 32 images (torch's
-        # ExpandedWeights grouped-conv path cannot take DenseNet's non-contiguous gradients)
-        self.mode = "hooks" if o.grad_sample_mode == "auto" else o.grad_sample_mode
+        # auto: ew (torch ExpandedWeights) for the whole DenseNet: it computes per-sample
+        # gradients instead of, not on top of, the batch gradient, 1.75x the non-private step
+        # against 2.0x for hooks (benchmarks/bench_dp.py; convs get contiguous gradients and
+        # empty batches a noise-only step, see backends.dp.training). hooks for the head: a
+        # linear layer, where the modes differ by less than the run-to-run noise.
+        auto = "ew" if o.scope == "full" else "hooks"
+        self.mode = auto if o.grad_sample_mode == "auto" else o.grad_sample_mode
 
     def _inputs(self, images: np.ndarray):
         """What the trained module consumes: backbone features (head) or images (full)."""

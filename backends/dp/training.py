@@ -170,15 +170,35 @@ def crosscheck_epsilon(noise_multiplier: float, sample_rate: float, steps: int,
     return float(acc.get_epsilon(delta))
 
 
-def make_opacus_compatible(module: nn.Module) -> nn.Module:
-    """Opacus' own fixer (BatchNorm -> GroupNorm), plus out-of-place ReLUs: xrv's in-place
-    ReLUs modify views that Opacus' backward hooks hand out."""
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity forward; backward hands on a contiguous gradient."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous()
+
+
+def _contiguous_grad_output(module, inputs, output):
+    return _ContiguousGrad.apply(output)
+
+
+def make_opacus_compatible(module: nn.Module, contiguous_conv_grads: bool = True) -> nn.Module:
+    """Opacus' own fixer (BatchNorm -> GroupNorm), plus out-of-place ReLUs (xrv's in-place
+    ReLUs modify views that Opacus' backward hooks hand out), plus contiguous gradients into
+    every convolution: DenseNet's concatenations hand convs strided gradients, which torch's
+    ExpandedWeights (grad_sample_mode=ew) cannot take on batches under 32 images."""
     from opacus.validators import ModuleValidator
 
     module = ModuleValidator.fix(module)
     for m in module.modules():
         if isinstance(m, nn.ReLU):
             m.inplace = False
+        if contiguous_conv_grads and isinstance(m, nn.Conv2d):
+            m.register_forward_hook(_contiguous_grad_output)
     errors = ModuleValidator.validate(module.train(), strict=False)
     if errors:
         raise ValueError(f"model is not Opacus-compatible after fixing: {errors}")
@@ -427,11 +447,13 @@ def _loop(run: Prepared, cfg: TrainConfig, sched, aug_gen, losses: list[float], 
         for x, y in run.loader:
             if cfg.augment:
                 x = _augment(x, aug_gen)
-            if run.engine is None and len(x) == 0:
+            if len(x) == 0 and (run.engine is None or cfg.grad_sample_mode != "ghost"):
+                if run.engine is not None:
+                    noise_only_step(run.optimizer)
                 sched.step()
                 continue
+            run.optimizer.zero_grad()         # before the forward: ew refuses stale grad_sample
             loss = run.loss_fn(run.model(x), y)
-            run.optimizer.zero_grad()
             loss.backward()
             run.optimizer.step()
             sched.step()
@@ -441,6 +463,15 @@ def _loop(run: Prepared, cfg: TrainConfig, sched, aug_gen, losses: list[float], 
         losses.append(total / max(count, 1))
         if on_epoch:
             on_epoch(epoch, losses[-1])
+
+
+def noise_only_step(optimizer) -> None:
+    """An empty Poisson batch still takes its DP-SGD step (a zero clipped sum plus noise),
+    without a forward pass: torch's ExpandedWeights (ew) refuses batch size 0."""
+    optimizer.zero_grad()
+    for p in optimizer.params:
+        p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
+    optimizer.step()
 
 
 @torch.inference_mode()
