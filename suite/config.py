@@ -42,6 +42,7 @@ class DatasetConfig:
     max_images: int | None = _f(None, min=1)                   # real data: cap for quick looks
     on_bad_image: str = _f("fail", choices=("fail", "skip"))
     views: list[str] | None = None         # real data: view positions kept (None: PA and AP)
+    pretrain_dataset: str | None = None    # the vendor's own data, NAME[:DATA_DIR] (suite.data.roles)
 
 
 @dataclass

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from suite.config import ModelConfig
+from suite.config import DatasetConfig, ModelConfig
 from suite.data.imageset import ImageSet
 from suite.errors import SuiteError
 from suite.models import (SMALL_DENSENET, ModelBundle, build_densenet, cache_key, load_checkpoint,
@@ -25,8 +25,13 @@ def recipe_for(cfg: ModelConfig, seed: int, quick: bool) -> Recipe:
                   batch_size=cfg.batch_size, lr=cfg.lr, seed=seed)
 
 
-def train_small_densenet(data: ImageSet, recipe: Recipe, progress=None) -> ModelBundle:
-    """The suite's own plaintext model: same recipe as `suite train` and the training controls."""
+def train_small_densenet(data: ImageSet, recipe: Recipe, progress=None,
+                         role: str | None = None) -> ModelBundle:
+    """The suite's own plaintext model: same recipe as `suite train` and the training controls.
+    It trains on `data`'s 'train' images; their ids and pixel hashes go into the bundle so any
+    later run can check it never saw that run's hospital images."""
+    from suite.data.roles import image_hashes
+
     train = data.split("train")
     import torch
 
@@ -35,7 +40,10 @@ def train_small_densenet(data: ImageSet, recipe: Recipe, progress=None) -> Model
     bundle = ModelBundle(net=net, name="small-densenet", architecture=SMALL_DENSENET,
                          pathologies=list(data.label_names), resolution=data.resolution,
                          source="trained-on-the-fly", data_fingerprint=data.fingerprint(),
-                         extra={"dataset": data.name, "train_image_ids": train.image_ids.tolist()})
+                         extra={"dataset": data.name, "data_role": role,
+                                "train_image_ids": train.image_ids.tolist(),
+                                "train_image_hashes": image_hashes(train),
+                                "train_sites": sorted(set(train.sites.tolist()))})
     train_logits_model(bundle.logits, net.parameters(), train, list(range(len(data.label_names))),
                        recipe, on_epoch=progress)
     net.eval()
@@ -43,17 +51,15 @@ def train_small_densenet(data: ImageSet, recipe: Recipe, progress=None) -> Model
 
 
 def resolve_model(cfg: ModelConfig, data: ImageSet, seed: int, quick: bool,
-                  progress=None) -> tuple[ModelBundle, dict[str, Any]]:
-    """The model for this run and a `model_ref` a worker process can load it from."""
+                  progress=None, dataset_cfg: DatasetConfig | None = None) -> tuple[ModelBundle, dict[str, Any]]:
+    """The model for this run and a `model_ref` a worker process can load it from.
+
+    `small-densenet` is the vendor model: trained on the vendor's own data only
+    (`suite.data.roles.load_vendor_data`), never on `data`, the hospitals' images.
+    """
     name = cfg.name
     if name == "small-densenet":
-        recipe = recipe_for(cfg, seed, quick)
-        key = cache_key("small-densenet", SMALL_DENSENET, data.fingerprint(), recipe.__dict__, "seeded-init")
-        path = cache_dir() / "models" / f"small-densenet-{key}.pt"
-        if not path.exists():
-            bundle = train_small_densenet(data, recipe, progress)
-            save_checkpoint(bundle, path, recipe=recipe.__dict__)
-        return load_checkpoint(path), {"kind": "checkpoint", "path": str(path)}
+        return vendor_model(cfg, data, seed, quick, progress, dataset_cfg)
     if name == "small-densenet-untrained":
         ref = {"kind": "random", "architecture": "small", "pathologies": data.label_names,
                "resolution": data.resolution, "seed": seed}
@@ -72,6 +78,54 @@ def resolve_model(cfg: ModelConfig, data: ImageSet, seed: int, quick: bool,
     raise SuiteError(
         f"unknown model '{name}'; use one of {', '.join(BUILTIN_MODELS)}, xrv:<weights name>, "
         f"or a checkpoint path (.pt)")
+
+
+def vendor_model(cfg: ModelConfig, data: ImageSet, seed: int, quick: bool, progress=None,
+                 dataset_cfg: DatasetConfig | None = None) -> tuple[ModelBundle, dict[str, Any]]:
+    """The suite's default model, trained with the plaintext recipe on the vendor's data only;
+    cached by the vendor data's fingerprint and the recipe."""
+    from suite.data.roles import load_vendor_data
+
+    vendor = load_vendor_data(dataset_cfg or DatasetConfig(name=data.name), data, seed, quick)
+    recipe = recipe_for(cfg, seed, quick)
+    key = cache_key("small-densenet", SMALL_DENSENET, vendor.fingerprint(), recipe.__dict__,
+                    "seeded-init", "vendor-data")
+    path = cache_dir() / "models" / f"small-densenet-{key}.pt"
+    if not path.exists():
+        bundle = train_small_densenet(vendor, recipe, progress, role="vendor")
+        save_checkpoint(bundle, path, recipe=recipe.__dict__)
+    return load_checkpoint(path), {"kind": "checkpoint", "path": str(path)}
+
+
+def vendor_description(bundle: ModelBundle) -> dict[str, Any]:
+    """What run.json says about the vendor's data behind `bundle`."""
+    extra = bundle.extra or {}
+    if bundle.source == "xrv-weights" or bundle.name.startswith("xrv:"):
+        from suite.data.roles import XRV_TRAINING_SETS
+
+        weights = bundle.name.removeprefix("xrv:")
+        return {"source": f"torchxrayvision weights {weights}",
+                "datasets": list(XRV_TRAINING_SETS.get(weights, ("unknown public sets",))),
+                "n_images": None, "checked": "by dataset name (the weights list no images)"}
+    if "train_image_ids" in extra:
+        sites = extra.get("train_sites") or []
+        return {"source": f"{extra.get('dataset')} ({'vendor data' if extra.get('data_role') == 'vendor' else 'checkpoint training images'})",
+                "dataset": extra.get("dataset"), "n_images": len(extra["train_image_ids"]),
+                "sites": sites, "checked": "image ids" + (" and pixel hashes" if extra.get("train_image_hashes") else "")}
+    return {"source": f"none: {bundle.name} is untrained ({bundle.source})", "n_images": 0}
+
+
+def check_vendor_disjoint(bundle: ModelBundle, data: ImageSet, splits: tuple[str, ...],
+                          dataset_name: str | None = None) -> None:
+    """Refuse a run whose model saw any image of the named hospital splits."""
+    from suite.data.roles import check_disjoint, check_xrv_weights
+
+    extra = bundle.extra or {}
+    if bundle.name.startswith("xrv:"):
+        check_xrv_weights(bundle.name.removeprefix("xrv:"), dataset_name or data.name)
+    elif "train_image_ids" in extra:
+        check_disjoint(extra["train_image_ids"], extra.get("train_image_hashes"), data, splits,
+                       source=f"model '{bundle.name}' (trained on {extra.get('dataset')})")
 
 
 def check_no_leak(bundle: ModelBundle, data: ImageSet) -> None:

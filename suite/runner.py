@@ -25,7 +25,9 @@ from suite.data.imageset import ImageSet
 from suite.errors import Interrupted, SuiteError
 from suite.evaluate import accuracy_rows, cost_rows, paired_rows
 from suite.harness import Job, part_paths
-from suite.model_source import resolve_model
+from suite.control_ratio import fit_time_ratio_rows
+from suite.data.roles import describe as describe_roles
+from suite.model_source import check_vendor_disjoint, resolve_model, vendor_description
 from suite.paths import REPO_ROOT, cache_dir, reports_dir
 from suite.planning import Planned, merged_entries, plan_backends
 from suite.procwatch import run_watched
@@ -271,6 +273,9 @@ def execute_backend(plan: Planned, state: RunState, run_dir: Path, cfg: RunConfi
         rows += [_with_reference(r, ref) for r in
                  paired_rows(base, preds, pd.read_parquet(ref_pred_path), labels, cfg.seed)]
     rows += cost_rows(base, part, proc.__dict__)
+    if plan.track == "training" and ref and state.backend(ref)["status"] == "ok":
+        ref_part = json.loads(part_paths(run_dir, ref)[0].read_text())
+        rows += fit_time_ratio_rows(base, part, ref_part, ref)
     writer.write(rows)
     entry.update(status="ok", error=None, versions=part.get("versions", {}))
     state.save()
@@ -399,8 +404,18 @@ def _run(cfg: RunConfig, console, resume: Path | None, overwrite: bool, where: l
         task = progress.add_task(f"model {cfg.model.name}", total=None)
         bundle, model_ref = resolve_model(cfg.model, data, cfg.seed, cfg.quick,
                                           progress=lambda e, loss: progress.update(
+<<<<<<< HEAD
                                               task, description=f"training {cfg.model.name}: epoch {e + 1}, loss {loss:.3f}"))
     check_model_resolution(bundle, data)
+=======
+                                              task, description=f"training {cfg.model.name}: epoch {e + 1}, loss {loss:.3f}"),
+                                          dataset_cfg=cfg.dataset)
+    # data roles: the vendor's images must be none of the hospitals' (train too when a
+    # training row treats that split as the hospitals' private data)
+    checked = ("train", "test") if any(p.track == "training" for p in plans) else ("test",)
+    check_vendor_disjoint(bundle, data, checked, cfg.dataset.name)
+    data_roles = describe_roles(data, vendor_description(bundle), checked)
+>>>>>>> dp-roles
     data, data_path, unmapped = map_labels_to_model(data, data_path, bundle, console)
     if resume is not None:
         state = RunState(run_dir / "run.json", saved)
@@ -409,7 +424,11 @@ def _run(cfg: RunConfig, console, resume: Path | None, overwrite: bool, where: l
     else:
         state = new_state(run_dir, run_id, cfg, data, bundle.describe(), plans)
         state.data["dataset"]["unmapped_labels"] = unmapped
+<<<<<<< HEAD
         create_run_dir(run_dir, overwrite)
+=======
+        state.data["data_roles"] = data_roles
+>>>>>>> dp-roles
     state.save()
     run_pending(plans, state, run_dir, cfg, data_path, data, model_ref, console)
     return run_dir

@@ -1,4 +1,5 @@
-"""The dp backend: sweep expansion, controls that really differ, clipping, and a tiny run."""
+"""The dp backend: sweep expansion, controls that really differ, clipping, the privacy unit,
+CSPRNG noise, the audit phase, and a tiny run."""
 
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ def test_default_entry_expands_into_sweep_and_two_controls():
     for c in configs:
         ref = c.reference()
         if c.regime == "none":
-            assert ref == "plaintext"
+            assert ref is None        # the control is the comparison; no max|dp| vs another model
         else:
             assert isinstance(ref, DPBackend) and ref.config_label() == "dp[target_epsilon=inf]"
     kinds = [c.threat_model().guarantee_kind for c in configs]
@@ -53,6 +54,7 @@ def test_planner_schedules_the_control_first_and_workers_rebuild_the_same_config
     assert ids[:2] == ["plaintext", "dp[target_epsilon=inf]"]
     assert len(ids) == 6
     refs = {p.backend_id: p.reference for p in plans}
+    assert refs["dp[target_epsilon=inf]"] is None
     assert refs["dp[target_epsilon=1.0]"] == "dp[target_epsilon=inf]"
     assert refs["dp[noise=False]"] == "dp[target_epsilon=inf]"
     for p in plans[1:]:  # the worker re-parses the JSON options: same configuration
@@ -61,7 +63,8 @@ def test_planner_schedules_the_control_first_and_workers_rebuild_the_same_config
 
 
 @pytest.mark.parametrize("bad", [{"scope": "backbone"}, {"grad_sample_mode": "fast"},
-                                 {"target_epsilon": "0"}, {"mia_shadows": "3"}])
+                                 {"target_epsilon": "0"}, {"mia_shadows": "3"},
+                                 {"level": "site"}])
 def test_bad_options_are_named(bad):
     with pytest.raises(SuiteError, match=next(iter(bad))):
         DPBackend(DPOptions.parse(bad, "dp"))
@@ -153,14 +156,19 @@ def test_audit_split_holds_out_whole_patients(rng):
 
 
 def _run(opts, tiny_data, tiny_model, tmp_path):
+    """Through the harness: fit, predict, the audit phase, teardown."""
+    from suite.harness import measure
+
     backend = DPBackend(DPOptions.parse(opts, "dp"))
     ctx = BackendContext(model=tiny_model, meter=CommMeter(), workdir=tmp_path, seed=0, quick=True)
-    backend.setup(ctx)
-    backend.fit(tiny_data.split("train"), ctx)
-    probs = backend.predict_proba(tiny_data.split("test").images[:5])
-    backend.teardown()
-    rows = {r["metric"]: r for r in backend.extra_rows()}
-    return backend, probs, rows
+    probs, timings, audit = measure(backend, ctx, tiny_data.split("test").subset(np.arange(5)),
+                                    tiny_data.split("train"), progress=False)
+    assert audit.status == "ok", audit.error
+    assert timings.audit_s is not None and timings.fit_s is not None
+    extra = {r["metric"]: r for r in backend.extra_rows()}
+    assert not any(m.startswith("mia_") for m in extra)     # the audit is its own phase
+    assert all(r["phase"] == "audit" for r in audit.rows)
+    return backend, probs, {**extra, **{r["metric"]: r for r in audit.rows}}
 
 
 def test_head_scope_run_reports_privacy_and_audit(tiny_data, tiny_model, tmp_path):
@@ -168,21 +176,56 @@ def test_head_scope_run_reports_privacy_and_audit(tiny_data, tiny_model, tmp_pat
                                  "mia_shadows": 2}, tiny_data, tiny_model, tmp_path)
     assert probs.shape == (5, len(tiny_data.label_names))
     assert rows["epsilon"]["value"] <= rows["target_epsilon"]["value"] == 2.0
+    assert rows["epsilon_independent"]["value"] <= rows["epsilon"]["value"] * 1.05
     assert rows["delta"]["value"] == pytest.approx(1 / (10 * rows["n_train_private"]["value"]))
+    assert rows["training_budget"]["value"] == rows["steps"]["value"] * 13   # expected batch
     assert rows["noise_multiplier"]["value"] > 0 and rows["steps"]["value"] > 0
     for metric in ("mia_auroc", "mia_tpr_at_1pct_fpr", "mia_eps_lower_bound",
                    "mia_lira_auroc", "mia_lira_tpr_at_1pct_fpr", "mia_lira_eps_lower_bound"):
         assert metric in rows and rows[metric]["value"] is not None and rows[metric]["value"] >= 0
-    assert "head" in backend.threat_model().protected_scope
+    tm = backend.threat_model()
+    assert "vendor's own images only" in tm.protected_scope and "whole released model" in tm.guarantee
+    assert "patient" in tm.guarantee
 
 
 def test_full_scope_trains_the_whole_groupnorm_densenet_with_per_sample_clipping(
         tiny_data, tiny_model, tmp_path):
     backend, probs, rows = _run({"noise": "false", "scope": "full", "epochs": 1, "batch_size": 32},
                                 tiny_data, tiny_model, tmp_path)
-    assert backend.mode == "hooks" and backend.shadows == 0
+    assert backend.mode == "ew" and backend.shadows == 0
     assert np.all((probs >= 0) & (probs <= 1))
     assert "epsilon" not in rows and rows["noise_multiplier"]["value"] == 0
     assert rows["max_grad_norm"]["value"] == 1.0
     assert "mia_auroc" in rows and "mia_lira_auroc" not in rows
     assert any(isinstance(m, torch.nn.GroupNorm) for m in backend.module.modules())
+
+
+@pytest.mark.filterwarnings("ignore:Full backward hook")
+def test_ew_takes_small_and_empty_poisson_batches_on_the_densenet():
+    """ew used to fail under 32 images (strided conv gradients) and refuses empty batches;
+    the contiguous-gradient hooks and the noise-only step make it usable for DP-SGD."""
+    from backends.dp.training import DenseNetLogits, noise_only_step
+    from suite.models import SMALL_DENSENET, build_densenet
+
+    torch.manual_seed(0)
+    x, y = torch.randn(6, 1, 32, 32) * 300, (torch.rand(6, 5) < 0.3).float()
+    net = DenseNetLogits(make_opacus_compatible(build_densenet(SMALL_DENSENET, 5)))
+    run = prepare(net, x, y, TrainConfig(epochs=1, batch_size=2, lr=1e-3, privacy="dp",
+                                         noise_multiplier=1.0, grad_sample_mode="ew"))
+    before = [p.detach().clone() for p in net.parameters()]
+    noise_only_step(run.optimizer)                            # an empty batch: noise only
+    assert any(not torch.equal(a, p) for a, p in zip(before, net.parameters()))
+    for xb, yb in ((x[:1], y[:1]), (x[:5], y[:5])):
+        run.optimizer.zero_grad()
+        run.loss_fn(run.model(xb), yb).backward()
+        run.optimizer.step()
+    assert run.engine.accountant.history[-1][2] == 3          # every step is accounted
+    run.close()
+    # positive control: without the hooks torch's small-batch path fails on this model
+    bare = DenseNetLogits(make_opacus_compatible(build_densenet(SMALL_DENSENET, 5),
+                                                 contiguous_conv_grads=False))
+    run = prepare(bare, x, y, TrainConfig(epochs=1, batch_size=2, lr=1e-3, privacy="dp",
+                                          noise_multiplier=1.0, grad_sample_mode="ew"))
+    with pytest.raises(RuntimeError, match="view size"):
+        run.loss_fn(run.model(x[:4]), y[:4]).backward()
+    run.close()

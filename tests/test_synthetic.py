@@ -224,3 +224,25 @@ def test_cardiothoracic_ratios_of_normal_and_enlarged_hearts_overlap():
     enlarged, normal = ctr[::2], ctr[1::2]
     assert 0.42 <= normal.mean() <= 0.48 and enlarged.mean() > 0.5
     assert (enlarged < np.percentile(normal, 95)).mean() > 0.05
+
+
+# ------------------------------------------------------------------ the vendor's own sites
+
+def test_vendor_sites_are_their_own_images_with_their_own_acquisition():
+    from suite.data.roles import image_hashes
+    from suite.data.synthetic import VENDOR_SITES, generate_vendor_synthetic
+
+    hospital = generate_synthetic(n_train_per_site=20, n_test_per_site=5, size=SIZE)
+    vendor = generate_vendor_synthetic(n_per_site=20, size=SIZE)
+    again = generate_vendor_synthetic(n_per_site=20, size=SIZE)
+    assert np.array_equal(vendor.images, again.images)
+    assert (vendor.splits == "train").all() and vendor.site_names() == [s.name for s in VENDOR_SITES]
+    assert not set(vendor.image_ids) & set(hospital.image_ids)
+    assert not set(vendor.patient_ids) & set(hospital.patient_ids)
+    assert not set(image_hashes(vendor)) & set(image_hashes(hospital))
+    # a domain shift: no vendor site acquires like any hospital site
+    stats = lambda d, s: np.array([d.images[d.sites == s].mean(), d.images[d.sites == s].std(),  # noqa: E731
+                                   _pixel_noise(d.images[d.sites == s])])
+    for v in vendor.site_names():
+        for h in hospital.site_names():
+            assert np.abs(stats(vendor, v) - stats(hospital, h)).max() > 1.0, (v, h)

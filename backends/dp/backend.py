@@ -1,5 +1,5 @@
-"""Differential privacy: the classifier trained with DP-SGD (Opacus), an epsilon sweep with
-its controls, and a measured membership-inference audit of every trained model.
+"""Differential privacy: the classifier trained with DP-SGD (Opacus) on the hospitals'
+training images, an epsilon sweep with its controls, and a membership-inference audit.
 
 One `dp` entry expands into one leaderboard row per configuration:
 
@@ -7,36 +7,46 @@ One `dp` entry expands into one leaderboard row per configuration:
     dp[target_epsilon=inf]    non-private control (same recipe, no clipping, no noise)
     dp[noise=False]           clipping-only control (per-sample clipping, noise multiplier 0)
 
-Every configuration trains the same architecture from the same initial weights on the same
-Poisson-sampled batches with the same optimiser; only the gradient treatment differs
-(`backends.dp.training`). The private rows and the clipping control are compared with the
-non-private control (their `reference()`), so delta-AUROC is the cost of DP itself; the
-non-private control is compared with `plaintext`, the suite's model.
+Every configuration of an entry spends the same training budget: the same architecture and
+starting weights, the same epochs x Poisson steps x expected batch over the same private
+images, the same optimiser; only the gradient treatment differs (`backends.dp.training`).
+The private rows and the clipping control are compared with the non-private control (their
+`reference()`); the non-private control is the comparison itself and has no reference (its
+weights are not the suite's model's, so agreement with `plaintext` would mean nothing).
 
-Scopes:
-  head   (default, cheap) re-initialise the classifier head and train only it, with DP-SGD,
-         on the frozen backbone of the suite's model. In this demo that backbone was trained
-         WITHOUT DP on the same training images, so the guarantee covers the head only and
-         the released model as a whole is not DP for those images (said in the threat model).
-         Cost on the synthetic default (2100 train / 700 test images, 64 px): about 9 s of CPU
-         per configuration including process start-up, 12-16 s wall on a busy two-core box,
-         so the default entry's five configurations take about a minute.
-  full   train the whole DenseNet from random initialisation (BatchNorm -> GroupNorm via
-         Opacus' ModuleValidator.fix; suite.training.Recipe's epochs, batch and learning rate,
-         halved epochs with --quick): the guarantee covers every parameter. The real
-         experiment: about 15-25 s per non-private and 40-90 s per DP configuration on the
-         synthetic default (one thread, busy box); no LiRA shadows unless asked for.
+Which data trained which parameters (`suite.data.roles`):
+  scope=head (default)  the backbone (`features`) is the vendor's model, trained in the clear
+         on the vendor's own images only, never on a hospital's; it is frozen. The classifier
+         head starts from the vendor's head and is trained with DP-SGD on the hospitals'
+         pooled training split. Every parameter that saw a hospital image is therefore DP
+         w.r.t. those images: the guarantee holds for the whole released model. About 10-20 s
+         per configuration on the synthetic default (busy two-core box).
+  scope=full  every parameter of the DenseNet (BatchNorm -> GroupNorm via Opacus'
+         ModuleValidator.fix) from random initialisation with DP-SGD on the hospitals' split;
+         the vendor's data is not used. suite.training.Recipe's epochs, batch and learning rate
+         (halved epochs with --quick); no LiRA shadows unless asked for.
 
-Privacy audit: `fit` keeps a random `audit_fraction` of the training patients out of training
-(non-members) and draws as many training images (members); `extra_rows` then runs a
-loss-threshold attack and LiRA-lite (shadow models trained the same way) against the trained
-model (`backends.audits.membership`). The audit is evaluation, not part of the technique's cost: it runs in
-`extra_rows`, after the harness's timed phases, like the AUROC the harness computes.
+Privacy unit (`level`): `patient` (default) samples patients and takes one image per sampled
+patient per batch, so (epsilon, delta) covers adding or removing a whole patient; `image`
+samples images (example-level). On the synthetic phantoms every patient has one image and
+the two coincide; on real data (NIH: several films per patient) they differ.
+
+Randomness (`secure_mode`, default on): Poisson sampling, the per-patient image choice and the
+noise come from the OS CSPRNG for every configuration of the entry, so the run's published
+seed does not regenerate them; `secure_mode=false` uses seeded streams (tests, debugging).
+`benchmarks/bench_dp.py` measures what secure mode costs.
 
 Accounting: Opacus' RDP accountant by default (`accountant=prv` for the PRV accountant) for
-the Poisson-subsampled Gaussian mechanism; delta defaults to 1 / (10 n) with n the number of
-images DP-SGD trains on. Opacus' noise and sampling use torch's PRNG (secure_mode off): fine
-for measurement, not for a production release.
+the Poisson-subsampled Gaussian mechanism, and, every run, Google's dp_accounting PLD as an
+independent cross-check (a disagreement beyond tolerance fails the configuration). delta
+defaults to 1 / (10 n), n the number of private units (patients or images).
+
+Privacy audit (`audit`, run and timed by the harness as its own phase): `fit` keeps a random
+`audit_fraction` of the training patients out of training (non-members) and draws as many
+training images (members); the loss-threshold attack and LiRA-lite (shadow models trained
+the same way, seeded: they are the auditor's) are run against the trained model
+(`backends.audits.membership`). Members and non-members are hospital images no parameter of
+the model saw outside DP-SGD, so the audit measures the released model as a whole.
 """
 
 from __future__ import annotations
@@ -52,6 +62,8 @@ from suite.errors import SuiteError
 from suite.threat_model import ThreatModel
 
 SCOPES = ("head", "full")
+LEVELS = ("patient", "image")
+CROSSCHECK_TOLERANCE = 0.05   # PLD epsilon may sit at most 5% above Opacus' (RDP is an upper bound)
 # Defaults when epochs / batch_size / lr are not given. `full` uses the suite's plaintext
 # recipe (suite.training.Recipe; half the epochs with --quick); `head` trains a linear layer
 # on frozen features, which wants larger steps and batches (chosen on the synthetic default).
@@ -74,6 +86,8 @@ class DPOptions(BackendOptions):
     scope: str = "head"                 # head | full
     grad_sample_mode: str = "auto"      # auto (= hooks) | hooks | functorch | ew | ghost
     accountant: str = "rdp"             # rdp | prv
+    level: str = "patient"              # privacy unit: patient (one image per patient per batch) | image
+    secure_mode: bool = True            # CSPRNG sampling and noise (False: seeded, for tests)
     audit_fraction: float = 0.2         # training patients held out as audit non-members
     mia_shadows: int | None = None      # LiRA shadow models; None: 8 for head (quick: 4), 0 for full
 
@@ -88,6 +102,8 @@ def _check(o: DPOptions) -> None:
         bad("scope", f"must be one of {', '.join(SCOPES)}, got '{o.scope}'")
     if o.grad_sample_mode not in ("auto", *GRAD_SAMPLE_MODES):
         bad("grad_sample_mode", f"must be auto or one of {', '.join(GRAD_SAMPLE_MODES)}")
+    if o.level not in LEVELS:
+        bad("level", f"must be one of {', '.join(LEVELS)}, got '{o.level}'")
     if o.accountant not in ACCOUNTANTS:
         bad("accountant", f"must be one of {', '.join(ACCOUNTANTS)}")
     if o.target_epsilon is not None and not o.target_epsilon > 0:
@@ -125,14 +141,14 @@ class DPBackend(Backend):
     Options = DPOptions
     tolerance = None
     default_batch_size = 32
-    test_options = {"target_epsilon": 3.0, "epochs": 2, "batch_size": 32, "mia_shadows": 2}
+    test_options = {"target_epsilon": 3.0, "epochs": 2, "batch_size": 32, "mia_shadows": 2,
+                    "secure_mode": False}
 
     def __init__(self, options: DPOptions | None = None) -> None:
         super().__init__(options)
         _check(self.options)
         self._report = None
         self._audit = None
-        self._rows: list[dict] | None = None
 
     # ------------------------------------------------------------ configurations
 
@@ -162,9 +178,9 @@ class DPBackend(Backend):
 
     def reference(self) -> "Backend | str | None":
         """DP rows and the clipping control compare with the non-private control; that
-        control compares with `plaintext` (the suite's model)."""
+        control is the comparison itself (None): its weights are not the suite's model's."""
         if self.regime == "none":
-            return "plaintext"
+            return None
         return type(self)(replace(self.options, target_epsilon=math.inf, noise=True, sweep=()))
 
     def config_label(self) -> str:
@@ -192,62 +208,64 @@ class DPBackend(Backend):
         o, regime = self.options, self.regime
         head = o.scope == "head"
         delta = f"{o.delta:g}" if o.delta is not None else "1/(10n)"
+        unit = ("one patient (all their images; one image per patient per sampled batch)"
+                if o.level == "patient" else "one training image (example-level)")
         if head:
-            scope = ("classifier head only (a linear layer, re-initialised and trained on frozen "
-                     "backbone features); the backbone is the suite's plaintext model, trained "
-                     "WITHOUT DP on the same training images in this demo")
+            scope = ("backbone (features): the vendor's model, trained in the clear on the "
+                     "vendor's own images only (no hospital image), frozen; classifier head: "
+                     "starts from the vendor's head, trained on the hospitals' pooled training "
+                     "split" + (" with DP-SGD" if regime == "dp" else ""))
         else:
-            scope = ("every parameter of the DenseNet (BatchNorm replaced by GroupNorm), trained "
-                     "from random initialisation")
-        parties = ("data curator (hospital) that trains the model",
-                   "recipients of the trained model (model owner, users, the public)")
-        from_whom = "anyone who sees the trained model: the model owner, its users, the public"
+            scope = ("every parameter of the DenseNet (BatchNorm replaced by GroupNorm): random "
+                     "initialisation, trained on the hospitals' pooled training split"
+                     + (" with DP-SGD" if regime == "dp" else "") + "; no vendor data")
+        parties = ("data curator that pools the hospital sites' training splits and trains",
+                   "vendor (model owner): supplies the backbone trained on its own data",
+                   "recipients of the trained model (vendor, users, the public)")
+        from_whom = "anyone who sees the trained model: the vendor, its users, the public"
         adversary = "arbitrary post-processing of the released model (weights and outputs), any side knowledge"
-        trust = ("the curator runs the training code as written and keeps gradients, noise and "
-                 "data private",
-                 "Opacus noise and Poisson sampling use torch's PRNG (secure_mode off): a "
-                 "measurement, not a production release",
+        rng = ("sampling, image choice and noise from the OS CSPRNG (os.urandom): the run's "
+               "published seed does not regenerate them" if o.secure_mode else
+               "sampling and noise from SEEDED streams (secure_mode=false): anyone with the run "
+               "folder can regenerate the noise; a measurement, not a release")
+        trust = ("the curator sees the pooled hospital training images, runs the training code "
+                 "as written and keeps gradients, noise and data private (central DP)",
+                 rng,
                  "hyperparameters and architecture are public; the defaults were picked on "
                  "synthetic data (tuning them on the private images would spend privacy too)")
-        head_leak = ("training membership through the backbone: it was trained without DP on the "
-                     "same training images in this demo, so the released model as a whole has "
-                     "NO DP guarantee for them; the (ε, δ) bound covers the head's "
-                     "parameters only",) if head else ()
         if regime == "dp":
-            guarantee = (f"(ε={o.target_epsilon:g}, δ={delta})-DP w.r.t. adding/removing one "
-                         "training image (example-level, not patient-level unless one image per "
-                         "patient), " + ("classifier head only: the backbone is not private"
-                                         if head else "all parameters")
-                         + f"; {o.accountant.upper()} accountant")
+            guarantee = (f"(ε={o.target_epsilon:g}, δ={delta})-DP w.r.t. adding/removing {unit} "
+                         "of the hospitals' training split, for the whole released model: "
+                         + ("the backbone never saw a hospital image and the head saw them only "
+                            "through DP-SGD" if head else "every parameter saw them only through "
+                            "DP-SGD") + f"; {o.accountant.upper()} accountant, cross-checked "
+                         "with dp_accounting PLD")
             return ThreatModel(
                 protects=("training_membership",), from_whom=from_whom, adversary=adversary,
                 parties=parties, trust_assumptions=trust,
                 guarantee_kind="differential_privacy", guarantee=guarantee,
-                leaks=head_leak + ("the number of training images, label set and hyperparameters",
-                                   "membership and attributes up to the (ε, δ) bound"),
+                leaks=("the number of training units, label set and hyperparameters",
+                       "membership and attributes of hospital training images up to the (ε, δ) bound",
+                       *(("the vendor's own training images: the backbone is not DP for them "
+                          "(they are the vendor's, not the hospitals')",) if head else ()),
+                       *(("patients with several images: example-level only, a patient's images "
+                          "together get up to k·ε (group privacy)",) if o.level == "image" else ())),
                 protected_scope=scope,
-                notes=("scope=head: the DP guarantee covers the head only; use scope=full for a "
-                       "model-level guarantee. The audit's members and non-members were all in "
-                       "the backbone's training set, so it measures the head's leakage only."
-                       if head else
-                       "model-level guarantee; the audit figures are empirical lower bounds."))
-        if regime == "clip":
-            return ThreatModel(
-                protects=(), from_whom="nobody (control)", adversary=adversary, parties=parties,
-                trust_assumptions=trust, guarantee_kind="none",
-                guarantee=("none: per-sample gradient clipping bounds each image's influence per "
-                           "step, but without noise there is no DP guarantee (control isolating "
-                           "the cost of clipping)"),
-                leaks=("training membership (see the audit rows)",),
-                protected_scope="nothing (trained parameters: " + scope + ")",
-                notes="clipping-only control of the dp sweep; identical recipe, noise multiplier 0")
+                notes=(f"privacy unit: {o.level}. The audit's members and non-members are "
+                       "hospital training images the backbone never saw, so it probes the whole "
+                       "released model; its figures are empirical lower bounds."))
+        control = "clipping-only" if regime == "clip" else "non-private"
         return ThreatModel(
             protects=(), from_whom="nobody (control)", adversary=adversary, parties=parties,
             trust_assumptions=trust, guarantee_kind="none",
-            guarantee="none: non-private control of the dp sweep (no clipping, no noise)",
-            leaks=("training membership (see the audit rows)",),
-            protected_scope="nothing (trained parameters: " + scope + ")",
-            notes="non-private control: identical recipe, architecture and batches as the DP rows")
+            guarantee=(f"none: {control} control of the dp sweep"
+                       + (" (per-sample clipping bounds each unit's influence per step, but "
+                          "without noise there is no DP guarantee)" if regime == "clip"
+                          else " (no clipping, no noise)")),
+            leaks=("training membership of the hospital training images (see the audit rows)",),
+            protected_scope="nothing (trained: " + scope + ")",
+            notes=f"{control} control: the same budget, starting point, batches' distribution "
+                  f"and privacy unit ({o.level}) as the DP rows; only the gradient treatment differs")
 
     # ------------------------------------------------------------ harness calls
 
@@ -275,10 +293,13 @@ class DPBackend(Backend):
         if shadows is None:
             shadows = min(DEFAULT_SHADOWS[o.scope], QUICK_SHADOWS) if ctx.quick else DEFAULT_SHADOWS[o.scope]
         self.shadows = shadows
-        # hooks: Opacus' default and, on this DenseNet, within 10% of the fastest mode (ew,
-        # benchmarks/bench_dp.py); ew fails on Poisson batches under 32 images (torch's
-        # ExpandedWeights grouped-conv path cannot take DenseNet's non-contiguous gradients)
-        self.mode = "hooks" if o.grad_sample_mode == "auto" else o.grad_sample_mode
+        # auto: ew (torch ExpandedWeights) for the whole DenseNet: it computes per-sample
+        # gradients instead of, not on top of, the batch gradient, 1.75x the non-private step
+        # against 2.0x for hooks (benchmarks/bench_dp.py; convs get contiguous gradients and
+        # empty batches a noise-only step, see backends.dp.training). hooks for the head: a
+        # linear layer, where the modes differ by less than the run-to-run noise.
+        auto = "ew" if o.scope == "full" else "hooks"
+        self.mode = auto if o.grad_sample_mode == "auto" else o.grad_sample_mode
 
     def _inputs(self, images: np.ndarray):
         """What the trained module consumes: backbone features (head) or images (full)."""
@@ -291,6 +312,10 @@ class DPBackend(Backend):
         return torch.from_numpy(np.ascontiguousarray(images))
 
     def _new_module(self, n_in: int, n_labels: int, seed: int):
+        """The starting point, identical for every configuration of the entry: the vendor's
+        head (scope=head) or a seeded random GroupNorm DenseNet (scope=full)."""
+        import copy
+
         import torch
 
         from backends.dp.training import DenseNetLogits, make_opacus_compatible
@@ -298,11 +323,15 @@ class DPBackend(Backend):
 
         torch.manual_seed(seed)
         if self.options.scope == "head":
-            return torch.nn.Linear(n_in, n_labels)
+            head = copy.deepcopy(self.ctx.model.net.classifier)
+            if (head.in_features, head.out_features) != (n_in, n_labels):
+                raise SuiteError(f"dp: the vendor model's head is {head.in_features}->"
+                                 f"{head.out_features}, the data needs {n_in}->{n_labels}")
+            return head.train()
         net = build_densenet(self.ctx.model.architecture, n_labels)
         return DenseNetLogits(make_opacus_compatible(net))
 
-    def _config(self, seed: int, noise_seed: int, noise_multiplier: float):
+    def _config(self, seed: int, noise_seed: int, noise_multiplier: float, secure: bool):
         from backends.dp.training import TrainConfig
 
         o = self.options
@@ -310,7 +339,7 @@ class DPBackend(Backend):
             epochs=self.epochs, batch_size=self.train_batch, lr=self.lr, privacy=self.regime,
             max_grad_norm=o.max_grad_norm, noise_multiplier=noise_multiplier, delta=self.delta,
             accountant=o.accountant, grad_sample_mode=self.mode,
-            augment=o.scope == "full", seed=seed, noise_seed=noise_seed)
+            augment=o.scope == "full", seed=seed, noise_seed=noise_seed, secure=secure)
 
     def _fit_threads(self) -> int:
         """scope=head works on small tensors (one backbone pass at batch 64, a linear layer):
@@ -318,11 +347,13 @@ class DPBackend(Backend):
         one, where two OpenMP threads wait on each other. scope=full uses the harness's count."""
         return 1 if self.options.scope == "head" else max(1, self.ctx.threads)
 
-    def _train(self, x, y, seed: int, noise_seed: int, noise_multiplier: float):
+    def _train(self, x, y, groups, seed: int, noise_seed: int, noise_multiplier: float,
+               secure: bool):
         from backends.dp.training import train
 
         module = self._new_module(x.shape[1] if x.ndim == 2 else 0, y.shape[1], seed)
-        report = train(module, x, y, self._config(seed, noise_seed, noise_multiplier))
+        report = train(module, x, y, self._config(seed, noise_seed, noise_multiplier, secure),
+                       groups=groups)
         return module, report
 
     def fit(self, train, ctx: BackendContext) -> None:
@@ -332,23 +363,32 @@ class DPBackend(Backend):
     def _fit(self, train, ctx: BackendContext) -> None:
         import torch
 
-        from backends.dp.training import noise_for_epsilon, steps_and_rate
+        from backends.dp.training import crosscheck_epsilon, noise_for_epsilon, steps_and_rate
 
         o = self.options
         rng = np.random.default_rng(ctx.seed + 101)
         train_idx, members, holdout = audit_split(train.patient_ids, o.audit_fraction, rng)
         x_all = self._inputs(train.images)
         y_all = torch.from_numpy(np.ascontiguousarray(train.labels, dtype=np.float32))
+        groups_all = patient_groups(train.patient_ids) if o.level == "patient" else None
         x, y = x_all[train_idx], y_all[train_idx]
-        self.n_private = len(train_idx)
+        groups = groups_all[train_idx] if groups_all is not None else None
+        self.n_images = len(train_idx)
+        self.n_private = len(np.unique(groups)) if groups is not None else self.n_images
         self.delta = o.delta if o.delta is not None else 1.0 / (10 * self.n_private)
         steps, rate = steps_and_rate(self.n_private, self.train_batch, self.epochs)
         self.sigma = 0.0
         if self.regime == "dp":
             self.sigma = noise_for_epsilon(o.target_epsilon, self.delta, rate, steps, o.accountant)
-        self.module, self._report = self._train(x, y, ctx.seed, ctx.seed + 17, self.sigma)
+        self.module, self._report = self._train(x, y, groups, ctx.seed, ctx.seed + 17, self.sigma,
+                                                o.secure_mode)
+        self.crosscheck = None
+        if self.regime == "dp":
+            r = self._report
+            self.crosscheck = crosscheck_epsilon(r.noise_multiplier, r.sample_rate, r.steps, r.delta)
+            check_epsilon(r.epsilon, self.crosscheck, o.accountant)
         # audit material: members are training images, holdout images were never trained on
-        self._audit = {"x_all": x_all, "y_all": y_all, "train_idx": train_idx,
+        self._audit = {"x_all": x_all, "y_all": y_all, "groups": groups_all, "train_idx": train_idx,
                        "members": members, "holdout": holdout}
 
     def _logits(self, module, x):
@@ -370,8 +410,8 @@ class DPBackend(Backend):
         return torch.sigmoid(z.double()).numpy()
 
     def teardown(self) -> None:
-        """Nothing runs outside this process; the trained model and audit split stay in memory
-        for `extra_rows` (the worker asks for them after teardown)."""
+        """Nothing runs outside this process; the trained model stays in memory for
+        `extra_rows` (the worker asks for them after teardown)."""
 
     def versions(self) -> dict[str, str]:
         from importlib.metadata import PackageNotFoundError, version
@@ -384,9 +424,34 @@ class DPBackend(Backend):
                 pass
         return out
 
-    # ------------------------------------------------------------ figures and audit
+    # ------------------------------------------------------------ audit (harness phase)
 
-    def run_audit(self) -> list:
+    def audit(self, ctx: BackendContext, train, test) -> list[dict]:
+        """Membership inference against the trained model, as rows; the harness times this
+        phase and records a failure as a failed audit."""
+        with _threads(self._fit_threads()):
+            attacks = self.run_attacks()
+        rows = []
+        for s in attacks:
+            prefix = "mia_" if s.attack == "loss_threshold" else f"mia_{s.attack}_"
+            what = ("loss-threshold attack (score = -loss)" if s.attack == "loss_threshold" else
+                    f"LiRA-lite, online, fixed variance, {self.shadows} shadow models")
+            n = s.n_members + s.n_nonmembers
+            pop = (f"{s.n_members} hospital training images vs {s.n_nonmembers} held-out hospital "
+                   "training images (whole patients); the backbone saw neither")
+            common = {"phase": "audit", "n": n}
+            rows.append(_row(prefix + "auroc", s.auroc, "", False, f"{what}; {pop}",
+                             ci_low=s.auroc_ci_low, ci_high=s.auroc_ci_high, ci_method="delong", **common))
+            rows.append(_row(prefix + "tpr_at_1pct_fpr", s.tpr_at_1pct_fpr, "fraction", False,
+                             f"{what}; {pop}", **common))
+            rows.append(_row(prefix + "eps_lower_bound", s.eps_lower_bound, "epsilon", None,
+                             f"{what}: empirical lower bound max(log((TPR-delta)/FPR), "
+                             "log((TNR-delta)/FNR)) with Clopper-Pearson 95% limits, threshold "
+                             f"chosen on a disjoint half; at most {s.eps_lower_bound_max:.2f} "
+                             f"certifiable with {pop}", ci_method="clopper-pearson", **common))
+        return rows
+
+    def run_attacks(self) -> list:
         """Loss-threshold attack and (when shadows > 0) LiRA-lite against the trained model."""
         import torch
 
@@ -396,7 +461,7 @@ class DPBackend(Backend):
         a = self._audit
         if a is None or len(a["holdout"]) == 0 or len(a["members"]) == 0:
             return []
-        x_all, y_all = a["x_all"], a["y_all"]
+        x_all, y_all, groups = a["x_all"], a["y_all"], a["groups"]
         pool = np.concatenate([a["members"], a["holdout"]])
         m = len(a["members"])
         with torch.inference_mode():
@@ -412,8 +477,9 @@ class DPBackend(Backend):
             stats = []
             for k in range(self.shadows):
                 idx = np.concatenate([base, pool[in_mask[k]]])
-                shadow, _ = self._train(x_all[idx], y_all[idx], seed + 1000 + k, seed + 2000 + k,
-                                        self.sigma)
+                shadow, _ = self._train(x_all[idx], y_all[idx],
+                                        groups[idx] if groups is not None else None,
+                                        seed + 1000 + k, seed + 2000 + k, self.sigma, secure=False)
                 with torch.inference_mode():
                     stats.append(mia.logit_confidence(self._logits(shadow, x_all[pool]).numpy(),
                                                       y_all[pool].numpy()))
@@ -421,57 +487,69 @@ class DPBackend(Backend):
             out.append(mia.attack_summary("lira", scores[:m], scores[m:], self.delta, seed=seed))
         return out
 
+    # ------------------------------------------------------------ figures
+
     def extra_rows(self) -> list[dict]:
-        if self._rows is not None:
-            return self._rows
+        """What the training spent and guarantees: the shared budget first, then epsilon
+        (delta, unit), then the mechanism's parameters."""
         r, o = self._report, self.options
         if r is None:
             return []
+        unit = r.unit + ("s" if r.n_units != 1 else "")
+        level = f"privacy unit: {r.unit}" + (" (one image per patient per sampled batch)"
+                                              if r.unit == "patient" else " (example-level)")
         acc_note = (f"Opacus {o.accountant.upper()} accountant, Poisson-subsampled Gaussian, "
-                    f"{r.steps} steps at sampling rate {r.sample_rate:.4g}")
-        rows = []
-
-        def add(metric, value, unit="", hib=None, note=None, **kw):
-            rows.append({"metric": metric, "value": value, "unit": unit, "higher_is_better": hib,
-                         "note": note, **kw})
-
+                    f"{r.steps} steps at sampling rate {r.sample_rate:.4g}; {level}")
+        budget = (f"training budget shared by every row of this dp entry (DP rows and both "
+                  f"controls): {self.epochs} epochs x {r.steps // self.epochs} Poisson steps, "
+                  f"expected batch {r.expected_batch_size} of {r.n_units} {unit} "
+                  f"({self.n_images} images), lr {self.lr:g}, from the same starting point "
+                  f"({'the vendor head on the frozen vendor backbone' if o.scope == 'head' else 'seeded random GroupNorm DenseNet'})")
+        rows = [_row("training_budget", r.steps * r.expected_batch_size, "samples", None, budget),
+                _row("steps", r.steps, "steps", None, budget)]
         if self.regime == "dp":
-            add("target_epsilon", o.target_epsilon, "epsilon", False, "requested budget")
-            add("epsilon", r.epsilon, "epsilon", False, "achieved: " + acc_note)
-        add("delta", r.delta, "", False,
-            "given" if o.delta is not None else f"1/(10n), n = {self.n_private} training images")
-        add("noise_multiplier", r.noise_multiplier, "", None,
-            "Gaussian noise std / max_grad_norm" + ("; 0 in this control" if self.regime != "dp" else ""))
+            rows.append(_row("epsilon", r.epsilon, "epsilon", False,
+                             f"achieved, delta {r.delta:.3g}: {acc_note}"))
+            rows.append(_row("epsilon_independent", self.crosscheck, "epsilon", False,
+                             f"the same mechanism under Google's dp_accounting PLD accountant "
+                             f"(independent check of the epsilon row; delta {r.delta:.3g}; {level})"))
+            rows.append(_row("target_epsilon", o.target_epsilon, "epsilon", False, "requested budget"))
+        rows.append(_row("delta", r.delta, "", False,
+                         "given" if o.delta is not None else f"1/(10n), n = {r.n_units} {unit}"))
+        rows.append(_row("noise_multiplier", r.noise_multiplier, "", None,
+                         "Gaussian noise std / max_grad_norm" + ("; 0 in this control" if self.regime != "dp" else "")
+                         + ("; noise and sampling from the OS CSPRNG" if r.secure
+                            else "; SEEDED noise and sampling (secure_mode=false)")))
         if self.regime != "none":
-            add("max_grad_norm", r.max_grad_norm, "", None, "per-sample L2 clipping norm (flat)")
-        add("sampling_rate", r.sample_rate, "", None, "Poisson sampling rate q (expected batch / n)")
-        add("steps", r.steps, "steps", None, f"{self.epochs} epochs, expected batch {r.expected_batch_size}")
-        add("n_train_private", self.n_private, "images", None,
-            "images trained on (training split minus the audit hold-out)")
-        add("final_train_loss", r.losses[-1] if r.losses else None, "", False, "mean loss, last epoch")
-        try:
-            with _threads(self._fit_threads()):
-                attacks = self.run_audit()
-        except Exception as exc:  # noqa: BLE001 - a failed audit must show, not vanish
-            add("mia_auroc", None, "", False, "membership-inference audit failed",
-                status="failed", error=f"{type(exc).__name__}: {exc}")
-            attacks = []
-        for s in attacks:
-            prefix = "mia_" if s.attack == "loss_threshold" else f"mia_{s.attack}_"
-            what = ("loss-threshold attack (score = -loss)" if s.attack == "loss_threshold" else
-                    f"LiRA-lite, online, fixed variance, {self.shadows} shadow models")
-            n = s.n_members + s.n_nonmembers
-            pop = f"{s.n_members} training images vs {s.n_nonmembers} held-out images"
-            add(prefix + "auroc", s.auroc, "", False, f"{what}; {pop}",
-                ci_low=s.auroc_ci_low, ci_high=s.auroc_ci_high, ci_method="delong", n=n)
-            add(prefix + "tpr_at_1pct_fpr", s.tpr_at_1pct_fpr, "fraction", False, f"{what}; {pop}", n=n)
-            add(prefix + "eps_lower_bound", s.eps_lower_bound, "epsilon", None,
-                f"{what}: empirical lower bound max(log((TPR-delta)/FPR), log((TNR-delta)/FNR)) "
-                "with Clopper-Pearson 95% limits, threshold chosen on a disjoint half; "
-                f"at most {s.eps_lower_bound_max:.2f} certifiable with {pop}",
-                ci_method="clopper-pearson", n=n)
-        self._rows = rows
+            rows.append(_row("max_grad_norm", r.max_grad_norm, "", None,
+                             f"per-sample L2 clipping norm (flat), one clipped gradient per {r.unit} per step"))
+        rows.append(_row("sampling_rate", r.sample_rate, "", None,
+                         f"Poisson sampling rate q over {unit} (expected batch / n)"))
+        rows.append(_row("n_train_private", r.n_units, unit, None,
+                         "private units trained on (the hospitals' training split minus the audit hold-out)"))
+        rows.append(_row("final_train_loss", r.losses[-1] if r.losses else None, "", False,
+                         "mean loss, last epoch"))
         return rows
+
+
+def check_epsilon(reported: float, independent: float, accountant: str = "rdp") -> None:
+    """Refuse a reported epsilon the independent accountant finds too optimistic: RDP is an
+    upper bound of the near-exact PLD value, so PLD may exceed it only by numerical slack."""
+    if not independent <= reported * (1 + CROSSCHECK_TOLERANCE):
+        raise SuiteError(
+            f"dp: the {accountant.upper()} epsilon {reported:.4f} is below the independent "
+            f"dp_accounting PLD epsilon {independent:.4f}: the reported guarantee would be too "
+            "optimistic")
+
+
+def _row(metric, value, unit="", hib=None, note=None, **kw) -> dict:
+    return {"metric": metric, "value": value, "unit": unit, "higher_is_better": hib, "note": note, **kw}
+
+
+def patient_groups(patient_ids: np.ndarray) -> np.ndarray:
+    """An integer per image naming its patient (the privacy unit at level=patient)."""
+    _, groups = np.unique(np.asarray(patient_ids).astype(str), return_inverse=True)
+    return groups
 
 
 def audit_split(patient_ids: np.ndarray, fraction: float, rng: np.random.Generator):

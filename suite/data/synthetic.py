@@ -65,6 +65,26 @@ SITES: tuple[SiteAcquisition, ...] = (
 )
 
 
+# The vendor's (model owner's) own acquisition profiles: a different fleet of scanners and a
+# different case mix from every hospital site, so the vendor's model meets a realistic domain
+# shift at the hospitals. Its images are disjoint from the hospitals' by construction (their
+# own random streams, their own ids and patients) and checked again by `suite.data.roles`.
+VENDOR_SITES: tuple[SiteAcquisition, ...] = (
+    SiteAcquisition("vendor-1", "vendor's curated archive: modern DR, clean, enriched for findings",
+                    (0.25, 0.25, 0.22, 0.18, 0.22), contrast=1.1, noise=0.01, blur=0.003),
+    SiteAcquisition("vendor-2", "vendor's partner clinic: older CR, soft and slightly bright",
+                    (0.20, 0.22, 0.18, 0.12, 0.20), contrast=0.8, gamma=0.85, offset=0.04,
+                    noise=0.02, blur=0.008),
+    SiteAcquisition("vendor-3", "vendor's emergency archive: portable, dark and noisy",
+                    (0.28, 0.30, 0.12, 0.22, 0.28), gamma=1.3, noise=0.045, blur=0.009,
+                    resolution=0.7),
+    SiteAcquisition("vendor-4", "vendor's screening van: low resolution, contrasty, collimated",
+                    (0.18, 0.18, 0.24, 0.15, 0.18), contrast=1.2, gamma=1.1, noise=0.03,
+                    blur=0.01, resolution=0.55, collimation=0.05),
+)
+VENDOR_STREAM = 0x56454E44    # "VEND": the vendor's streams never coincide with the sites'
+
+
 def generate_synthetic(n_train_per_site: int = 300, n_test_per_site: int = 100, size: int = 64,
                        seed: int = 0, n_sites: int = N_SITES) -> ImageSet:
     """Phantoms for `n_sites` sites; the same arguments always give bit-identical arrays.
@@ -77,25 +97,47 @@ def generate_synthetic(n_train_per_site: int = 300, n_test_per_site: int = 100, 
         raise ValueError(f"n_sites must be in 1..{N_SITES}, got {n_sites}")
     if n_train_per_site < 0 or n_test_per_site < 0 or n_train_per_site + n_test_per_site == 0:
         raise ValueError("need at least one image per site")
+    streams = np.random.SeedSequence(seed).spawn(N_SITES)[:n_sites]
+    return _generate_sites("synthetic", SITES[:n_sites], streams, n_train_per_site,
+                           n_test_per_site, size, id_prefix="synth-s", patient_prefix="synth-patient-s",
+                           site_names=[f"site-{s}" for s in range(1, n_sites + 1)])
+
+
+def generate_vendor_synthetic(n_per_site: int = 800, size: int = 64, seed: int = 0) -> ImageSet:
+    """The vendor's own training phantoms: `VENDOR_SITES`, all 'train', never a hospital's.
+
+    Ids `synth-vendor-v{k}-{i:06d}`, patients `synth-vendor-patient-v{k}-{i:06d}`; streams
+    spawned from (seed, VENDOR_STREAM), so they share no draw with `generate_synthetic`.
+    """
+    if n_per_site < 1:
+        raise ValueError("need at least one vendor image per site")
+    streams = np.random.SeedSequence([seed, VENDOR_STREAM]).spawn(len(VENDOR_SITES))
+    return _generate_sites("synthetic-vendor", VENDOR_SITES, streams, n_per_site, 0, size,
+                           id_prefix="synth-vendor-v", patient_prefix="synth-vendor-patient-v",
+                           site_names=[s.name for s in VENDOR_SITES])
+
+
+def _generate_sites(name: str, sites, streams, n_train: int, n_test: int, size: int,
+                    id_prefix: str, patient_prefix: str, site_names: list[str]) -> ImageSet:
+    """Render every site from its own stream and stack them into one ImageSet."""
     if size < 16:
         raise ValueError(f"size must be at least 16 pixels, got {size}")
-    streams = np.random.SeedSequence(seed).spawn(N_SITES)[:n_sites]
-    n_per_site = n_train_per_site + n_test_per_site
+    n_sites, n_per_site = len(sites), n_train + n_test
     parts = [_generate_site(np.random.default_rng(stream), site, n_per_site, size)
-             for stream, site in zip(streams, SITES)]
+             for stream, site in zip(streams, sites)]
     images = np.concatenate([images for images, _ in parts])
     labels = np.concatenate([labels for _, labels in parts])
     site_no = np.repeat(np.arange(1, n_sites + 1), n_per_site)
     index = np.tile(np.arange(n_per_site), n_sites)
     return ImageSet(
-        name="synthetic",
+        name=name,
         images=images,
         labels=labels,
         label_names=list(LABELS),
-        image_ids=np.array([f"synth-s{s}-{i:06d}" for s, i in zip(site_no, index)]),
-        sites=np.array([f"site-{s}" for s in site_no]),
-        patient_ids=np.array([f"synth-patient-s{s}-{i:06d}" for s, i in zip(site_no, index)]),
-        splits=np.where(index < n_train_per_site, "train", "test"),
+        image_ids=np.array([f"{id_prefix}{s}-{i:06d}" for s, i in zip(site_no, index)]),
+        sites=np.array([site_names[s - 1] for s in site_no]),
+        patient_ids=np.array([f"{patient_prefix}{s}-{i:06d}" for s, i in zip(site_no, index)]),
+        splits=np.where(index < n_train, "train", "test"),
     )
 
 
