@@ -53,22 +53,35 @@ class LocalEpoch:
 
 
 class MessageBytes:
-    """Serialised size of a train message (Flower's object tree) against the raw model."""
+    """Serialised size of one round's train messages (Flower's object tree: the model down,
+    the update up) against the floor of two raw model copies; target <= 1.05."""
 
     def setup(self):
-        from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
+        from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
         from flwr.common.constant import SUPERLINK_NODE_ID
         from flwr.supercore.task_identity import TaskIdentity
 
-        from backends.fl.app import get_arrays, initial_model
+        from backends.fl.app import MODEL_KEY, flatten, get_arrays, initial_model
         from suite.models import SMALL_DENSENET
 
         TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID
         arrays = get_arrays(initial_model(SMALL_DENSENET, 5, 64, 0))
         self.model_bytes = sum(a.nbytes for a in arrays.values())
-        record = ArrayRecord({k: Array(v) for k, v in arrays.items()})
+        record = ArrayRecord({MODEL_KEY: Array(flatten(arrays))})
         self.msg = Message(RecordDict({"arrays": record, "config": ConfigRecord({"server-round": 1})}),
                            dst_node_id=7, message_type="train")
+        self.msg.metadata.__dict__["_message_id"] = "m1"
+        metrics = MetricRecord({"num-examples": 300, "unit-weight": 1, "train-loss": 0.5,
+                                "partition-id": 0})
+        self.reply = Message(RecordDict({"arrays": ArrayRecord({MODEL_KEY: Array(flatten(arrays))}),
+                                         "metrics": metrics}), reply_to=self.msg)
+
+    def track_train_round_vs_floor(self):
+        from backends.fl.app import message_bytes
+
+        return (message_bytes(self.msg) + message_bytes(self.reply)) / (2 * self.model_bytes)
+
+    track_train_round_vs_floor.unit = "ratio"
 
     def track_train_message_overhead(self):
         from backends.fl.app import message_bytes
@@ -131,6 +144,7 @@ if __name__ == "__main__":          # standalone: .venv/bin/python benchmarks/be
     m = MessageBytes()
     m.setup()
     print(f"train message / model bytes: {m.track_train_message_overhead():.3f}")
+    print(f"train round (down + up) / floor: {m.track_train_round_vs_floor():.3f}")
     for res in (32, 64):
         b = LocalEpoch()
         b.setup(res, 0.0)

@@ -349,7 +349,7 @@ class FLBackend(Backend):
 
     def _fit_federated(self, train, images, clients, val, ctx) -> None:
         from backends.fl.app import FINAL, INITIAL, SUMMARY, FLJob, get_arrays, save_site, set_arrays
-        from backends.fl.engine import run_deployment_engine, run_simulation_engine
+        from backends.fl.engine import run_engine
 
         o = self.options
         work = Path(ctx.workdir)
@@ -374,10 +374,7 @@ class FLBackend(Backend):
                     max_site_examples=max(len(i) for i in clients.values()),
                     started_at=time.time(), **self._recipe_job_fields())
         job_path = job.save(work / "job.json")
-        if o.engine == "simulation":
-            report = run_simulation_engine(job)
-        else:
-            report = run_deployment_engine(work, job, job_path)
+        report = run_engine(work, job, job_path, o.engine)
         self.summary = json.loads((out_dir / SUMMARY).read_text())
         self.summary["engine_startup_s"] = report.startup_s
         with np.load(out_dir / FINAL) as z:
@@ -473,13 +470,7 @@ class FLBackend(Backend):
         return out
 
     def teardown(self) -> None:
-        try:
-            import ray
-
-            if ray.is_initialized():
-                ray.shutdown()
-        except Exception:
-            pass
+        """Nothing to release: the engine stops every process it started before fit returns."""
 
     def versions(self) -> dict[str, str]:
         out = {}
@@ -680,9 +671,10 @@ def federation_rows(summary: dict[str, Any], options: FLOptions) -> list[dict]:
                      "refused a round with failures)"))
     start = summary.get("engine_startup_s")
     if start is not None:
-        how_start = ("ray.init (Simulation Engine; actors start lazily in round 1)"
-                     if options.engine == "simulation"
-                     else "SuperLink + all SuperNodes up and registered (Deployment Engine)")
+        how_start = ("SuperLink (simulation runtime) up; Ray and its actors start inside the "
+                     "run, in round 1" if options.engine == "simulation"
+                     else "SuperLink + all SuperNodes (and their site runners) up and registered "
+                          "(Deployment Engine)")
         rows.append(_row("engine_startup_time", start, "s", False, how_start))
     if "dp_epsilon" in summary:
         how = (f"site-level central DP of the released model (Flower's RDP accountant), after "

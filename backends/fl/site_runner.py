@@ -23,7 +23,7 @@ import sys
 import time
 from typing import Any
 
-POLL_S = 0.05            # how often an idle runner asks its SuperNode for a task
+POLL_S = 0.2             # how often an idle runner asks its SuperNode for a task
 
 
 def _client(address: str, token: str | None):
@@ -108,6 +108,13 @@ def serve(address: str, parent_pid: int | None = None) -> None:
 
     stop = {"now": False}
     signal.signal(signal.SIGTERM, lambda *_: stop.__setitem__("now", True))
+    # warm: torch, the model code and the apps load before the run starts, not in round 1
+    import torch  # noqa: F401
+
+    import backends.fl.app  # noqa: F401
+    import suite.models  # noqa: F401
+    import suite.training  # noqa: F401
+
     client = _client(address, None)
     apps = AppCache()
     served = 0
