@@ -1,8 +1,9 @@
 """asv benchmarks for the FL backend's building blocks (`asv run --bench bench_fl`).
 
 Engine runs are measured end to end by `python -m suite run --backends fl` (the harness
-owns that clock); these isolate the parts: one site's local epoch, message serialisation
-overhead against the floor, Ray start-up, and the gradient-inversion step.
+owns that clock); these isolate the parts: one site's local epoch, a round's traffic
+against the floor, the round cost of each engine, Ray start-up, and the gradient-inversion
+step.
 """
 
 from __future__ import annotations
@@ -94,6 +95,51 @@ class MessageBytes:
         from backends.fl.app import message_bytes
 
         message_bytes(self.msg)
+
+
+class EngineRound:
+    """Seconds per federated round (rounds 2.., train phase: configure -> aggregate) on each
+    engine, 7 sites x 40 images at 32 px, 1 thread; target: deployment <= 2x simulation.
+    Round 1 (actor / site-runner warm-up) is left out; engine start-up is its own row."""
+
+    params = ["simulation", "deployment"]
+    param_names = ["engine"]
+    timeout = 900
+    number = 1
+    repeat = 1
+
+    def setup_cache(self):
+        import tempfile
+        from pathlib import Path
+
+        from backends.fl.backend import FLBackend, FLOptions
+        from suite.backend import BackendContext
+        from suite.data.synthetic import generate_synthetic
+        from suite.harness import measure
+        from suite.meter import CommMeter
+        from suite.models import random_small_densenet
+
+        data = generate_synthetic(n_train_per_site=40, n_test_per_site=4, size=32, seed=0)
+        model = random_small_densenet(data.label_names, resolution=32, seed=0)
+        out = {}
+        for engine in self.params:
+            backend = FLBackend(FLOptions(engine=engine, rounds=4, resolution=32, start="scratch"))
+            work = Path(tempfile.mkdtemp(prefix=f"bench-fl-{engine}-"))
+            ctx = BackendContext(model=model, meter=CommMeter(), workdir=work, seed=0, threads=1)
+            measure(backend, ctx, data.split("test"), data.split("train"), progress=False)
+            rounds = backend.summary["rounds"][1:]
+            out[engine] = float(np.mean([r["finished"] - r["started"] for r in rounds]))
+        return out
+
+    def track_round_seconds(self, cache, engine):
+        return cache[engine]
+
+    track_round_seconds.unit = "seconds"
+
+    def track_round_vs_simulation(self, cache, engine):
+        return cache[engine] / cache["simulation"]
+
+    track_round_vs_simulation.unit = "ratio"
 
 
 class RayStartup:

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.skipif(find_spec("dp_accounting") is None or find_spec(
 def _pld_epsilon(std: float, sensitivity: float, releases: int, delta: float) -> float:
     import dp_accounting as dpa
 
-    acc = dpa.pld.PLDAccountant(value_discretization_interval=1e-4)
+    acc = dpa.pld.PLDAccountant(value_discretization_interval=1e-3)
     acc.compose(dpa.GaussianDpEvent(std / sensitivity), releases)
     return acc.get_epsilon(delta)
 
@@ -40,7 +40,7 @@ def test_epsilon_matches_dp_accounting(epsilon, delta, clip, rounds):
     std = calibrate_std(epsilon, delta, clip)
     ours = composed_epsilon(std, clip, rounds, delta)
     pld = _pld_epsilon(std, 2 * clip, rounds, delta)
-    assert ours == pytest.approx(pld, rel=2e-3, abs=1e-3)
+    assert ours == pytest.approx(pld, rel=5e-3, abs=5e-3)
     assert ours <= _rdp_epsilon(std, 2 * clip, rounds, delta) + 1e-6
     if rounds == 1:
         assert ours == pytest.approx(epsilon, rel=1e-6)
@@ -56,7 +56,7 @@ def test_flowers_calibration_overstates_the_guarantee():
     flower = classic_std(claimed, delta, clip)
     assert _pld_epsilon(flower, 2 * clip, 1, delta) > 2 * claimed
     assert _pld_epsilon(calibrate_std(claimed, delta, clip), 2 * clip, 1, delta) == pytest.approx(
-        claimed, rel=2e-3)
+        claimed, rel=5e-3)
 
 
 def test_threat_model_and_rows_state_the_corrected_epsilon():
@@ -71,7 +71,7 @@ def test_threat_model_and_rows_state_the_corrected_epsilon():
     assert any("in clear" in leak for leak in tm.leaks)
     rows = ldp_rows(o, {"rounds": [{"round": r} for r in (1, 2, 3, 4)]})
     final = [r for r in rows if r["metric"] == "epsilon" and "round" not in r]
-    assert final[0]["value"] == pytest.approx(total, rel=2e-3)
+    assert final[0]["value"] == pytest.approx(total, rel=5e-3)
     curve = [r["value"] for r in rows if r["metric"] == "epsilon" and "round" in r]
     assert curve[0] == pytest.approx(2.0, rel=1e-6) and curve == sorted(curve)
 

@@ -377,6 +377,7 @@ class FLBackend(Backend):
         report = run_engine(work, job, job_path, o.engine)
         self.summary = json.loads((out_dir / SUMMARY).read_text())
         self.summary["engine_startup_s"] = report.startup_s
+        self.summary["engine_retries"] = report.retries
         with np.load(out_dir / FINAL) as z:
             arrays = {k: z[k] for k in z.files}
         self.net = self._initial()
@@ -676,6 +677,10 @@ def federation_rows(summary: dict[str, Any], options: FLOptions) -> list[dict]:
                      else "SuperLink + all SuperNodes (and their site runners) up and registered "
                           "(Deployment Engine)")
         rows.append(_row("engine_startup_time", start, "s", False, how_start))
+    if summary.get("engine_retries"):
+        rows.append(_row("engine_retries", summary["engine_retries"], "runs", False,
+                         "federations restarted from scratch because Ray's node did not start "
+                         "within its fixed 30 s (loaded host); the rows are from the last one"))
     if "dp_epsilon" in summary:
         how = (f"site-level central DP of the released model (Flower's RDP accountant), after "
                f"{summary.get('dp_releases')} noised aggregates")

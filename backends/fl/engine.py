@@ -54,6 +54,7 @@ class EngineReport:
     engine: str
     startup_s: float
     logs: list[str] = field(default_factory=list)
+    retries: int = 0                 # federations restarted because Ray failed to start
 
 
 class EngineError(RuntimeError):
@@ -294,12 +295,27 @@ def stop_tree(procs: list[subprocess.Popen], grace: float = 5.0) -> None:
             pass
 
 
+RAY_START_FAILED = "timed out during startup"   # Ray's fixed 30 s raylet wait, on a loaded host
+
+
 def run_engine(workdir: Path, job: FLJob, job_path: Path, engine: str) -> EngineReport:
-    """Start the federation's processes, run the job with `flwr run`, stop everything."""
-    dep = Deployment(workdir, job, job_path, simulation=engine == "simulation")
-    try:
-        startup = dep.start()
-        dep.run(timeout=job.round_timeout * max(1, job.rounds) + 120)
-    finally:
-        dep.stop()
-    return EngineReport(engine, startup, [str(dep.logs)])
+    """Start the federation's processes, run the job with `flwr run`, stop everything.
+
+    A simulation whose Ray node failed to start (Ray waits a fixed 30 s for its raylet) is
+    started once more from scratch; the report says so (`retries`)."""
+    retries = 0
+    while True:
+        dep = Deployment(workdir / (f"retry-{retries}" if retries else ""), job, job_path,
+                         simulation=engine == "simulation")
+        try:
+            startup = dep.start()
+            dep.run(timeout=job.round_timeout * max(1, job.rounds) + 120)
+            return EngineReport(engine, startup, [str(dep.logs)], retries)
+        except EngineError:
+            log = dep.logs / "flwr-run.log"
+            said = log.read_text(errors="replace") if log.exists() else ""
+            if engine != "simulation" or retries >= 1 or RAY_START_FAILED not in said:
+                raise
+            retries += 1
+        finally:
+            dep.stop()
