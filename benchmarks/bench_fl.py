@@ -1,8 +1,9 @@
 """asv benchmarks for the FL backend's building blocks (`asv run --bench bench_fl`).
 
 Engine runs are measured end to end by `python -m suite run --backends fl` (the harness
-owns that clock); these isolate the parts: one site's local epoch, message serialisation
-overhead against the floor, Ray start-up, and the gradient-inversion step.
+owns that clock); these isolate the parts: one site's local epoch, a round's traffic
+against the floor, the round cost of each engine, Ray start-up, and the gradient-inversion
+step.
 """
 
 from __future__ import annotations
@@ -53,22 +54,35 @@ class LocalEpoch:
 
 
 class MessageBytes:
-    """Serialised size of a train message (Flower's object tree) against the raw model."""
+    """Serialised size of one round's train messages (Flower's object tree: the model down,
+    the update up) against the floor of two raw model copies; target <= 1.05."""
 
     def setup(self):
-        from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
+        from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
         from flwr.common.constant import SUPERLINK_NODE_ID
         from flwr.supercore.task_identity import TaskIdentity
 
-        from backends.fl.app import get_arrays, initial_model
+        from backends.fl.app import MODEL_KEY, flatten, get_arrays, initial_model
         from suite.models import SMALL_DENSENET
 
         TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID
         arrays = get_arrays(initial_model(SMALL_DENSENET, 5, 64, 0))
         self.model_bytes = sum(a.nbytes for a in arrays.values())
-        record = ArrayRecord({k: Array(v) for k, v in arrays.items()})
+        record = ArrayRecord({MODEL_KEY: Array(flatten(arrays))})
         self.msg = Message(RecordDict({"arrays": record, "config": ConfigRecord({"server-round": 1})}),
                            dst_node_id=7, message_type="train")
+        self.msg.metadata.__dict__["_message_id"] = "m1"
+        metrics = MetricRecord({"num-examples": 300, "unit-weight": 1, "train-loss": 0.5,
+                                "partition-id": 0})
+        self.reply = Message(RecordDict({"arrays": ArrayRecord({MODEL_KEY: Array(flatten(arrays))}),
+                                         "metrics": metrics}), reply_to=self.msg)
+
+    def track_train_round_vs_floor(self):
+        from backends.fl.app import message_bytes
+
+        return (message_bytes(self.msg) + message_bytes(self.reply)) / (2 * self.model_bytes)
+
+    track_train_round_vs_floor.unit = "ratio"
 
     def track_train_message_overhead(self):
         from backends.fl.app import message_bytes
@@ -81,6 +95,51 @@ class MessageBytes:
         from backends.fl.app import message_bytes
 
         message_bytes(self.msg)
+
+
+class EngineRound:
+    """Seconds per federated round (rounds 2.., train phase: configure -> aggregate) on each
+    engine, 7 sites x 40 images at 32 px, 1 thread; target: deployment <= 2x simulation.
+    Round 1 (actor / site-runner warm-up) is left out; engine start-up is its own row."""
+
+    params = ["simulation", "deployment"]
+    param_names = ["engine"]
+    timeout = 900
+    number = 1
+    repeat = 1
+
+    def setup_cache(self):
+        import tempfile
+        from pathlib import Path
+
+        from backends.fl.backend import FLBackend, FLOptions
+        from suite.backend import BackendContext
+        from suite.data.synthetic import generate_synthetic
+        from suite.harness import measure
+        from suite.meter import CommMeter
+        from suite.models import random_small_densenet
+
+        data = generate_synthetic(n_train_per_site=40, n_test_per_site=4, size=32, seed=0)
+        model = random_small_densenet(data.label_names, resolution=32, seed=0)
+        out = {}
+        for engine in self.params:
+            backend = FLBackend(FLOptions(engine=engine, rounds=4, resolution=32, start="scratch"))
+            work = Path(tempfile.mkdtemp(prefix=f"bench-fl-{engine}-"))
+            ctx = BackendContext(model=model, meter=CommMeter(), workdir=work, seed=0, threads=1)
+            measure(backend, ctx, data.split("test"), data.split("train"), progress=False)
+            rounds = backend.summary["rounds"][1:]
+            out[engine] = float(np.mean([r["finished"] - r["started"] for r in rounds]))
+        return out
+
+    def track_round_seconds(self, cache, engine):
+        return cache[engine]
+
+    track_round_seconds.unit = "seconds"
+
+    def track_round_vs_simulation(self, cache, engine):
+        return cache[engine] / cache["simulation"]
+
+    track_round_vs_simulation.unit = "ratio"
 
 
 class RayStartup:
@@ -131,6 +190,7 @@ if __name__ == "__main__":          # standalone: .venv/bin/python benchmarks/be
     m = MessageBytes()
     m.setup()
     print(f"train message / model bytes: {m.track_train_message_overhead():.3f}")
+    print(f"train round (down + up) / floor: {m.track_train_round_vs_floor():.3f}")
     for res in (32, 64):
         b = LocalEpoch()
         b.setup(res, 0.0)

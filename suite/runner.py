@@ -272,6 +272,7 @@ def execute_backend(plan: Planned, state: RunState, run_dir: Path, cfg: RunConfi
         _, ref_pred_path = part_paths(run_dir, ref)
         rows += [_with_reference(r, ref) for r in
                  paired_rows(base, preds, pd.read_parquet(ref_pred_path), labels, cfg.seed)]
+        rows += fit_ratio_rows(base, part, run_dir, ref)
     rows += cost_rows(base, part, proc.__dict__)
     if plan.track == "training" and ref and state.backend(ref)["status"] == "ok":
         ref_part = json.loads(part_paths(run_dir, ref)[0].read_text())
@@ -281,6 +282,21 @@ def execute_backend(plan: Planned, state: RunState, run_dir: Path, cfg: RunConfi
     state.save()
     console.print(f"  [green]ok[/green] {escape(plan.backend_id)}: {len(test_index)} images, "
                   f"{proc.wall_s:.1f} s wall, peak {proc.peak_rss / 2**20:.0f} MiB")
+
+
+def fit_ratio_rows(base: dict, part: dict, run_dir: Path, ref: str) -> list[ResultRow]:
+    """Training wall time over the control's (both measured by the harness)."""
+    ref_meta, _ = part_paths(run_dir, ref)
+    mine = (part.get("timings") or {}).get("fit_s")
+    try:
+        theirs = (json.loads(ref_meta.read_text()).get("timings") or {}).get("fit_s")
+    except (OSError, ValueError):
+        theirs = None
+    if not mine or not theirs:
+        return []
+    return [ResultRow(**base, metric="fit_time_ratio", value=mine / theirs, unit="ratio",
+                      higher_is_better=False, reference=ref, phase="fit",
+                      note=f"training wall time / that of its control {ref}")]
 
 
 def _with_reference(row: ResultRow, ref: str) -> ResultRow:

@@ -52,9 +52,9 @@ def _backend(**options):
     return FLBackend(FLOptions.parse(options, "fl"))
 
 
-def _rows(backend, metric, phase=None):
+def _rows(backend, metric, round=None):
     return [r for r in backend.extra_rows() if r["metric"] == metric
-            and (phase is None or r.get("phase") == phase)]
+            and (round is None or r.get("round") == round)]
 
 
 def _flower_processes():
@@ -250,9 +250,9 @@ def test_dropout_round_completes_with_the_remaining_sites(tmp_path, tiny_data, t
     from backends.fl.backend import FLOptions, federation_rows
 
     rows = federation_rows(summary, FLOptions(rounds=2))
-    dropped = {r.get("phase"): r for r in rows if r["metric"] == "dropped_clients"}
-    assert dropped["round-2"]["value"] == 1 and "site-3" in dropped["round-2"]["note"]
-    assert dropped["round-1"]["value"] == 0 and dropped[None]["value"] == 1
+    dropped = {r.get("round"): r for r in rows if r["metric"] == "dropped_clients"}
+    assert dropped[2]["value"] == 1 and "site-3" in dropped[2]["note"]
+    assert dropped[1]["value"] == 0 and dropped[None]["value"] == 1
 
 
 def test_too_few_sites_leave_the_round_unaggregated(tmp_path, tiny_data, tiny_model):
@@ -298,12 +298,16 @@ def test_simulation_engine_end_to_end(tmp_path, tiny_data, tiny_model):
     ctx = _ctx(tiny_model, tmp_path / "fl")
     test = tiny_data.split("test")
     before = {p.pid for p in psutil.Process().children(recursive=True)}
-    probs, timings = measure(backend, ctx, test, tiny_data.split("train"), progress=False)
+    probs, timings, audit = measure(backend, ctx, test, tiny_data.split("train"), progress=False)
     assert probs.shape == (len(test), len(tiny_data.label_names))
     assert np.all((probs >= 0) & (probs <= 1))
-    # convergence curve: one row per round, round number in `phase`
-    assert [r["phase"] for r in _rows(backend, "round_auroc")] == ["round-1", "round-2"]
+    assert audit.status == "ok" and audit.rows == []      # audit=false: nothing attacked
+    # convergence curve: one row per round, the `round` qualifier, on held-out slices
+    assert [r["round"] for r in _rows(backend, "round_val_auroc")] == [1, 2]
+    assert "held-out" in _rows(backend, "round_val_auroc")[0]["note"]
     assert len(_rows(backend, "round_train_loss")) == 2
+    assert _rows(backend, "train_budget_epochs")[0]["value"] == 2
+    assert _rows(backend, "training_rounds")[0]["value"] == 2
     # traffic measured from the serialised messages, against the floor
     floor = _rows(backend, "comm_floor_bytes")[0]["value"]
     model = _rows(backend, "model_bytes")[0]["value"]
@@ -335,10 +339,10 @@ def test_deployment_engine_end_to_end(tmp_path, tiny_data, tiny_model):
     backend = _backend(rounds=1, audit=False, round_eval=False, engine="deployment", resolution=32)
     work = tmp_path / "fl-dep"
     ctx = _ctx(tiny_model, work)
-    probs, _ = measure(backend, ctx, three.split("test"), three.split("train"), progress=False)
+    probs, _, _ = measure(backend, ctx, three.split("test"), three.split("train"), progress=False)
     assert probs.shape == (len(three.split("test")), len(three.label_names))
     assert (work / "flwr-app" / "pyproject.toml").exists()
-    assert _rows(backend, "dropped_clients", "round-1")[0]["value"] == 0
+    assert _rows(backend, "dropped_clients", 1)[0]["value"] == 0
     snap = ctx.meter.snapshot()
     assert {"site-1", "site-2", "site-3", "server"} <= {party for _, party in snap}
     assert 1.0 <= _rows(backend, "comm_ratio_vs_floor")[0]["value"] < 1.5
@@ -380,10 +384,130 @@ def test_audit_rows_from_the_backend(tmp_path, tiny_data, tiny_model):
     ctx = _ctx(tiny_model, tmp_path / "fl")
     backend.setup(ctx)
     train = tiny_data.split("train")
-    rows = backend._audit(train, train.images, partition_clients(train, backend.options, 0),
-                          backend._initial(), ctx.workdir)
+    assert backend.audit(ctx, train, None) == []          # nothing trained: nothing to attack
+    rows = backend.inversion_rows(backend._initial(), train.images, train.labels,
+                                  partition_clients(train, backend.options, 0), ctx.workdir)
     views = {r["phase"] for r in rows if r["metric"] == "inversion_psnr"}
     assert views == {"baseline", "update", "update-ldp", "aggregate"}
     assert {r["metric"] for r in rows} == {"inversion_psnr", "inversion_ssim",
                                            "control_inversion_psnr", "control_inversion_ssim"}
     assert (ctx.workdir / "audit" / "inversion-overview.png").exists()
+
+
+# -------------------------------------------------------------------------------------------
+# what the server reads: SecAgg+ against plain FedAvg
+# -------------------------------------------------------------------------------------------
+
+class RecordingGrid:
+    """The in-process Grid, keeping every reply the server receives (its whole view)."""
+
+    def __init__(self, inner) -> None:
+        self.inner, self.replies = inner, []
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def send_and_receive(self, messages, *, timeout=None):
+        replies = self.inner.send_and_receive(messages, timeout=timeout)
+        self.replies += list(replies)
+        return replies
+
+
+def _server_view(tmp_path, tiny_data, tiny_model, privacy):
+    from flwr.app import Context, RecordDict
+
+    from backends.fl.app import INITIAL, make_client_app, make_secagg_client_app, server_main
+
+    job = _inline_job(tmp_path, tiny_data, tiny_model, privacy=privacy)
+    app = make_secagg_client_app(job) if privacy == "secagg" else make_client_app(job)
+    grid = RecordingGrid(InlineGrid(app, len(job.sites)))
+    server_main(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={}), job)
+    with np.load(tmp_path / "server" / INITIAL) as z:
+        init = {k: z[k] for k in z.files}
+    return job, grid.replies, init
+
+
+def _site_update(job, init, site_index):
+    """Site k's true round-1 update, recomputed at the site (deterministic recipe)."""
+    from backends.fl.app import client_train
+
+    new, _, _ = client_train(job, site_index, init, 1, 0.0)
+    return np.concatenate([(new[k] - init[k]).ravel() for k in init])
+
+
+def _corr(a, b):
+    return float(np.corrcoef(a, b)[0, 1])
+
+
+def test_server_reads_one_sites_update_without_secagg(tmp_path, tiny_data, tiny_model):
+    """Positive control: under plain FedAvg the server holds site 1's update exactly."""
+    job, replies, init = _server_view(tmp_path, tiny_data, tiny_model, "none")
+    truth = _site_update(job, init, 0)
+    site1 = [m for m in replies if not m.has_error() and "arrays" in m.content
+             and m.content["metrics"]["partition-id"] == 0]
+    assert len(site1) == 1
+    from backends.fl.app import MODEL_KEY, flatten
+
+    read = site1[0].content["arrays"][MODEL_KEY].numpy() - flatten(init)
+    assert np.allclose(read, truth, atol=1e-6) and _corr(read, truth) > 0.9999
+
+
+def test_server_cannot_read_one_sites_update_under_secagg(tmp_path, tiny_data, tiny_model):
+    """Everything the server receives from site 1 under SecAgg+ (all four stages) is
+    uncorrelated with site 1's update; the same decoder on the unmasked fixed-point vector
+    (the one thing SecAgg+ adds is the masks) recovers it, so the decoder is not the reason."""
+    from flwr.common import bytes_to_ndarray
+    from flwr.common.secure_aggregation.quantization import dequantize, quantize
+
+    from backends.fl.app import SECAGG_QUANTIZATION, secagg_scales
+
+    job, replies, init = _server_view(tmp_path, tiny_data, tiny_model, "secagg")
+    keys = list(init)
+    scales = secagg_scales([init[k] for k in keys])
+    new_truth = _site_update(job, init, 0)
+    sizes = np.cumsum([0] + [init[k].size for k in keys])
+    truth = np.concatenate([new_truth[a:b] / s for a, b, s in zip(sizes[:-1], sizes[1:], scales)])
+    node1 = 101                                       # InlineGrid: site 1 is node 101
+    masked = []
+    for m in replies:
+        if m.has_error() or int(m.metadata.src_node_id) != node1:
+            continue
+        for rec in m.content.config_records.values():
+            for value in rec.values():
+                if isinstance(value, list) and value and isinstance(value[0], bytes):
+                    try:
+                        masked.append([bytes_to_ndarray(v) for v in value])
+                    except Exception:  # noqa: BLE001 - key shares and ciphertexts: not arrays
+                        pass
+        assert not m.content.array_records or all(len(r) == 0 for r in m.content.array_records.values())
+    # the masked upload: [weight factor] + one masked fixed-point array per model array
+    masked = [arrs[1:] for arrs in masked if sum(a.size for a in arrs) == truth.size + 1]
+    assert len(masked) == 1, "site 1 uploads its masked vector exactly once"
+
+    def decode(arrays):   # the server's best reading: dequantise as if nothing were masked
+        flat = [a.astype(np.int64) % 2 ** 32 for a in arrays]
+        return np.concatenate([a.ravel() for a in dequantize(flat, 8.0, SECAGG_QUANTIZATION)])
+
+    read = decode(masked[0])
+    assert abs(_corr(read, truth)) < 0.05
+    unmasked = quantize([truth.astype(np.float64)], 8.0, SECAGG_QUANTIZATION)
+    assert _corr(decode(unmasked), truth) > 0.999
+
+
+def test_local_mode_scores_each_image_with_its_own_sites_model(tmp_path, tiny_data, tiny_model):
+    """Sites come from the harness's BatchMeta; an unknown site gets the mean of all models."""
+    from backends.fl.app import predict
+    from suite.backend import BatchMeta
+
+    backend = _backend(mode="local", rounds=1, resolution=32)
+    ctx = _ctx(tiny_model, tmp_path / "fl-local")
+    backend.setup(ctx)
+    backend.fit(tiny_data.split("train"), ctx)
+    test = tiny_data.split("test")
+    x = test.images[:4]
+    own = backend.predict_proba(x, BatchMeta(tuple(f"i{i}" for i in range(4)), ("site-2",) * 4))
+    assert np.allclose(own, predict(backend.site_nets["site-2"], x))
+    assert not np.allclose(own, predict(backend.site_nets["site-5"], x))
+    other = backend.predict_proba(x, BatchMeta(tuple(f"i{i}" for i in range(4)), ("elsewhere",) * 4))
+    assert np.allclose(other, np.mean([predict(n, x) for n in backend.site_nets.values()], axis=0))
+    assert _rows(backend, "local_routed_fraction")[0]["value"] == 0.5

@@ -11,9 +11,9 @@ is routine, so granting it is the conservative choice). It sees one of three thi
               sees and the cosine loss is scale-invariant, so this is also the server's view
               under central DP with client-side clipping (`fl:privacy=dp`): the noise is
               added to the aggregate after the server has seen the clipped update.
-  update-ldp  the update clipped and noised at the site before it leaves (`fl:privacy=ldp`,
-              Flower's LocalDpMod: clip to C, Gaussian noise of
-              std = C * sqrt(2 ln(1.25/delta)) / epsilon on every coordinate).
+  update-ldp  the update clipped and noised at the site before it leaves (`fl:privacy=ldp`:
+              clip to C, Gaussian noise on every coordinate with the std calibrated for
+              sensitivity 2C by the analytic Gaussian mechanism, backends/fl/privacy.py).
   aggregate   only the mean of all sites' updates (`fl:privacy=secagg`, SecAgg+); the
               attacker tries to recover the target site's images from it.
 
@@ -86,16 +86,21 @@ def batch_gradient(net, forward, x, y, bn_train: bool):
 
 
 def ldp_view(grads, lr: float, clip: float, epsilon: float, delta: float, gen):
-    """What LocalDpMod lets out: the weight update (-lr * g) clipped to `clip`, plus noise.
+    """What `fl:privacy=ldp` lets out: the weight update (-lr * g) clipped to `clip`, plus
+    Gaussian noise with the std it calibrates (sensitivity 2 x clip, analytic Gaussian).
+    The audit draws that noise from a seeded generator so the attack is reproducible; the
+    attacker never sees it.
 
     Returned in gradient orientation (divided by -lr) so the cosine target keeps its sign.
     """
     import torch
 
+    from backends.fl.privacy import calibrate_std
+
     update = [-lr * g for g in grads]
     norm = float(torch.sqrt(sum((u.double() ** 2).sum() for u in update)))
     scale = min(1.0, clip / max(norm, 1e-12))
-    std = clip * np.sqrt(2 * np.log(1.25 / delta)) / epsilon
+    std = calibrate_std(epsilon, delta, clip)
     noisy = [u * scale + std * torch.randn(u.shape, generator=gen) for u in update]
     return [n / -lr for n in noisy], norm, std
 
@@ -192,7 +197,7 @@ def run_audit(net, site_batches: list[tuple[np.ndarray, np.ndarray]], cfg: Attac
             note = "one site's plain update (also the server's view under central DP)"
         elif view == "update-ldp":
             target, norm, std = ldp_view(g0, lr, clip, epsilon, delta, gen)
-            note = (f"LocalDpMod view: update norm {norm:.3g} clipped to {clip:g}, noise std "
+            note = (f"local-DP view: update norm {norm:.3g} clipped to {clip:g}, noise std "
                     f"{std:.3g} per coordinate (epsilon={epsilon:g}, delta={delta:g})")
         elif view == "aggregate":
             grads = [g0] + [batch_gradient(net, fwd, x, y, cfg.bn_train) for x, y in batches[1:]]

@@ -11,7 +11,10 @@ reads only `<data_dir>/<site>.npz`, its own training partition.
 Privacy hybrids are compositions of Flower's own parts, never flags inside the training code:
   dp      DifferentialPrivacyClientSideFixedClipping(FedAvg) + fixedclipping_mod, with
           Flower's RDP accountant (site-level central DP of the released model);
-  ldp     LocalDpMod on each site (clip + noise before the update leaves the site);
+  ldp     on each site, Flower's update clipping + Gaussian noise calibrated for
+          sensitivity 2 x clip with the analytic Gaussian mechanism, drawn from the OS CSPRNG
+          (backends/fl/privacy.py: Flower's LocalDpMod uses sensitivity = clip, the classic
+          formula valid only for epsilon < 1, and NumPy's Mersenne Twister);
   secagg  SecAgg+ (SecAggPlusWorkflow + secaggplus_mod). In Flower 1.41 SecAgg+ exists only
           for the legacy strategy API (LegacyContext + DefaultWorkflow + flwr.server.strategy
           + a NumPyClient behind secaggplus_mod); none of the Message-API strategies in
@@ -160,9 +163,53 @@ def initial_model(architecture: dict[str, Any], n_labels: int, resolution: int, 
     return net
 
 
+def model_copy(net, architecture: dict[str, Any], n_labels: int):
+    """A fresh DenseNet holding `net`'s weights and BatchNorm statistics (start=model)."""
+    from suite.models import build_densenet
+
+    copy = build_densenet(architecture, n_labels)
+    copy.load_state_dict(net.state_dict())
+    return copy.eval()
+
+
 def array_keys(net) -> list[str]:
     """What travels: every parameter and BatchNorm running statistic (not the int counters)."""
     return [k for k, v in net.state_dict().items() if v.is_floating_point()]
+
+
+MODEL_KEY = "model"              # the one Array a model travels as
+
+
+def flatten(arrays: dict[str, np.ndarray]) -> np.ndarray:
+    """The model as one float32 vector (key order = array_keys): one Array per message, so
+    Flower's per-array object headers do not add up over ~200 small BatchNorm arrays."""
+    return np.concatenate([np.asarray(a, dtype=np.float32).ravel() for a in arrays.values()])
+
+
+def layout_of(arrays: dict[str, np.ndarray]) -> list[tuple[str, tuple[int, ...]]]:
+    return [(k, tuple(np.shape(v))) for k, v in arrays.items()]
+
+
+def unflatten(flat: np.ndarray, layout: list[tuple[str, tuple[int, ...]]]) -> dict[str, np.ndarray]:
+    flat = np.asarray(flat, dtype=np.float32).ravel()
+    sizes = [int(np.prod(shape)) for _, shape in layout]
+    if flat.size != sum(sizes):
+        raise ValueError(f"model vector has {flat.size} values, the architecture {sum(sizes)}")
+    out, at = {}, 0
+    for (k, shape), n in zip(layout, sizes):
+        out[k] = flat[at:at + n].reshape(shape)
+        at += n
+    return out
+
+
+_LAYOUTS: dict[str, list[tuple[str, tuple[int, ...]]]] = {}
+
+
+def job_layout(job: "FLJob") -> list[tuple[str, tuple[int, ...]]]:
+    key = json.dumps([job.architecture, job.n_labels], sort_keys=True, default=str)
+    if key not in _LAYOUTS:
+        _LAYOUTS[key] = layout_of(get_arrays(_build(job)))
+    return _LAYOUTS[key]
 
 
 def get_arrays(net) -> dict[str, np.ndarray]:
@@ -188,35 +235,44 @@ def site_path(data_dir: str | Path, site: str) -> Path:
     return Path(data_dir) / f"{site}.npz"
 
 
-def save_site(data_dir: Path, site: str, images: np.ndarray, labels: np.ndarray) -> Path:
+def save_site(data_dir: Path, site: str, images: np.ndarray, labels: np.ndarray,
+              val_images: np.ndarray | None = None, val_labels: np.ndarray | None = None) -> Path:
+    """A site's file: its training partition and its held-out validation slice."""
     path = site_path(data_dir, site)
     path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(path, images=images.astype(np.float32), labels=labels.astype(np.float32))
+    if val_images is None:
+        val_images, val_labels = images[:0], labels[:0]
+    np.savez(path, images=images.astype(np.float32), labels=labels.astype(np.float32),
+             val_images=val_images.astype(np.float32), val_labels=val_labels.astype(np.float32))
     return path
 
 
 _SITE_CACHE: dict[str, Any] = {}
 
 
-def load_site(data_dir: str | Path, site: str, data_path: str | None = None):
-    """A site's training partition as an ImageSet (cached per process).
+def load_site(data_dir: str | Path, site: str, data_path: str | None = None, part: str = "train"):
+    """A site's training partition (part="train") or validation slice (part="val") as an
+    ImageSet (cached per process).
 
     `data_path` (a SuperNode's `--node-config data-path=...`) overrides
-    `<data_dir>/<site>.npz`: on real machines each site points at its own file.
+    `<data_dir>/<site>.npz`: on real machines each site points at its own file. A file
+    without a validation slice validates on its training partition.
     """
     from suite.data.imageset import ImageSet
 
     path = str(data_path or site_path(data_dir, site))
-    if path not in _SITE_CACHE:
+    key = f"{path}:{part}"
+    if key not in _SITE_CACHE:
         with np.load(path) as z:
-            images, labels = z["images"], z["labels"]
+            prefix = "val_" if part == "val" and "val_images" in z.files and len(z["val_images"]) else ""
+            images, labels = z[prefix + "images"], z[prefix + "labels"]
         n = len(images)
-        ids = np.array([f"{site}-{i}" for i in range(n)])
-        _SITE_CACHE[path] = ImageSet(name=site, images=images, labels=labels,
-                                     label_names=[f"l{j}" for j in range(labels.shape[1])],
-                                     image_ids=ids, sites=np.full(n, site), patient_ids=ids,
-                                     splits=np.full(n, "train"))
-    return _SITE_CACHE[path]
+        ids = np.array([f"{site}-{part}-{i}" for i in range(n)])
+        _SITE_CACHE[key] = ImageSet(name=site, images=images, labels=labels,
+                                    label_names=[f"l{j}" for j in range(labels.shape[1])],
+                                    image_ids=ids, sites=np.full(n, site), patient_ids=ids,
+                                    splits=np.full(n, part))
+    return _SITE_CACHE[key]
 
 
 def train_local(net, data, epochs: int, job: FLJob, seed: int, proximal_mu: float = 0.0,
@@ -304,6 +360,12 @@ def secagg_scales(arrays: list[np.ndarray]) -> list[float]:
     return [max(1.0, float(np.abs(a).max())) if a.size else 1.0 for a in arrays]
 
 
+def secagg_scale_vector(model: dict[str, np.ndarray]) -> np.ndarray:
+    """`secagg_scales` of each array, repeated over its values (for the flat model vector)."""
+    scales = secagg_scales(list(model.values()))
+    return np.concatenate([np.full(np.size(a), s, dtype=np.float32) for a, s in zip(model.values(), scales)])
+
+
 # ---------------------------------------------------------------------------------------
 # client side
 # ---------------------------------------------------------------------------------------
@@ -360,7 +422,7 @@ def client_train(job: FLJob, site_index: int, arrays: dict[str, np.ndarray], ser
 
 def client_evaluate(job: FLJob, site_index: int, arrays: dict[str, np.ndarray],
                     data_path: str | None = None) -> tuple[int, float, float]:
-    data = load_site(job.data_dir, job.sites[site_index], data_path)
+    data = load_site(job.data_dir, job.sites[site_index], data_path, part="val")
     net = _build(job)
     set_arrays(net, arrays)
     loss, auroc = evaluate_local(net, data)
@@ -371,13 +433,16 @@ def _privacy_mod(job: FLJob | None):
     """A client mod that applies Flower's own DP mod the job asks for (composition)."""
 
     def mod(msg, context, call_next):
-        from flwr.clientapp.mod import LocalDpMod, fixedclipping_mod
+        from flwr.clientapp.mod import fixedclipping_mod
+
+        from backends.fl.privacy import calibrate_std, local_dp_mod
 
         j = _job_from_context(context, job)
         if j.privacy == "dp":
             return fixedclipping_mod(msg, context, call_next)
         if j.privacy == "ldp":
-            return LocalDpMod(j.clip, j.clip, j.ldp_epsilon, j.ldp_delta)(msg, context, call_next)
+            std = calibrate_std(j.ldp_epsilon, j.ldp_delta, j.clip)
+            return local_dp_mod(j.clip, std)(msg, context, call_next)
         return call_next(msg, context)
 
     return mod
@@ -394,23 +459,23 @@ def make_client_app(job: FLJob | None = None):
     def train(msg: Message, context):
         j = _job_from_context(context, job)
         idx = _site_index(context)
-        record = msg.content["arrays"]
-        arrays = {k: record[k].numpy() for k in record.keys()}
+        layout = job_layout(j)
+        arrays = unflatten(msg.content["arrays"][MODEL_KEY].numpy(), layout)
         config = msg.content["config"]
         mu = float(config.get("proximal-mu", 0.0))
         new, n, loss = client_train(j, idx, arrays, int(config["server-round"]), mu,
                                     _data_path(context))
         metrics = MetricRecord({"num-examples": n, "unit-weight": 1, "train-loss": loss,
                                 "partition-id": idx})
-        out = ArrayRecord({k: Array(new[k]) for k in record.keys()})
+        out = ArrayRecord({MODEL_KEY: Array(flatten({k: new[k] for k, _ in layout}))})
         return Message(RecordDict({"arrays": out, "metrics": metrics}), reply_to=msg)
 
     @app.evaluate()
     def evaluate(msg: Message, context):
         j = _job_from_context(context, job)
         idx = _site_index(context)
-        record = msg.content["arrays"]
-        n, loss, auroc = client_evaluate(j, idx, {k: record[k].numpy() for k in record.keys()},
+        arrays = unflatten(msg.content["arrays"][MODEL_KEY].numpy(), job_layout(j))
+        n, loss, auroc = client_evaluate(j, idx, arrays,
                                          _data_path(context))
         metrics = MetricRecord({"num-examples": n, "unit-weight": 1, "eval-loss": loss,
                                 "eval-auroc": auroc, "partition-id": idx})
@@ -420,10 +485,11 @@ def make_client_app(job: FLJob | None = None):
 
 
 def make_secagg_client_app(job: FLJob | None = None):
-    """Legacy ClientApp (NumPyClient behind secaggplus_mod): what SecAgg+ needs in 1.41.
+    """Legacy ClientApp (NumPyClient behind secaggplus_mod): what SecAgg+ needs in Flower.
 
-    The site uploads its update divided by public per-array scales (`secagg_scales`), so the
-    fixed-point encoding holds every array; the server multiplies the unmasked mean back.
+    The model travels as one vector. The site uploads its update divided by public
+    per-array scales (`secagg_scale_vector`), so the fixed-point encoding holds every array;
+    the server multiplies the unmasked mean back.
     """
     from flwr.client import NumPyClient
     from flwr.client.mod import secaggplus_mod
@@ -434,17 +500,14 @@ def make_secagg_client_app(job: FLJob | None = None):
             self.job, self.idx, self.data_path = j, idx, data_path
 
         def _arrays(self, parameters):
-            net = _build(self.job)
-            return dict(zip(array_keys(net), parameters))
+            return unflatten(parameters[0], job_layout(self.job))
 
         def fit(self, parameters, config):
             arrays = self._arrays(parameters)
             new, n, loss = client_train(self.job, self.idx, arrays, int(config["server-round"]), 0.0,
                                         self.data_path)
-            keys = list(arrays)
-            scales = secagg_scales([arrays[k] for k in keys])
-            delta = [((new[k] - arrays[k]) / s).astype(np.float32) for k, s in zip(keys, scales)]
-            return delta, n, {"train-loss": loss, "partition-id": self.idx}
+            delta = (flatten({k: new[k] for k in arrays}) - flatten(arrays)) / secagg_scale_vector(arrays)
+            return [delta.astype(np.float32)], n, {"train-loss": loss, "partition-id": self.idx}
 
         def evaluate(self, parameters, config):
             n, loss, auroc = client_evaluate(self.job, self.idx, self._arrays(parameters),
@@ -521,6 +584,24 @@ class MeteredGrid:
             self.traffic[key] = Traffic(r, int(node), kind)
         return self.traffic[key]
 
+    def _push_and_poll(self, messages, timeout):
+        """Flower's send_and_receive (push, then pull until every reply is in or the timeout),
+        polling every POLL_S instead of its fixed 3 s: on loopback that sleep, not the sites,
+        set the length of a deployment round."""
+        ids = set(self._grid.push_messages(messages))
+        end = time.time() + (timeout if timeout is not None else 0.0)
+        replies = []
+        while timeout is None or time.time() < end:
+            got = list(self._grid.pull_messages(ids))
+            replies += got
+            ids.difference_update(r.metadata.reply_to_message_id for r in got)
+            if not ids:
+                break
+            time.sleep(self.POLL_S)
+        return replies
+
+    POLL_S = 0.1
+
     def send_and_receive(self, messages, *, timeout=None):
         messages = list(messages)
         sent = {}
@@ -529,7 +610,10 @@ class MeteredGrid:
             t.down += message_bytes(m)
             t.messages += 1
             sent[int(m.metadata.dst_node_id)] = t
-        replies = list(self._grid.send_and_receive(messages, timeout=timeout))
+        if hasattr(self._grid, "push_messages") and hasattr(self._grid, "pull_messages"):
+            replies = self._push_and_poll(messages, timeout)
+        else:   # a Grid with only send_and_receive (the tests' in-process Grid)
+            replies = list(self._grid.send_and_receive(messages, timeout=timeout))
         if replies and self.first_reply_at is None:
             self.first_reply_at = time.time()
         answered = set()
@@ -661,12 +745,12 @@ def _message_api_run(metered: MeteredGrid, job: FLJob, init: dict[str, np.ndarra
         strategy = DifferentialPrivacyClientSideFixedClipping(
             base, job.noise_multiplier, job.clip, job.n_sampled(), accountant=accountant)
     strategy = _quorum_strategy(strategy, job.min_train(), metered, log)
-    keys = list(init)
-    result = strategy.start(grid=metered, initial_arrays=ArrayRecord({k: Array(init[k]) for k in keys}),
+    layout = layout_of(init)
+    result = strategy.start(grid=metered, initial_arrays=ArrayRecord({MODEL_KEY: Array(flatten(init))}),
                             num_rounds=job.rounds, timeout=job.round_timeout,
                             train_config=ConfigRecord({}), evaluate_config=ConfigRecord({}))
     final = result.arrays
-    arrays = {k: final[k].numpy() for k in final.keys()} if final is not None and len(final) else init
+    arrays = unflatten(final[MODEL_KEY].numpy(), layout) if final is not None and len(final) else init
     if accountant is not None:
         spent = accountant.get_privacy_spent()
         info.update(dp_epsilon=float(spent.epsilon), dp_delta=float(spent.delta),
@@ -681,7 +765,7 @@ def _secagg_run(metered: MeteredGrid, context, job: FLJob, init: dict[str, np.nd
     from flwr.server.strategy import FedAvg as LegacyFedAvg
     from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 
-    keys = list(init)
+    layout = layout_of(init)
     n = len(job.sites)
 
     def weighted(metrics):
@@ -695,7 +779,7 @@ def _secagg_run(metered: MeteredGrid, context, job: FLJob, init: dict[str, np.nd
         def configure_fit(self, server_round, parameters, client_manager):
             metered.round = server_round
             log.setdefault(server_round, RoundLog(server_round, started=time.time()))
-            self.current = parameters_to_ndarrays(parameters)
+            self.current = parameters_to_ndarrays(parameters)[0]
             return super().configure_fit(server_round, parameters, client_manager)
 
         def aggregate_fit(self, server_round, results, failures):
@@ -709,9 +793,9 @@ def _secagg_run(metered: MeteredGrid, context, job: FLJob, init: dict[str, np.nd
             if params is None:
                 entry.finished = time.time()
                 return None, metrics
-            mean_delta = parameters_to_ndarrays(params)
-            scales = secagg_scales(self.current)
-            new = [(g + d * s).astype(np.float32) for g, d, s in zip(self.current, mean_delta, scales)]
+            mean_delta = parameters_to_ndarrays(params)[0]
+            scales = secagg_scale_vector(unflatten(self.current, layout))
+            new = [(self.current + mean_delta * scales).astype(np.float32)]
             entry.aggregated = True
             entry.train = {k: float(v) for k, v in (metrics or {}).items()}
             entry.finished = time.time()
@@ -732,7 +816,7 @@ def _secagg_run(metered: MeteredGrid, context, job: FLJob, init: dict[str, np.nd
     strategy = DeltaFedAvg(
         fraction_fit=job.fraction, fraction_evaluate=1.0 if job.round_eval else 0.0,
         min_fit_clients=max(2, job.min_train()), min_evaluate_clients=max(1, job.min_train()),
-        min_available_clients=n, initial_parameters=ndarrays_to_parameters([init[k] for k in keys]),
+        min_available_clients=n, initial_parameters=ndarrays_to_parameters([flatten(init)]),
         on_fit_config_fn=lambda r: {"server-round": r},
         fit_metrics_aggregation_fn=weighted, evaluate_metrics_aggregation_fn=weighted)
     legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=job.rounds,
@@ -747,11 +831,11 @@ def _secagg_run(metered: MeteredGrid, context, job: FLJob, init: dict[str, np.nd
     from flwr.server.workflow.constant import MAIN_PARAMS_RECORD
 
     params = compat.arrayrecord_to_parameters(legacy.state.array_records[MAIN_PARAMS_RECORD], keep_input=True)
-    final = parameters_to_ndarrays(params)
+    final = unflatten(parameters_to_ndarrays(params)[0], layout)
     shares = job.n_sampled()          # num_shares=1.0: every sampled site holds a share
     info = {"secagg_shares": shares, "secagg_threshold": max(2, round(0.5 * shares)),
             "secagg_quantization": SECAGG_QUANTIZATION}
-    return dict(zip(keys, final)), info
+    return final, info
 
 
 def server_main(grid, context, job: FLJob) -> None:
@@ -759,8 +843,13 @@ def server_main(grid, context, job: FLJob) -> None:
     import logging
 
     logging.getLogger("flwr").setLevel(logging.WARNING)
-    random.seed(job.seed)
-    np.random.seed(job.seed)
+    random.seed(job.seed)            # which sites a round samples: reproducible, not secret
+    if job.privacy == "dp":
+        # Flower's central-DP wrapper draws its noise from NumPy's global generator: seed it
+        # from the OS CSPRNG, never from the run's published seed
+        np.random.seed(int.from_bytes(os.urandom(4), "little"))
+    else:
+        np.random.seed(job.seed)
     set_threads(job.threads)
     out = Path(job.out_dir)
     started = time.time()

@@ -1,8 +1,10 @@
 """Federated learning across hospital sites with Flower, and its two controls.
 
 One `fl` entry expands into three leaderboard rows trained with the suite's one plaintext
-recipe (suite.training) from the same seeded initial model and with the same budget of
-`rounds x local_epochs` epochs of local work:
+recipe (suite.training), from the same starting point (`start=model`: the suite's model in
+ctx, i.e. the model owner's; `start=scratch`: a seeded initial model) and with the same
+training budget of `rounds x local_epochs` epochs over the hospital training images, i.e.
+the same number of examples processed (emitted once per row as `train_budget_epochs`):
 
   fl                   federated: each site is a Flower client holding only its own training
                        partition; the strategy (FedAvg | FedProx) runs `rounds` rounds of
@@ -10,28 +12,32 @@ recipe (suite.training) from the same seeded initial model and with the same bud
   fl[mode=centralised] control: all sites' data pooled, rounds x local_epochs epochs. The
                        federated row (and the local row) are compared against it.
   fl[mode=local]       control: each site trains alone for rounds x local_epochs epochs and
-                       each test image is scored by the model of its own site, so the
-                       harness's per-site AUROC is "site k's model on site k's patients" and
-                       the pooled AUROC is over the union of those predictions.
+                       each test image is scored by the model of its own site (the harness
+                       names each image's site in `BatchMeta.sites`), so the per-site AUROC is
+                       "site k's model on site k's patients".
+
+Every mode holds out the same `val_fraction` of each site's partition: the federated
+evaluation after each round runs there (`round_val_auroc`), and no mode trains on it.
 
 Hybrids are registered configurations, compositions of Flower's parts: `fl:privacy=dp`
-(central DP wrapper + client clipping mod, RDP-accounted), `fl:privacy=ldp` (LocalDpMod),
-`fl:privacy=secagg` (SecAgg+). See backends/fl/app.py for the apps and
-docs/federated-deployment.md for running the federation across machines.
+(central DP wrapper + client clipping mod, RDP-accounted), `fl:privacy=ldp` (Flower's
+clipping + CSPRNG Gaussian noise calibrated for sensitivity 2 x clip, see
+backends/fl/privacy.py), `fl:privacy=secagg` (SecAgg+). See backends/fl/app.py for the apps
+and docs/federated-deployment.md for running the federation across machines.
 
-Extra rows (tidy: the round number is in `phase` as "round-N"; audit views in `phase`):
-  round_train_loss / round_loss / round_auroc   convergence per round
+Extra rows (tidy: the round number is the `round` qualifier):
+  round_train_loss / round_val_loss / round_val_auroc   convergence per round
   round_bytes_down / round_bytes_up             server->sites / sites->server per round
+  train_budget_epochs, train_examples, train_steps, training_rounds   the budget
   bytes_per_round, train_bytes_per_round, comm_floor_bytes, comm_ratio_vs_floor, model_bytes
   dropped_clients (per round and total), failed_rounds, engine_startup_time
-  dp_epsilon (dp), ldp_epsilon_per_round (ldp)
-  inversion_psnr / inversion_ssim               gradient-inversion audit (audit=true)
+  epsilon / delta (dp: central, site level; ldp: local, site level, over all rounds)
+  inversion_psnr / inversion_ssim               gradient-inversion audit (audit phase)
   control_inversion_psnr / control_inversion_ssim  the same attack on a positive-control CNN
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from dataclasses import dataclass
@@ -49,6 +55,7 @@ STRATEGIES = ("fedavg", "fedprox")
 ENGINES = ("simulation", "deployment")
 PRIVACY = ("none", "dp", "ldp", "secagg")
 PARTITIONS = ("sites", "dirichlet")
+STARTS = ("model", "scratch")
 
 
 @dataclass
@@ -58,6 +65,8 @@ class FLOptions(BackendOptions):
     proximal_mu: float = 0.1        # FedProx's mu (ignored by FedAvg)
     rounds: int = 3
     local_epochs: int = 1           # per round; the controls train rounds * local_epochs epochs
+    start: str = "model"            # model (ctx.model's weights) | scratch (seeded initial model)
+    val_fraction: float = 0.1       # of each site's partition, held out of training in every mode
     fraction: float = 1.0           # fraction of sites sampled per round
     min_clients: int = 2            # a round aggregates only with at least this many results
     engine: str = "simulation"      # simulation (Ray) | deployment (SuperLink + SuperNodes)
@@ -65,8 +74,8 @@ class FLOptions(BackendOptions):
     clip: float = 1.0               # DP clipping norm of a site's update (dp, ldp)
     noise_multiplier: float = 1.0   # central DP noise, in units of clip (dp)
     dp_delta: float = 1e-3          # delta the central-DP epsilon is reported at (site level)
-    ldp_epsilon: float = 10.0       # LocalDpMod epsilon per round (ldp)
-    ldp_delta: float = 1e-5         # LocalDpMod delta per round (ldp)
+    ldp_epsilon: float = 10.0       # local DP epsilon per round, sensitivity 2 x clip (ldp)
+    ldp_delta: float = 1e-5         # local DP delta per round (ldp)
     partition: str = "sites"        # sites (the dataset's sites) | dirichlet (label skew)
     n_clients: int = 7              # clients of the Dirichlet partition
     alpha: float = 0.5              # Dirichlet concentration (smaller = more skewed)
@@ -75,15 +84,15 @@ class FLOptions(BackendOptions):
     round_eval: bool = True         # federated evaluation after each round (convergence curve)
     round_timeout: float = 600.0    # seconds the server waits for replies in one round
     resolution: int = 0             # train/predict at this side length (0 = the dataset's)
-    audit: bool = False             # gradient-inversion audit (federated rows only; ~1 min)
+    audit: bool = False             # gradient-inversion audit, audit phase (federated only; ~1 min)
     audit_steps: int = 150
     audit_images: int = 2
     batch_size: int = 64            # predict batch
 
 
 # Options that do not matter to a control: reset to defaults so every variant shares one.
-_CONTROL_KEEP = ("rounds", "local_epochs", "resolution", "partition", "n_clients", "alpha",
-                 "batch_size")
+_CONTROL_KEEP = ("rounds", "local_epochs", "start", "val_fraction", "resolution", "partition",
+                 "n_clients", "alpha", "batch_size")
 
 
 def control_options(options: FLOptions, mode: str) -> FLOptions:
@@ -106,25 +115,28 @@ class FLBackend(Backend):
         super().__init__(options)
         o = self.options
         for name, allowed in (("mode", MODES), ("strategy", STRATEGIES), ("engine", ENGINES),
-                              ("privacy", PRIVACY), ("partition", PARTITIONS)):
+                              ("privacy", PRIVACY), ("partition", PARTITIONS), ("start", STARTS)):
             if getattr(o, name) not in allowed:
                 raise SuiteError(f"backend 'fl' option {name}='{getattr(o, name)}' is not one of "
                                  f"{', '.join(allowed)}")
         if o.rounds < 1 or o.local_epochs < 1:
             raise SuiteError("backend 'fl' needs rounds >= 1 and local_epochs >= 1")
+        if not 0 <= o.val_fraction < 0.5:
+            raise SuiteError("backend 'fl' option val_fraction must be in [0, 0.5)")
         if not 0 < o.fraction <= 1:
             raise SuiteError("backend 'fl' option fraction must be in (0, 1]")
         if o.privacy == "secagg" and o.strategy != "fedavg":
             raise SuiteError("backend 'fl': privacy=secagg runs SecAgg+ with FedAvg only")
         if o.privacy in ("dp", "ldp") and o.clip <= 0:
             raise SuiteError("backend 'fl': clip must be positive")
+        if o.privacy == "ldp" and (o.ldp_epsilon <= 0 or not 0 < o.ldp_delta < 1):
+            raise SuiteError("backend 'fl': privacy=ldp needs ldp_epsilon > 0 and 0 < ldp_delta < 1")
         self.net = None
         self.site_nets: dict[str, Any] = {}
         self.rows: list[dict] = []
         self.summary: dict[str, Any] = {}
-        self._lookup: dict[bytes, str] | None = None
         self._routed = [0, 0]
-        self._engine = None
+        self._audit_inputs: dict[str, Any] | None = None
 
     # ---------------------------------------------------------------- configurations
     @classmethod
@@ -147,6 +159,7 @@ class FLBackend(Backend):
         o = self.options
         budget = (f"{o.rounds} rounds x {o.local_epochs} local epoch(s)" if o.mode == "federated"
                   else f"{self.budget_epochs()} epochs")
+        budget += "; " + self.start_text()
         sim = o.engine == "simulation" and o.mode == "federated"
         where = ("sites simulated as Ray actors on one host (Flower Simulation Engine)" if sim else
                  "SuperLink and SuperNodes as separate processes on loopback, TLS off" if o.mode == "federated"
@@ -196,21 +209,28 @@ class FLBackend(Backend):
                                 "updates the server sees",
                 simulated=sim, notes=where)
         if o.privacy == "ldp":
-            std = o.clip * np.sqrt(2 * np.log(1.25 / o.ldp_delta)) / o.ldp_epsilon
+            from backends.fl.privacy import calibrate_std, composed_epsilon
+
+            std = calibrate_std(o.ldp_epsilon, o.ldp_delta, o.clip)
+            total = composed_epsilon(std, o.clip, o.rounds, o.ldp_delta)
             return ThreatModel(
                 protects=("input_images", "training_membership"),
                 from_whom="the server, other sites and model users",
                 adversary="semi-honest server and sites",
-                parties=parties, trust_assumptions=base_trust[1:],
+                parties=parties, trust_assumptions=base_trust[1:] + (
+                    "each site's noise is drawn from its OS CSPRNG and never revealed",),
                 guarantee_kind="differential_privacy",
-                guarantee=(f"local DP per round: each update clipped to {o.clip:g} and noised "
-                           f"(std {std:.3g}) at the site, Gaussian mechanism at "
-                           f"(epsilon={o.ldp_epsilon:g}, delta={o.ldp_delta:g}) per round "
-                           f"(LocalDpMod's calibration, valid for epsilon < 1); over {o.rounds} "
-                           f"rounds at most ({o.rounds * o.ldp_epsilon:g}, "
-                           f"{o.rounds * o.ldp_delta:g}) by basic composition; {strategy}"),
-                leaks=("noised updates", "final model to all sites"),
-                protected_scope="every update leaving a site",
+                guarantee=(f"site-level local DP of everything a site sends: each update clipped "
+                           f"to {o.clip:g} (sensitivity 2 x clip = {2 * o.clip:g}: two clipped "
+                           f"updates differ by up to twice the clip) and noised at the site with "
+                           f"std {std:.3g} (analytic Gaussian), ({o.ldp_epsilon:g}, "
+                           f"{o.ldp_delta:g})-DP per round; over {o.rounds} rounds "
+                           f"(epsilon={total:.3g}, delta={o.ldp_delta:g}) by exact Gaussian (GDP) "
+                           f"composition; {strategy}"),
+                leaks=("noised updates", "final model to all sites",
+                       "per-site example counts, training losses and evaluation metrics, in clear"),
+                protected_scope="every model update leaving a site (not its loss and metric "
+                                "reports, which are sent in clear)",
                 simulated=sim, notes=where)
         if o.privacy == "secagg":
             n = self._n_sites_hint()
@@ -227,10 +247,12 @@ class FLBackend(Backend):
                            f"reconstruction threshold {threshold}, so up to {n - threshold} dropouts "
                            f"are tolerated; fixed-point encoding with 2^26 levels; {strategy}"),
                 leaks=("the aggregate update each round", "final model to all sites",
-                       "which sites took part"),
+                       "which sites took part",
+                       "each site's example count, training loss and evaluation loss/AUROC, in "
+                       "clear (SecAgg+ covers the model update only)"),
                 protected_scope="individual site updates (the aggregate and the model are exposed)",
                 simulated=sim, notes=where + "; SecAgg+ runs on Flower's legacy strategy API "
-                                             "(the Message API has no SecAgg+ in 1.41)")
+                                             "(the Message API has no SecAgg+)")
         return ThreatModel(
             protects=("input_images",),
             from_whom="the aggregation server and the other sites",
@@ -243,6 +265,12 @@ class FLBackend(Backend):
                    "inversion audit)", "final model to all sites", "per-site example counts and metrics"),
             protected_scope="training data at rest at each site; updates and model are exposed",
             simulated=sim, notes=where)
+
+    def start_text(self) -> str:
+        if self.options.start == "scratch":
+            return "from a seeded initial model (no pre-training)"
+        return ("from the suite's model in ctx (the model owner's; its training data is "
+                "recorded in run.json)")
 
     def _n_sites_hint(self) -> int:
         return self.options.n_clients if self.options.partition == "dirichlet" else 7
@@ -258,8 +286,11 @@ class FLBackend(Backend):
         self.architecture = dict(ctx.model.architecture)
 
     def _initial(self):
-        from backends.fl.app import initial_model
+        """The starting point every mode trains from (a fresh copy each call)."""
+        from backends.fl.app import initial_model, model_copy
 
+        if self.options.start == "model":
+            return model_copy(self.ctx.model.net, self.architecture, len(self.labels))
         return initial_model(self.architecture, len(self.labels), self.resolution, self.ctx.seed)
 
     def _recipe_job_fields(self) -> dict[str, Any]:
@@ -273,12 +304,15 @@ class FLBackend(Backend):
 
         images = downsample(train.images, self.resolution)
         clients = partition_clients(train, self.options, ctx.seed)
+        fit_idx, val_idx = split_validation(clients, self.options.val_fraction, ctx.seed)
         if self.options.mode == "centralised":
-            self._fit_centralised(train, images)
+            self._fit_centralised(train, images, np.sort(np.concatenate(list(fit_idx.values()))))
         elif self.options.mode == "local":
-            self._fit_local(train, images, clients)
+            self._fit_local(train, images, fit_idx)
         else:
-            self._fit_federated(train, images, clients, ctx)
+            self._fit_federated(train, images, fit_idx, val_idx, ctx)
+        self.rows += budget_rows(self.options, fit_idx, self._recipe_job_fields()["batch_size"],
+                                 self.start_text())
 
     def _dataset(self, train, images, index=None):
         from suite.data.imageset import ImageSet
@@ -296,12 +330,12 @@ class FLBackend(Backend):
                      architecture=self.architecture, seed=self.ctx.seed, threads=self.ctx.threads,
                      **self._recipe_job_fields())
 
-    def _fit_centralised(self, train, images) -> None:
+    def _fit_centralised(self, train, images, index) -> None:
         from backends.fl.app import train_local
 
         self.net = self._initial()
-        train_local(self.net, self._dataset(train, images), self.budget_epochs(), self._job_like(),
-                    seed=self.ctx.seed)
+        train_local(self.net, self._dataset(train, images, index), self.budget_epochs(),
+                    self._job_like(), seed=self.ctx.seed)
 
     def _fit_local(self, train, images, clients) -> None:
         from backends.fl.app import train_local
@@ -312,18 +346,18 @@ class FLBackend(Backend):
             train_local(net, self._dataset(train, images, index), self.budget_epochs(), job,
                         seed=self.ctx.seed * 10007 + k)
             self.site_nets[site] = net
-        self._lookup = test_site_lookup(self.ctx)
 
-    def _fit_federated(self, train, images, clients, ctx) -> None:
+    def _fit_federated(self, train, images, clients, val, ctx) -> None:
         from backends.fl.app import FINAL, INITIAL, SUMMARY, FLJob, get_arrays, save_site, set_arrays
-        from backends.fl.engine import run_deployment_engine, run_simulation_engine
+        from backends.fl.engine import run_engine
 
         o = self.options
         work = Path(ctx.workdir)
         data_dir, out_dir = work / "sites", work / "server"
         out_dir.mkdir(parents=True, exist_ok=True)
         for site, index in clients.items():
-            save_site(data_dir, site, images[index], train.labels[index])
+            save_site(data_dir, site, images[index], train.labels[index],
+                      images[val[site]], train.labels[val[site]])
         if o.drop_site and o.drop_site not in clients:
             raise SuiteError(f"backend 'fl': drop_site '{o.drop_site}' is not one of {list(clients)}")
         init = self._initial()
@@ -340,12 +374,10 @@ class FLBackend(Backend):
                     max_site_examples=max(len(i) for i in clients.values()),
                     started_at=time.time(), **self._recipe_job_fields())
         job_path = job.save(work / "job.json")
-        if o.engine == "simulation":
-            report = run_simulation_engine(job)
-        else:
-            report = run_deployment_engine(work, job, job_path)
+        report = run_engine(work, job, job_path, o.engine)
         self.summary = json.loads((out_dir / SUMMARY).read_text())
         self.summary["engine_startup_s"] = report.startup_s
+        self.summary["engine_retries"] = report.retries
         with np.load(out_dir / FINAL) as z:
             arrays = {k: z[k] for k in z.files}
         self.net = self._initial()
@@ -353,8 +385,9 @@ class FLBackend(Backend):
         self.net.eval()
         self._meter(ctx)
         self.rows = federation_rows(self.summary, o)
-        if o.audit:
-            self.rows += self._audit(train, images, clients, init, work)
+        # what the audit phase attacks: round 1's global model and each site's first images
+        self._audit_inputs = {"init": init, "images": images, "labels": train.labels,
+                              "clients": clients}
 
     def _meter(self, ctx) -> None:
         """Book the measured traffic: the server and each site, fit phase."""
@@ -377,7 +410,16 @@ class FLBackend(Backend):
             ctx.meter.record(site, sent=sent, received=received,
                              rounds=len(rounds_by_site[site] - {0}), messages=m)
 
-    def _audit(self, train, images, clients, init, work: Path) -> list[dict]:
+    def audit(self, ctx: BackendContext, train, test) -> list[dict]:
+        """Gradient inversion by the server (audit=true, federated rows), in the harness's
+        audit phase: not part of the training time."""
+        if not self.options.audit or self._audit_inputs is None:
+            return []
+        a = self._audit_inputs
+        return self.inversion_rows(a["init"], a["images"], a["labels"], a["clients"],
+                                   Path(ctx.workdir))
+
+    def inversion_rows(self, init, images, labels, clients, work: Path) -> list[dict]:
         from backends.audits.gradient_inversion import (AttackConfig, control_cnn, control_forward, run_audit)
         from suite.training import Recipe
 
@@ -388,7 +430,7 @@ class FLBackend(Backend):
             idx = np.asarray(index)[:b]
             if len(idx) < b:
                 continue
-            batches.append((images[idx], train.labels[idx]))
+            batches.append((images[idx], labels[idx]))
         cfg = AttackConfig(images=b, steps=o.audit_steps, seed=self.ctx.seed)
         kw = dict(lr=Recipe().lr, clip=o.clip, epsilon=o.ldp_epsilon, delta=o.ldp_delta)
         rows = []
@@ -416,27 +458,20 @@ class FLBackend(Backend):
         if self.options.mode != "local":
             return predict(self.net, x)
         out = np.zeros((len(images), len(self.labels)))
-        sites = np.array([self._lookup.get(hashlib.sha1(np.ascontiguousarray(img).tobytes()).digest(), "")
-                          if self._lookup else "" for img in images])
+        sites = np.array(meta.sites if meta is not None else [""] * len(images), dtype=object)
         for site, net in self.site_nets.items():
             rows = np.flatnonzero(sites == site)
             if len(rows):
                 out[rows] = predict(net, x[rows])
         unknown = np.flatnonzero(~np.isin(sites, list(self.site_nets)))
-        if len(unknown):   # site not known: the mean of all site models (reported)
+        if len(unknown):   # a site without its own model: the mean of all site models (reported)
             out[unknown] = np.mean([predict(n, x[unknown]) for n in self.site_nets.values()], axis=0)
         self._routed[0] += len(images) - len(unknown)
         self._routed[1] += len(images)
         return out
 
     def teardown(self) -> None:
-        try:
-            import ray
-
-            if ray.is_initialized():
-                ray.shutdown()
-        except Exception:
-            pass
+        """Nothing to release: the engine stops every process it started before fit returns."""
 
     def versions(self) -> dict[str, str]:
         out = {}
@@ -454,8 +489,9 @@ class FLBackend(Backend):
         if self.options.mode == "local":
             routed, total = self._routed
             rows.append(_row("local_routed_fraction", routed / total if total else None, "fraction",
-                             True, "test images scored by their own site's model; the rest get the "
-                                   "mean of all site models (test sites unknown to the backend)"))
+                             True, "test images scored by their own site's model (site from the "
+                                   "harness's BatchMeta); the rest (a site without a training "
+                                   "partition) get the mean of all site models"))
         return rows
 
 
@@ -525,53 +561,65 @@ def partition_clients(train, options: FLOptions, seed: int) -> dict[str, np.ndar
     return {f"client-{j + 1}": np.sort(np.array(p)) for j, p in enumerate(parts)}
 
 
-def test_site_lookup(ctx) -> dict[bytes, str] | None:
-    """Image content hash -> site of the test images this worker will be asked about.
+def split_validation(clients: dict[str, np.ndarray], fraction: float,
+                     seed: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Per client: (training rows, held-out validation rows). The same split in every mode,
+    so no mode trains on an image another mode validates on."""
+    rng = np.random.default_rng(seed + 57)
+    fit, val = {}, {}
+    for name, index in clients.items():
+        index = np.asarray(index)
+        n_val = int(round(fraction * len(index))) if fraction > 0 else 0
+        n_val = min(n_val, len(index) - 2)
+        pick = rng.permutation(len(index))
+        val[name] = np.sort(index[pick[:max(0, n_val)]])
+        fit[name] = np.sort(index[pick[max(0, n_val):]])
+    return fit, val
 
-    The harness does not tell a backend which site a test image comes from (core gap: see
-    docs/federated-deployment.md). Workaround: a worker's job file (parts/<id>.job.json in
-    the run folder) names the dataset and the test rows; sites are metadata, labels are not
-    read. Returns None when there is no job file (e.g. the conformance test).
-    """
-    try:
-        from suite.data.catalog import load_npz
-        from suite.harness import Job, part_paths
 
-        workdir = Path(ctx.workdir)
-        run_dir = workdir.parent.parent
-        if not (run_dir / "parts").is_dir():
-            return None
-        meta, _ = part_paths(run_dir, workdir.name)
-        job_file = meta.with_suffix(".job.json")
-        if not job_file.exists():
-            return None
-        job = Job.load(job_file)
-        data = load_npz(Path(job.dataset_path))
-        test = data.subset(np.asarray(job.test_index, dtype=int))
-        return {hashlib.sha1(np.ascontiguousarray(img).tobytes()).digest(): str(s)
-                for img, s in zip(test.images, test.sites)}
-    except Exception:
-        return None
+def budget_rows(options: FLOptions, clients: dict[str, np.ndarray], batch_size: int,
+                start: str) -> list[dict]:
+    """The training budget every row of one fl entry spends, stated the same way for each."""
+    epochs = options.rounds * options.local_epochs
+    n = int(sum(len(i) for i in clients.values()))
+    if options.mode == "centralised":
+        steps = epochs * int(np.ceil(n / batch_size))
+    else:   # federated (all sites every round at fraction=1) and local: per site, summed
+        share = options.fraction if options.mode == "federated" else 1.0
+        steps = int(round(share * sum(epochs * int(np.ceil(len(i) / batch_size))
+                                      for i in clients.values())))
+    how = (f"{options.rounds} rounds x {options.local_epochs} local epoch(s) = {epochs} epochs over "
+           f"{n} hospital training images (validation hold-out excluded), batch {batch_size}, "
+           f"{start}; the same for the federated row and its controls")
+    rows = [_row("train_budget_epochs", epochs, "epochs", None, how),
+            _row("train_examples", epochs * n * (options.fraction if options.mode == "federated" else 1),
+                 "examples", None, "examples processed in training (epochs x images)"),
+            _row("train_steps", steps, "steps", None,
+                 "optimiser steps, summed over sites (each site steps on its own batches)")]
+    if options.mode == "federated":
+        rows.append(_row("training_rounds", options.rounds, "rounds", None,
+                         "federated rounds (server -> sites -> server)"))
+    return rows
 
 
 def federation_rows(summary: dict[str, Any], options: FLOptions) -> list[dict]:
     """Convergence, communication and fault rows from the ServerApp's summary."""
     rows: list[dict] = []
     rounds = summary.get("rounds", [])
+    val_how = (f"global model after this round, federated evaluation on each site's held-out "
+               f"validation slice ({options.val_fraction:g} of its partition, never trained on), "
+               f"weighted by examples")
     for r in rounds:
-        phase = f"round-{r['round']}"
         tr, ev = r.get("train", {}), r.get("evaluate", {})
         if "train-loss" in tr:
             rows.append(_row("round_train_loss", tr["train-loss"], "", False,
-                             "mean local training loss of the sites in this round", phase=phase))
+                             "mean local training loss of the sites in this round (last local "
+                             "epoch, weighted by examples)", round=r["round"]))
         if "eval-loss" in ev:
-            rows.append(_row("round_loss", ev["eval-loss"], "", False,
-                             "global model after this round, federated evaluation on each site's "
-                             "own training partition (fit, not held-out)", phase=phase))
+            rows.append(_row("round_val_loss", ev["eval-loss"], "", False, val_how, round=r["round"]))
         if "eval-auroc" in ev:
-            rows.append(_row("round_auroc", ev["eval-auroc"], "", True,
-                             "macro AUROC of the global model after this round, federated evaluation "
-                             "on each site's own training partition (fit, not held-out)", phase=phase))
+            rows.append(_row("round_val_auroc", ev["eval-auroc"], "", True,
+                             "macro AUROC of the " + val_how, round=r["round"]))
     traffic = summary.get("traffic", [])
     node_site = summary.get("node_site", {})
     per_round: dict[int, list[int]] = {}
@@ -588,9 +636,9 @@ def federation_rows(summary: dict[str, Any], options: FLOptions) -> list[dict]:
            "no HTTP framing/TLS")
     for rnd, (down, up) in sorted(per_round.items()):
         rows.append(_row("round_bytes_down", down, "bytes", False, "server -> sites; " + how,
-                         phase=f"round-{rnd}", party="server"))
+                         round=rnd, party="server"))
         rows.append(_row("round_bytes_up", up, "bytes", False, "sites -> server; " + how,
-                         phase=f"round-{rnd}", party="server"))
+                         round=rnd, party="server"))
     model_bytes = summary.get("model_bytes", 0)
     floor = model_bytes * summary.get("n_sampled", 0) * 2
     if per_round:
@@ -616,7 +664,7 @@ def federation_rows(summary: dict[str, Any], options: FLOptions) -> list[dict]:
         rows.append(_row("dropped_clients", len(bad), "clients", False,
                          ("dropped: " + ", ".join(names) + "; " if names else "")
                          + f"{r.get('replies', 0)} of {len(sent_nodes)} sampled sites aggregated"
-                         + (f"; {r['note']}" if r.get("note") else ""), phase=f"round-{r['round']}"))
+                         + (f"; {r['note']}" if r.get("note") else ""), round=r["round"]))
     rows.append(_row("dropped_clients", len(dropped_total), "client-rounds", False,
                      "site-rounds lost to crashes or timeouts over the run"))
     rows.append(_row("failed_rounds", sum(not r.get("aggregated") for r in rounds), "rounds", False,
@@ -624,15 +672,39 @@ def federation_rows(summary: dict[str, Any], options: FLOptions) -> list[dict]:
                      "refused a round with failures)"))
     start = summary.get("engine_startup_s")
     if start is not None:
-        how_start = ("ray.init (Simulation Engine; actors start lazily in round 1)"
-                     if options.engine == "simulation"
-                     else "SuperLink + all SuperNodes up and registered (Deployment Engine)")
+        how_start = ("SuperLink (simulation runtime) up; Ray and its actors start inside the "
+                     "run, in round 1" if options.engine == "simulation"
+                     else "SuperLink + all SuperNodes (and their site runners) up and registered "
+                          "(Deployment Engine)")
         rows.append(_row("engine_startup_time", start, "s", False, how_start))
+    if summary.get("engine_retries"):
+        rows.append(_row("engine_retries", summary["engine_retries"], "runs", False,
+                         "federations restarted from scratch because Ray's node did not start "
+                         "within its fixed 30 s (loaded host); the rows are from the last one"))
     if "dp_epsilon" in summary:
-        rows.append(_row("dp_epsilon", summary["dp_epsilon"], "", False,
-                         f"site-level central DP from Flower's RDP accountant at delta="
-                         f"{summary.get('dp_delta'):g} after {summary.get('dp_releases')} releases"))
+        how = (f"site-level central DP of the released model (Flower's RDP accountant), after "
+               f"{summary.get('dp_releases')} noised aggregates")
+        rows.append(_row("epsilon", summary["dp_epsilon"], "epsilon", False, how))
+        rows.append(_row("delta", summary.get("dp_delta"), "", False, how))
     if options.privacy == "ldp":
-        rows.append(_row("ldp_epsilon_per_round", options.ldp_epsilon, "", False,
-                         f"LocalDpMod Gaussian mechanism per update, delta={options.ldp_delta:g}"))
+        rows += ldp_rows(options, summary)
     return rows
+
+
+def ldp_rows(options: FLOptions, summary: dict[str, Any]) -> list[dict]:
+    """Local DP: epsilon per round and over the rounds each site took part in (sensitivity 2C,
+    analytic Gaussian, exact composition; cross-checked with dp_accounting in the tests)."""
+    from backends.fl.privacy import calibrate_std, composed_epsilon
+
+    o = options
+    std = calibrate_std(o.ldp_epsilon, o.ldp_delta, o.clip)
+    releases = max([int(r.get("round", 0)) for r in summary.get("rounds", [])] or [o.rounds])
+    total = composed_epsilon(std, o.clip, releases, o.ldp_delta)
+    how = (f"site-level local DP of a site's updates: clip {o.clip:g}, sensitivity "
+           f"{2 * o.clip:g} (2 x clip), noise std {std:.4g} (analytic Gaussian, CSPRNG)")
+    return [_row("epsilon", total, "epsilon", False,
+                 f"{how}; composed over {releases} rounds (GDP, exact)"),
+            _row("delta", o.ldp_delta, "", False, f"{how}; the same delta per round and in total"),
+            _row("ldp_noise_std", std, "", None, how)] + [
+            _row("epsilon", composed_epsilon(std, o.clip, r, o.ldp_delta), "epsilon", False,
+                 f"{how}; after round {r}", round=r) for r in range(1, releases + 1)]

@@ -1,16 +1,21 @@
-"""The two Flower engines the `fl` backend runs a federation on.
+"""The two Flower engines the `fl` backend runs a federation on, both through `flwr run`.
 
-simulation  Flower's Simulation Engine (`flwr.simulation.run_simulation`): the ServerApp in a
-            thread of this process, the ClientApps on Ray actors. Ray is started here (so its
-            start-up can be reported) and always shut down.
+simulation  Flower's Simulation Engine: a SuperLink started with `--simulation` on a free
+            loopback port, and `flwr run <app> suite --stream --federation-config
+            "num-supernodes=N ..."`. The SuperLink runs the ServerApp and the ClientApps (Ray
+            actors) in its `flwr-simulation` process. This is what Flower recommends in place
+            of the deprecated `flwr.simulation.run_simulation` Python call.
 deployment  Flower's Deployment Engine as separate processes on loopback: one SuperLink and one
-            SuperNode per site (`--node-config "partition-id=k"`), the run submitted with
-            `flwr run <app> <connection> --stream` against a Flower config in the run's work
-            folder (FLWR_HOME), so the user's ~/.flwr is never touched; the job travels
-            inline in the run config (`job='b64:...'`) and each SuperNode is pointed at its
-            own data file (`data-path`). Every process started (and every descendant:
-            SuperExec, ServerApp and ClientApp processes) is stopped.
+            SuperNode per site (`--node-config "partition-id=k"`). Each SuperNode runs with
+            `--isolation process` and one long-lived ClientApp process beside it
+            (backends/fl/site_runner.py), so a site imports torch and loads its data once per
+            run, not once per message (Flower's `subprocess` isolation starts a process for
+            every message; used only where the site runner's Runtime API calls are missing).
 
+Both submit the run against a Flower config in the run's work folder (FLWR_HOME), so the
+user's ~/.flwr is never touched; the job travels inline in the run config (`job='b64:...'`)
+and each SuperNode is pointed at its own data file (`data-path`). Every process started (and
+every descendant: SuperExec, ServerApp, simulation, Ray and ClientApp processes) is stopped.
 Both return an `EngineReport` (start-up seconds, where the logs are).
 """
 
@@ -49,47 +54,11 @@ class EngineReport:
     engine: str
     startup_s: float
     logs: list[str] = field(default_factory=list)
+    retries: int = 0                 # federations restarted because Ray failed to start
 
 
 class EngineError(RuntimeError):
     pass
-
-
-# ---------------------------------------------------------------------------------------
-# simulation
-# ---------------------------------------------------------------------------------------
-
-def run_simulation_engine(job: FLJob) -> EngineReport:
-    for k, v in QUIET_ENV.items():
-        os.environ.setdefault(k, v)
-    import logging
-
-    import ray
-    from flwr.simulation import run_simulation
-
-    from backends.fl.app import make_client_app, make_secagg_client_app, make_server_app
-
-    logging.getLogger("flwr").setLevel(logging.WARNING)
-    threads = max(1, job.threads)
-    start = time.perf_counter()
-    # One actor at a time holding all the worker's cores: the same compute budget the
-    # centralised control gets, and no oversubscription on small machines.
-    ray.init(num_cpus=threads, num_gpus=0, include_dashboard=False, logging_level="ERROR",
-             log_to_driver=False, configure_logging=False,
-             runtime_env={"env_vars": child_env(threads)})
-    startup = time.perf_counter() - start
-    client = make_secagg_client_app(job) if job.privacy == "secagg" else make_client_app(job)
-    try:
-        run_simulation(server_app=make_server_app(job), client_app=client,
-                       num_supernodes=len(job.sites),
-                       backend_config={"client_resources": {"num_cpus": threads, "num_gpus": 0.0},
-                                       "init_args": {"logging_level": "ERROR", "log_to_driver": False}})
-    finally:
-        if ray.is_initialized():
-            ray.shutdown()
-    if not (Path(job.out_dir) / SUMMARY).exists():
-        raise EngineError("the simulation ended without the ServerApp writing its summary")
-    return EngineReport("simulation", startup)
 
 
 # ---------------------------------------------------------------------------------------
@@ -120,7 +89,7 @@ job = ""
 """
 
 APP_ENTRY = """\
-from backends.fl.backend import app as fl_app
+from backends.fl import app as fl_app
 
 server_app = fl_app.make_server_app()
 client_app = fl_app.{client_factory}()
@@ -144,18 +113,35 @@ def _port_open(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
-class Deployment:
-    """A SuperLink and one SuperNode per site on loopback, started and stopped here."""
+def site_runner_available() -> bool:
+    """Whether this Flower has the Runtime API calls the long-lived site runner makes."""
+    try:
+        from flwr.proto.runtime_pb2 import AcquireTaskRequest  # noqa: F401
+        from flwr.supernode.runtime.run_clientapp import pull_task_input  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
-    def __init__(self, workdir: Path, job: FLJob, job_path: Path) -> None:
+
+class Deployment:
+    """A SuperLink (and, for the deployment engine, one SuperNode + site runner per site) on
+    loopback, started and stopped here."""
+
+    def __init__(self, workdir: Path, job: FLJob, job_path: Path, simulation: bool = False) -> None:
         self.workdir = Path(workdir)
         self.job, self.job_path = job, Path(job_path)
+        self.simulation = simulation
+        self.long_lived = not simulation and site_runner_available()
         self.home = self.workdir / "flwr-home"
         self.app = self.workdir / "flwr-app"
         self.logs = self.workdir / "logs"
         self.procs: list[subprocess.Popen] = []
         self.port = 0
+        from suite.paths import REPO_ROOT
+
+        path = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)
         self.env = {**os.environ, **child_env(job.threads), "FLWR_HOME": str(self.home),
+                    "PYTHONPATH": path,
                     "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")}
 
     def _spawn(self, name: str, args: list[str]) -> subprocess.Popen:
@@ -179,21 +165,28 @@ class Deployment:
             f'address = "127.0.0.1:{self.port}"\ninsecure = true\n')
         start = time.perf_counter()
         self._spawn("superlink", [_bin("flower-superlink"), "--insecure", "--port", str(self.port),
-                                  "--disable-runtime-dependency-installation"])
-        n = len(self.job.sites)
+                                  "--disable-runtime-dependency-installation"]
+                    + (["--simulation"] if self.simulation else []))
+        n = 0 if self.simulation else len(self.job.sites)
         for k in range(n):
+            runtime_port = free_port()
             self._spawn(f"supernode-{k}", [
                 _bin("flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{self.port}",
-                "--port", str(free_port()),
+                "--port", str(runtime_port),
                 "--node-config",
-                f'partition-id={k} num-partitions={n} data-path="{self._site_file(k)}"'])
+                f'partition-id={k} num-partitions={n} data-path="{self._site_file(k)}"']
+                + (["--isolation", "process"] if self.long_lived else []))
+            if self.long_lived:
+                self._spawn(f"site-runner-{k}", [
+                    sys.executable, "-m", "backends.fl.site_runner",
+                    "--runtime-api", f"127.0.0.1:{runtime_port}", "--parent-pid", str(os.getpid())])
         deadline = time.monotonic() + 180
         while not _port_open(self.port):
             self._check_alive()
             if time.monotonic() > deadline:
                 raise EngineError("SuperLink did not open its port within 180 s")
             time.sleep(0.3)
-        self._wait_supernodes(deadline)
+        self._wait_supernodes(deadline, n)
         return time.perf_counter() - start
 
     def _site_file(self, k: int) -> str:
@@ -207,9 +200,8 @@ class Deployment:
                 name = Path(p.args[0]).name
                 raise EngineError(f"{name} exited with code {p.returncode}; see {self.logs}")
 
-    def _wait_supernodes(self, deadline: float) -> None:
+    def _wait_supernodes(self, deadline: float, n: int) -> None:
         """Each SuperNode logs its ID once the SuperLink has registered it."""
-        n = len(self.job.sites)
         while True:
             ready = sum("SuperNode ID" in (self.logs / f"supernode-{k}.log").read_text(errors="replace")
                         for k in range(n))
@@ -223,10 +215,20 @@ class Deployment:
     def run(self, timeout: float) -> None:
         """Submit the run with `flwr run` and wait until the ServerApp has written its summary."""
         summary = Path(self.job.out_dir) / SUMMARY
+        federation = []
+        if self.simulation:
+            threads = max(1, self.job.threads)
+            # one actor at a time holding all the worker's cores: the compute budget the
+            # centralised control gets, and no oversubscription on small machines
+            federation = ["--federation-config",
+                          f"num-supernodes={len(self.job.sites)} client-resources-num-cpus={threads} "
+                          f"client-resources-num-gpus=0.0 init-args-num-cpus={threads} "
+                          f"init-args-num-gpus=0 init-args-logging-level='ERROR' "
+                          f"init-args-log-to-driver=false"]
         with open(self.logs / "flwr-run.log", "w") as log:
             cli = subprocess.Popen(
                 [_bin("flwr"), "run", str(self.app), "suite", "--stream",
-                 "--run-config", f"{JOB_KEY}='{self.job.to_ref()}'"],
+                 "--run-config", f"{JOB_KEY}='{self.job.to_ref()}'"] + federation,
                 stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=self.workdir,
                 start_new_session=True)
             self.procs.append(cli)
@@ -293,11 +295,27 @@ def stop_tree(procs: list[subprocess.Popen], grace: float = 5.0) -> None:
             pass
 
 
-def run_deployment_engine(workdir: Path, job: FLJob, job_path: Path) -> EngineReport:
-    dep = Deployment(workdir, job, job_path)
-    try:
-        startup = dep.start()
-        dep.run(timeout=job.round_timeout * max(1, job.rounds) + 120)
-    finally:
-        dep.stop()
-    return EngineReport("deployment", startup, [str(dep.logs)])
+RAY_START_FAILED = "timed out during startup"   # Ray's fixed 30 s raylet wait, on a loaded host
+
+
+def run_engine(workdir: Path, job: FLJob, job_path: Path, engine: str) -> EngineReport:
+    """Start the federation's processes, run the job with `flwr run`, stop everything.
+
+    A simulation whose Ray node failed to start (Ray waits a fixed 30 s for its raylet) is
+    started once more from scratch; the report says so (`retries`)."""
+    retries = 0
+    while True:
+        dep = Deployment(workdir / (f"retry-{retries}" if retries else ""), job, job_path,
+                         simulation=engine == "simulation")
+        try:
+            startup = dep.start()
+            dep.run(timeout=job.round_timeout * max(1, job.rounds) + 120)
+            return EngineReport(engine, startup, [str(dep.logs)], retries)
+        except EngineError:
+            log = dep.logs / "flwr-run.log"
+            said = log.read_text(errors="replace") if log.exists() else ""
+            if engine != "simulation" or retries >= 1 or RAY_START_FAILED not in said:
+                raise
+            retries += 1
+        finally:
+            dep.stop()
