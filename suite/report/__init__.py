@@ -427,7 +427,6 @@ def build_context(run_dir: Path, options: ReportOptions | None = None) -> dict:
         "agreement": agreement,
         "site_heat": _site_heatmap(ps, order), "per_site": _per_site_cells(ps),
         "per_label": _per_label_rows(pl),
-        "cost_svg": figures.cost_bars(board, projected, colors),
         "privacy_svg": figures.privacy_figure(board, results),
         "rounds_svg": figures.rounds_figure(results),
         "audit_pictures": _audit_pictures(run_dir),
@@ -453,7 +452,7 @@ def render_report(run_dir: Path, options: ReportOptions | None = None) -> Path:
     ctx = build_context(run_dir, options)
     for a in ctx["agreement"]:
         a["svg"] = Markup(a["svg"]) if a["svg"] else None
-    for key in ("roc_svg", "cost_utility_svg", "cost_svg", "privacy_svg", "rounds_svg"):
+    for key in ("roc_svg", "cost_utility_svg", "privacy_svg", "rounds_svg"):
         ctx[key] = Markup(ctx[key]) if ctx[key] else None
     out = run_dir / "report.html"
     tmp = out.with_suffix(".html.tmp")

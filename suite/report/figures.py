@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from suite.leaderboard import format_bytes, format_seconds, technique_of
+from suite.leaderboard import format_seconds, technique_of
 from suite.results import ALL, NONE
 
 COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2",
@@ -39,11 +39,14 @@ def technique_colors(order: list[str]) -> dict[str, str]:
     return {b: by_tech[technique_of(b)] for b in order}
 
 
-def figure(width: float, height: float):
-    """A matplotlib Figure without pyplot: no global state, Agg/SVG canvases only."""
+def figure(width: float, height: float, constrained: bool = True):
+    """A matplotlib Figure without pyplot: no global state, Agg/SVG canvases only.
+
+    Constrained layout places labels well but draws every figure twice; figures drawn
+    once per configuration (agreement) use fixed margins instead."""
     from matplotlib.figure import Figure
 
-    return Figure(figsize=(width, height), layout="constrained")
+    return Figure(figsize=(width, height), layout="constrained" if constrained else None)
 
 
 def svg(fig, name: str) -> str:
@@ -151,7 +154,8 @@ def agreement_figure(preds: pd.DataFrame, bid: str, ref: str, color: str) -> tup
     diff, mean = p - q, (p + q) / 2
     bias, sd = float(diff.mean()), float(diff.std(ddof=1)) if len(diff) > 1 else 0.0
 
-    fig = figure(6.2, 2.7)
+    fig = figure(6.2, 2.7, constrained=False)
+    fig.subplots_adjust(left=0.09, right=0.98, bottom=0.17, top=0.9, wspace=0.38)
     a1, a2 = fig.subplots(1, 2)
     a1.plot([0, 1], [0, 1], color="#999", lw=0.8, ls="--")
     a1.scatter(q, p, s=6, color=color, alpha=0.6, linewidths=0, rasterized=True)
@@ -251,53 +255,6 @@ def cost_utility_figure(board: pd.DataFrame, projected: dict[str, list[dict]], c
                               label="projected (network model)"))
     fig.legend(handles=handles, loc="outside right upper", fontsize=7, frameon=False)
     return svg(fig, "cost-utility")
-
-
-def cost_bars(board: pd.DataFrame, projected: dict[str, list[dict]], colors: dict) -> str | None:
-    """Two log-scale bar charts: latency per image (measured, plus each projected setting
-    hatched on its own row) and online communication per image."""
-    ok = board[(board["status"] == "ok") & (board["track"] != "training")]
-    if ok.empty:
-        return None
-    lat_rows = []
-    for _, r in ok.iterrows():
-        bid = r["backend_id"]
-        lat_rows.append((bid, f(r["latency_per_image_p50"]), colors[bid], False))
-        for p in projected.get(bid, []):
-            lat_rows.append((f"{bid} · {p['network']}", f(p["value"]), colors[bid], True))
-    comm = [(r["backend_id"], f(r["bytes_per_image"]), colors[r["backend_id"]], False) for _, r in ok.iterrows()]
-    n = max(len(lat_rows), len(comm))
-    fig = figure(9.6, 1.0 + 0.24 * n)
-    a1, a2 = fig.subplots(1, 2)
-    _hbars(a1, lat_rows, format_seconds,
-           "latency per image (log)" + ("; hatched = projected" if any(r[3] for r in lat_rows) else ""))
-    _hbars(a2, comm, format_bytes, "communication per image (log)")
-    return svg(fig, "cost")
-
-
-def _hbars(ax, rows: list[tuple[str, float, str, bool]], fmt, xlabel: str) -> None:
-    y = np.arange(len(rows))
-    vals = np.array([v for _, v, _, _ in rows], dtype=float)
-    good = np.isfinite(vals) & (vals > 0)
-    from matplotlib.colors import to_rgba
-
-    for k, (_, v, color, hatched) in enumerate(rows):
-        if good[k]:
-            face = tuple(0.25 * c + 0.75 for c in to_rgba(color)[:3]) if hatched else color
-            ax.barh(k, v, 0.7, color=face, hatch="///" if hatched else None,
-                    edgecolor=color if hatched else "none", linewidth=0.8)
-        ax.text(v if good[k] else 0.01, k, " " + fmt(v), va="center", fontsize=6.5,
-                transform=ax.transData if good[k] else ax.get_yaxis_transform())
-    if good.any():
-        ax.set_xscale("log")
-        ax.set_xlim(vals[good].min() / 3, vals[good].max() * 12)
-    else:
-        ax.text(0.5, 0.5, "no positive values", ha="center", va="center", transform=ax.transAxes, fontsize=8)
-    ax.set_xlabel(xlabel, fontsize=8)
-    ax.set_yticks(y, [_short(r[0], 34) for r in rows], fontsize=6.5)
-    ax.set_ylim(len(rows) - 0.5, -0.5)
-    ax.tick_params(axis="x", labelsize=7)
-    ax.spines[["top", "right"]].set_visible(False)
 
 
 # ---------------------------------------------------------------- privacy and training curves
