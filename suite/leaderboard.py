@@ -514,6 +514,8 @@ def times_reference(value: Any, ref: Any) -> str:
     if _nan(value) or _nan(ref) or float(ref) <= 0 or float(value) <= 0:
         return DASH
     x = float(value) / float(ref)
+    if x < 0.01:
+        return "<×0.01"
     return f"×{x:.2g}" if x < 10 else f"×{x:,.0f}"
 
 
@@ -537,7 +539,7 @@ def format_epsilon(eps: Any, delta: Any = None) -> str:
         return DASH
     text = "∞" if math.isinf(float(eps)) else f"{float(eps):.3g}"
     if not _nan(delta):
-        text += f" (δ={float(delta):.0e})"
+        text += f" (δ={float(delta):.1e})"
     return text
 
 
@@ -605,8 +607,8 @@ def leaderboard_markdown(board: pd.DataFrame, results: pd.DataFrame, run_meta: d
         lines += ["<details><summary>Per-label AUROC (pooled sites)</summary>", ""]
         lines += _md_table(
             ["backend", "label", "AUROC [95% CI]", "n", "ΔAUROC [95% CI]", "DeLong p"],
-            [[r["backend_id"], r["label"], format_ci(r["auroc"], r["ci_low"], r["ci_high"]),
-              format_count(r["n"]),
+            [[r["backend_id"], "macro" if r["label"] == MACRO else r["label"],
+              format_ci(r["auroc"], r["ci_low"], r["ci_high"]), format_count(r["n"]),
               format_ci(r["auroc_delta"], r["delta_ci_low"], r["delta_ci_high"], signed=True),
               format_p(r["delong_p"])] for _, r in pl.iterrows()])
         lines += ["", "</details>", ""]
@@ -742,19 +744,20 @@ def _print_narrow(df: pd.DataFrame, console, width: int, results: pd.DataFrame |
     if len(training):
         t = Table(title="Training track", header_style="bold", box=box.SIMPLE_HEAD, pad_edge=False)
         for col, kw in (("backend [note]", {"ratio": 1, "overflow": "fold"}), ("ε", num), ("AUROC", num),
-                        ("ΔAUROC [95% CI]", num), ("train time", num), ("train comm", num), ("attack", num)):
+                        ("ΔAUROC [95% CI]", num), ("time", num), ("comm", num), ("attack", num)):
             t.add_column(col, **kw)
         for _, r in training.iterrows():
             t.add_row(name(r), format_epsilon(r.get("epsilon")), _auroc_cell(r, ci=False), _delta_cell(r),
                       format_seconds(r.get("fit_time")),
                       format_bytes(r.get("fit_bytes")) if r.get("fit_bytes") else DASH,
-                      format_value(r.get("mia_auroc"), ""))
+                      DASH if _nan(r.get("mia_auroc")) else f"{float(r['mia_auroc']):.3f}")
         tables.append(t)
     for t in tables:
         console.print(t, width=width)
     if tables:
         console.print("ΔAUROC vs each row's reference, paired; p = smallest per-label DeLong p; "
-                      "×plain = latency / plaintext's; attack = membership-inference AUROC.",
+                      "×plain = latency / plaintext's; training: time and bytes (comm) of training, attack = "
+                      "membership-inference AUROC on the released model.",
                       markup=False, highlight=False, width=width, style="dim")
     for k, text in notes:
         console.print(f"[{k}] {text}", markup=False, highlight=False, width=width)

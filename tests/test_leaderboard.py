@@ -151,7 +151,7 @@ def test_write_leaderboard_files(run_dir):
     assert not any("2PC secret sharing" in ln for ln in tables)
     assert "## Inference track" in md and "## Training track" in md
     training = md.split("## Training track")[1].split("##")[0]
-    assert "2.97 (δ=1e-05)" in training and "41 s" in training and "×3.3" in training
+    assert "2.97 (δ=1.0e-05)" in training and "41 s" in training and "×3.3" in training
     assert "dp[target_epsilon=3.0]" in training and "mpc" not in training
     inference = md.split("## Inference track")[1].split("##")[0]
     assert "dp[" not in inference and "×214" in inference

@@ -29,7 +29,7 @@ from suite.leaderboard import (
 )
 from suite.results import read_results
 
-N_BOOT = 1000
+N_BOOT = 500          # resamples of the paired test (a significance flag, not a published CI)
 
 __all__ = ["compare_table", "write_compare_page"]
 
@@ -54,6 +54,9 @@ def paired_change(pa: pd.DataFrame, pb: pd.DataFrame, seed: int = 0) -> tuple[fl
         return None
     if not np.allclose(m["y_true_a"].fillna(-1), m["y_true_b"].fillna(-1)):
         return None
+    how = f"paired bootstrap over {m['image_id'].nunique()} shared images"
+    if np.array_equal(m["prob_a"].to_numpy(float), m["prob_b"].to_numpy(float), equal_nan=True):
+        return 0.0, 0.0, 0.0, how + " (identical predictions)"
     Y = m.pivot(index="image_id", columns="label", values="y_true_a").to_numpy(float)
     A = m.pivot(index="image_id", columns="label", values="prob_a").to_numpy(float)
     B = m.pivot(index="image_id", columns="label", values="prob_b").to_numpy(float)
@@ -61,7 +64,7 @@ def paired_change(pa: pd.DataFrame, pb: pd.DataFrame, seed: int = 0) -> tuple[fl
         d, lo, hi = bootstrap_paired_macro_delta(Y, B, A, n_boot=N_BOOT, seed=seed)
     except ValueError:
         return None
-    return d, lo, hi, f"paired bootstrap over {Y.shape[0]} shared images"
+    return d, lo, hi, how
 
 
 def unpaired_change(ra: pd.Series, rb: pd.Series) -> tuple[float, float, float, float] | None:
