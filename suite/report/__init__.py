@@ -14,10 +14,7 @@ collapsible detail. Figures live in figures.py.
 from __future__ import annotations
 
 import datetime as _dt
-import html
-import io
 import math
-import re
 from importlib import resources
 from pathlib import Path
 from typing import Any

@@ -24,7 +24,7 @@ import pandas as pd
 from scipy import stats
 
 from suite.leaderboard import (
-    DASH, backend_order, build_leaderboard, format_bytes, format_ci, format_p, format_seconds,
+    DASH, build_leaderboard, format_bytes, format_ci, format_p, format_seconds,
     read_run_meta,
 )
 from suite.results import read_results

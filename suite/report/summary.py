@@ -20,7 +20,7 @@ import pandas as pd
 
 from suite.leaderboard import (
     DASH, format_bytes, format_ci, format_epsilon, format_p, format_seconds, plaintext_latency,
-    reference_value, technique_of,
+    reference_value,
 )
 
 __all__ = ["ReportOptions", "summary_lines", "cost_of_images", "representative"]
