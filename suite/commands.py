@@ -159,6 +159,8 @@ def cmd_compare(args, console) -> int:
 
     a, b = _require_run_dir(args.run_a), _require_run_dir(args.run_b)
     print_comparison(compare_runs(a, b), console)
+    from suite.report.compare_page import write_compare_page
+    console.print(f"compare page: {write_compare_page(a, b)}")
     return 0
 
 

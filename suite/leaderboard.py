@@ -22,11 +22,14 @@ import pandas as pd
 from suite.results import ALL, MACRO, NONE, read_results
 
 LEADERBOARD_COLUMNS = [
-    "backend_id", "track", "protects", "from_whom", "guarantee", "simulated", "status", "n_images",
+    "backend_id", "technique", "track", "protects", "from_whom", "trust", "guarantee", "simulated",
+    "status", "n_images",
     "auroc_macro", "auroc_macro_ci_low", "auroc_macro_ci_high",
     "delta_auroc_macro", "delta_ci_low", "delta_ci_high", "min_delong_p", "reference",
     "max_abs_diff", "latency_per_image_p50", "bytes_per_image", "rounds_per_image",
-    "peak_rss", "setup_time", "fit_time", "fit_bytes", "protected_scope", "error",
+    "peak_rss", "setup_time", "fit_time", "fit_bytes",
+    "projected_latency_lan", "projected_latency_wan", "cpu_per_image", "cpu_source",
+    "epsilon", "dp_delta", "mia_auroc", "protected_scope", "error",
 ]
 
 # cost columns copied straight from rows with label __none__, site __all__
@@ -139,6 +142,75 @@ def _as_list(v: Any) -> list:
     return [str(v)]
 
 
+def technique_of(backend_id: Any) -> str:
+    """'mpc[engine=spu]' -> 'mpc': the backend a configuration belongs to."""
+    return str(backend_id).split("[", 1)[0]
+
+
+def _extra_rows(results: pd.DataFrame, bid: str, metrics: Iterable[str]) -> pd.DataFrame:
+    """Whole-backend rows of `bid` with one of `metrics` (any phase, no party), numeric value."""
+    df = results
+    if "backend_id" not in df.columns or "metric" not in df.columns:
+        return df.iloc[0:0]
+    hit = df[(df["backend_id"] == bid) & df["metric"].isin(list(metrics))]
+    if "party" in hit.columns:
+        hit = hit[hit["party"].isna()]
+    if "status" in hit.columns:
+        hit = hit[hit["status"].isna() | (hit["status"] == "ok")]
+    return hit
+
+
+def extra_value(results: pd.DataFrame, bid: str, *metrics: str) -> float:
+    """The last recorded value of the first of `metrics` that `bid` reported, NaN if none."""
+    for metric in metrics:
+        hit = _extra_rows(results, bid, [metric])
+        vals = pd.to_numeric(hit["value"], errors="coerce").dropna() if len(hit) else []
+        if len(vals):
+            return float(vals.iloc[-1])
+    return float("nan")
+
+
+_PROJECTED = "projected_latency_per_image"
+
+
+def projected_latencies(results: pd.DataFrame, bid: str) -> list[dict]:
+    """Projected latencies per image of `bid`, one per network setting, in either row form:
+    metric `projected_latency_per_image` with a `network` column (schema 2), or the older
+    `projected_latency_per_image_<setting>` names. [{network, value, note}], last row wins."""
+    if "metric" not in results.columns:
+        return []
+    mine = results[(results["backend_id"] == bid)
+                   & results["metric"].astype(str).str.startswith(_PROJECTED)]
+    if "party" in mine.columns:
+        mine = mine[mine["party"].isna()]
+    if "label" in mine.columns:
+        mine = mine[mine["label"].isna() | (mine["label"] == NONE)]
+    out: dict[str, dict] = {}
+    for _, r in mine.iterrows():
+        metric = str(r["metric"])
+        net = r.get("network") if _present(r.get("network")) else metric[len(_PROJECTED):].strip("_")
+        value = pd.to_numeric(r.get("value"), errors="coerce")
+        if pd.isna(value):
+            continue
+        out[str(net or "projected")] = {"network": str(net or "projected"), "value": float(value),
+                                         "note": r.get("note") if _present(r.get("note")) else ""}
+    return list(out.values())
+
+
+def cpu_per_image(results: pd.DataFrame, bid: str, latency: float) -> tuple[float, str]:
+    """(CPU-seconds per image, where it comes from): the parties' measured CPU time summed
+    when a backend reports it per party, else the measured latency of its one process."""
+    if "metric" in results.columns and "party" in results.columns:
+        rows = results[(results["backend_id"] == bid) & (results["metric"] == "party_cpu_time_per_image")
+                       & results["party"].notna()]
+        vals = pd.to_numeric(rows.drop_duplicates("party", keep="last")["value"], errors="coerce").dropna()
+        if len(vals):
+            return float(vals.sum()), f"measured CPU time of {len(vals)} parties"
+    if not _nan(latency):
+        return float(latency), "wall-clock latency of one process (upper bound on its CPU time)"
+    return float("nan"), ""
+
+
 # ---------------------------------------------------------------- tables
 
 def build_leaderboard(results: pd.DataFrame, run_meta: dict | None = None) -> pd.DataFrame:
@@ -177,11 +249,16 @@ def build_leaderboard(results: pd.DataFrame, run_meta: dict | None = None) -> pd
             p_rows = p_rows[p_rows["label"].isin(label_names)]
         min_p = float(p_rows["value"].min()) if p_rows["value"].notna().any() else np.nan
 
+        latency = _get(idx, bid, "latency_per_image_p50", ALL, NONE)
+        projected = {p["network"]: p["value"] for p in projected_latencies(results, bid)}
+        cpu, cpu_source = cpu_per_image(results, bid, latency)
         row = {
             "backend_id": bid,
+            "technique": technique_of(bid),
             "track": track,
             "protects": ", ".join(_as_list(tm.get("protects"))),
             "from_whom": tm.get("from_whom", np.nan),
+            "trust": "; ".join(_as_list(tm.get("trust_assumptions"))) or np.nan,
             "guarantee": tm.get("guarantee", np.nan),
             "simulated": bool(tm.get("simulated", False)),
             "status": status,
@@ -196,6 +273,12 @@ def build_leaderboard(results: pd.DataFrame, run_meta: dict | None = None) -> pd
             "reference": reference,
             "max_abs_diff": _get(idx, bid, "max_abs_diff", ALL, ALL),
             **{c: _get(idx, bid, c, ALL, NONE) for c in _COST_COLUMNS},
+            "projected_latency_lan": projected.get("lan", np.nan),
+            "projected_latency_wan": projected.get("wan", np.nan),
+            "cpu_per_image": cpu, "cpu_source": cpu_source or np.nan,
+            "epsilon": extra_value(results, bid, "epsilon", "dp_epsilon"),
+            "dp_delta": extra_value(results, bid, "delta", "dp_delta"),
+            "mia_auroc": extra_value(results, bid, "mia_auroc"),
             "protected_scope": tm.get("protected_scope", np.nan),
             "error": error,
         }
@@ -404,7 +487,76 @@ def threat_model_line(tm: dict) -> str:
     return "; ".join(parts)
 
 
+def split_tracks(board: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(inference rows incl. references, training rows): each track has its own columns."""
+    training = board["track"] == "training"
+    return board[~training], board[training]
+
+
+def guarantee_keys(board: pd.DataFrame, results: pd.DataFrame, run_meta: dict | None = None
+                   ) -> tuple[dict[str, int], list[tuple[int, str]]]:
+    """Footnote number per backend and the footnotes: configurations with the same threat
+    model share one note, so the guarantee text is written once, below the table."""
+    keys: dict[str, int] = {}
+    notes: list[tuple[int, str]] = []
+    by_text: dict[str, int] = {}
+    for bid in board["backend_id"]:
+        text = threat_model_line(threat_model(bid, results, run_meta))
+        if text not in by_text:
+            by_text[text] = len(by_text) + 1
+            notes.append((by_text[text], text))
+        keys[bid] = by_text[text]
+    return keys, notes
+
+
+def times_reference(value: Any, ref: Any) -> str:
+    """'×214' when both are positive, else '–'."""
+    if _nan(value) or _nan(ref) or float(ref) <= 0 or float(value) <= 0:
+        return DASH
+    x = float(value) / float(ref)
+    if x < 0.01:
+        return "<×0.01"
+    return f"×{x:.2g}" if x < 10 else f"×{x:,.0f}"
+
+
+def plaintext_latency(board: pd.DataFrame) -> float:
+    """Median latency per image of the plaintext reference (the unit of every '×' figure)."""
+    hit = board[(board["technique"] == "plaintext") & (board["status"] == "ok")]
+    return float(hit["latency_per_image_p50"].iloc[0]) if len(hit) else float("nan")
+
+
+def reference_value(board: pd.DataFrame, row: pd.Series, column: str) -> float:
+    """`column` of the row's own reference configuration (NaN without one)."""
+    ref = row.get("reference")
+    if not _present(ref):
+        return float("nan")
+    hit = board[board["backend_id"] == ref]
+    return float(hit[column].iloc[0]) if len(hit) and not _nan(hit[column].iloc[0]) else float("nan")
+
+
+def format_epsilon(eps: Any, delta: Any = None) -> str:
+    if _nan(eps):
+        return DASH
+    text = "∞" if math.isinf(float(eps)) else f"{float(eps):.3g}"
+    if not _nan(delta):
+        text += f" (δ={float(delta):.1e})"
+    return text
+
+
+def _md_name(r: pd.Series, key: int) -> str:
+    name = f"{r['backend_id']}" + (" *(simulated)*" if r["simulated"] else "")
+    return name + f" [^{key}]"
+
+
+def _md_auroc(r: pd.Series) -> list[str]:
+    ok = r["status"] == "ok"
+    return [format_ci(r["auroc_macro"], r["auroc_macro_ci_low"], r["auroc_macro_ci_high"]) if ok
+            else f"**{str(r['status']).upper()}**",
+            _delta_with_p(r) if not _nan(r["delta_auroc_macro"]) else DASH]
+
+
 def leaderboard_markdown(board: pd.DataFrame, results: pd.DataFrame, run_meta: dict | None = None) -> str:
+    """Two narrow tables (inference, training) that read on GitHub; guarantees as footnotes."""
     run_meta = run_meta or {}
     ds = run_meta.get("dataset") or {}
     model = run_meta.get("model") or {}
@@ -413,31 +565,34 @@ def leaderboard_markdown(board: pd.DataFrame, results: pd.DataFrame, run_meta: d
              f"model **{model.get('name', '?')}**", f"seed {run_meta.get('seed', '?')}",
              f"git {str(run_meta.get('git_sha') or '?')[:12]}"]
     lines += [", ".join(facts) + ".", ""]
-    lines += ["Macro AUROC and ΔAUROC (vs the reference, paired) with 95% CIs on pooled sites; "
+    lines += ["Macro AUROC and ΔAUROC (vs the row's reference, paired) with 95% CIs on pooled sites; "
               "p is the smallest per-label paired DeLong p. *(simulated)* marks a backend whose "
-              "protection is simulated, not real. Bytes in decimal units (1 KB = 1000 B).", ""]
-    headers = ["backend", "track", "status", "protects", "macro AUROC [95% CI]", "ΔAUROC [95% CI] (p)",
-               "max \\|Δp\\|", "latency/img", "comm/img", "rounds/img", "peak RSS", "setup", "fit",
-               "training comm", "images", "guarantee"]
-    rows = []
-    for _, r in board.iterrows():
-        name = f"{r['backend_id']}"
-        if r["simulated"]:
-            name += " *(simulated)*"
-        name += f" [^{_footnote_id(r['backend_id'])}]"
-        ok = r["status"] == "ok"
-        rows.append([
-            name, r["track"], r["status"] if ok else f"**{str(r['status']).upper()}**",
-            r["protects"] or "nothing",
-            format_ci(r["auroc_macro"], r["auroc_macro_ci_low"], r["auroc_macro_ci_high"]),
-            _delta_with_p(r) if not _nan(r["delta_auroc_macro"]) else DASH,
-            format_small(r["max_abs_diff"]), format_seconds(r["latency_per_image_p50"]),
-            format_bytes(r["bytes_per_image"]), format_count(r["rounds_per_image"]),
-            format_bytes(r["peak_rss"]), format_seconds(r["setup_time"]), format_seconds(r["fit_time"]),
-            format_bytes(r["fit_bytes"]) if r["fit_bytes"] else DASH,
-            format_count(r["n_images"]), r["guarantee"],
-        ])
-    lines += _md_table(headers, rows) + [""]
+              "protection is simulated, not real. × = multiple of the plaintext reference's latency "
+              "(inference) or of the row's reference's training time (training). "
+              "Bytes in decimal units (1 KB = 1000 B). What each row protects, from whom and on "
+              "which assumptions is in its footnote.", ""]
+    keys, notes = guarantee_keys(board, results, run_meta)
+    plain = plaintext_latency(board)
+    inference, training = split_tracks(board)
+    if len(inference):
+        lines += ["## Inference track", ""]
+        lines += _md_table(
+            ["backend", "macro AUROC [95% CI]", "ΔAUROC [95% CI] (p)", "latency/img", "×", "comm/img"],
+            [[_md_name(r, keys[r["backend_id"]]), *_md_auroc(r),
+              format_seconds(r["latency_per_image_p50"]), times_reference(r["latency_per_image_p50"], plain),
+              format_bytes(r["bytes_per_image"])]
+             for _, r in inference.iterrows()])
+        lines += [""]
+    if len(training):
+        lines += ["## Training track", ""]
+        lines += _md_table(
+            ["backend", "ε (δ)", "macro AUROC [95% CI]", "ΔAUROC [95% CI] (p)", "training time", "×",
+             "training comm", "attack AUROC"],
+            [[_md_name(r, keys[r["backend_id"]]), format_epsilon(r["epsilon"], r["dp_delta"]), *_md_auroc(r),
+              format_seconds(r["fit_time"]), times_reference(r["fit_time"], reference_value(board, r, "fit_time")),
+              format_bytes(r["fit_bytes"]) if r["fit_bytes"] else DASH, format_value(r["mia_auroc"], "")]
+             for _, r in training.iterrows()])
+        lines += [""]
 
     failed = board[board["status"] != "ok"]
     if len(failed):
@@ -449,30 +604,31 @@ def leaderboard_markdown(board: pd.DataFrame, results: pd.DataFrame, run_meta: d
     order = list(board["backend_id"])
     pl = per_label_table(results, order)
     if len(pl):
-        lines += ["## Per-label AUROC (pooled sites)", ""]
+        lines += ["<details><summary>Per-label AUROC (pooled sites)</summary>", ""]
         lines += _md_table(
             ["backend", "label", "AUROC [95% CI]", "n", "ΔAUROC [95% CI]", "DeLong p"],
-            [[r["backend_id"], r["label"], format_ci(r["auroc"], r["ci_low"], r["ci_high"]),
-              format_count(r["n"]),
+            [[r["backend_id"], "macro" if r["label"] == MACRO else r["label"],
+              format_ci(r["auroc"], r["ci_low"], r["ci_high"]), format_count(r["n"]),
               format_ci(r["auroc_delta"], r["delta_ci_low"], r["delta_ci_high"], signed=True),
               format_p(r["delong_p"])] for _, r in pl.iterrows()])
-        lines += [""]
+        lines += ["", "</details>", ""]
     ps = per_site_table(results, order)
     if len(ps):
-        labels = [c[len("auroc_"):] for c in ps.columns
-                  if c.startswith("auroc_") and not c.endswith(("_ci_low", "_ci_high")) and c != "auroc_macro"]
-        lines += ["## Per-site AUROC", ""]
+        sites = list(dict.fromkeys(ps["site"]))
+        lines += ["<details><summary>Per-site macro AUROC</summary>", ""]
+        grid = ps.pivot_table(index="backend_id", columns="site", values="auroc_macro", aggfunc="last")
         lines += _md_table(
-            ["backend", "site", "macro AUROC [95% CI]"] + labels,
-            [[r["backend_id"], r["site"], format_ci(r["auroc_macro"], r["auroc_macro_ci_low"], r["auroc_macro_ci_high"])]
-             + [format_ci(r[f"auroc_{lab}"], r[f"auroc_{lab}_ci_low"], r[f"auroc_{lab}_ci_high"]) for lab in labels]
-             for _, r in ps.iterrows()])
-        lines += [""]
+            ["backend"] + ["pooled" if s == ALL else s for s in sites],
+            [[bid] + [f"{grid.at[bid, s]:.3f}" if s in grid.columns and not _nan(grid.at[bid, s]) else DASH
+                      for s in sites] for bid in order if bid in grid.index])
+        lines += ["", "</details>", ""]
 
     lines += ["## Threat models", ""]
-    for _, r in board.iterrows():
-        tm = threat_model(r["backend_id"], results, run_meta)
-        lines.append(f"[^{_footnote_id(r['backend_id'])}]: **{r['backend_id']}** — {threat_model_line(tm)}")
+    owners: dict[int, list[str]] = {}
+    for bid, k in keys.items():
+        owners.setdefault(k, []).append(bid)
+    for k, text in notes:
+        lines.append(f"[^{k}]: **{', '.join(owners[k])}** — {text}")
     return "\n".join(lines) + "\n"
 
 
@@ -491,65 +647,147 @@ def write_leaderboard(run_dir: Path) -> pd.DataFrame:
 
 _SHORT_ASSET = {"input_images": "images", "model_weights": "weights",
                 "training_membership": "membership", "predictions": "predictions"}
+NARROW_WIDTH = 100
 
 
-def print_leaderboard(df: pd.DataFrame, console=None) -> None:
-    """A compact rich table: one row per backend configuration.
+def terminal_width(console) -> int:
+    """Columns to fit: $COLUMNS when set (a pipe or CI log says how wide it is read),
+    else the console's own width; never more than the console allows."""
+    import os
 
-    On a wide terminal every column sits in the table; on a narrow one (or a pipe, 80
-    columns) track and protects go under the backend name and each guarantee is listed
-    below the table, so the numbers never wrap into unreadable slivers.
-    """
-    from rich import box
+    try:
+        cols = int(os.environ.get("COLUMNS", ""))
+    except ValueError:
+        cols = 0
+    width = console.width
+    if cols > 0:
+        width = min(width, cols) if console.is_terminal else cols
+    elif not console.is_terminal:
+        width = min(width, NARROW_WIDTH)
+    return max(40, width)
+
+
+def _short_protects(r: pd.Series) -> str:
+    return ", ".join(_SHORT_ASSET.get(a.strip(), a.strip())
+                     for a in _text(r.get("protects")).split(",") if a.strip()) or "nothing"
+
+
+def print_leaderboard(df: pd.DataFrame, console=None, wide: bool = False,
+                      results: pd.DataFrame | None = None, run_meta: dict | None = None) -> None:
+    """The leaderboard in the terminal: one table per track that fits the terminal (at most
+    $COLUMNS, 100 on a pipe), each guarantee as a numbered footnote below it. `wide=True`
+    prints every column, guarantee included, whatever the width."""
     from rich.console import Console
+
+    console = console or Console()
+    if wide:
+        _print_wide(df, console)
+    else:
+        _print_narrow(df, console, terminal_width(console), results, run_meta)
+    for _, r in df[df["status"] != "ok"].iterrows():
+        console.print(f"{r['backend_id']} {r['status']}: {_text(r.get('error')) or 'no error recorded'}",
+                      markup=False, highlight=False, width=None if wide else terminal_width(console),
+                      style="red")
+
+
+def _auroc_cell(r: pd.Series, ci: bool) -> str:
+    from rich.markup import escape
+
+    if r.get("status") != "ok":
+        return f"[red]{escape(str(r.get('status')).upper())}[/]"
+    if ci:
+        return format_ci(r["auroc_macro"], r["auroc_macro_ci_low"], r["auroc_macro_ci_high"])
+    return format_ci(r["auroc_macro"])
+
+
+def _delta_cell(r: pd.Series) -> str:
+    return format_ci(r.get("delta_auroc_macro"), r.get("delta_ci_low"), r.get("delta_ci_high"), signed=True)
+
+
+def _print_narrow(df: pd.DataFrame, console, width: int, results: pd.DataFrame | None,
+                  run_meta: dict | None) -> None:
+    from rich import box
     from rich.markup import escape
     from rich.table import Table
 
-    console = console or Console()
-    wide = console.width >= 140
-    table = Table(title="Leaderboard", header_style="bold", box=box.HEAVY_HEAD if wide else box.SIMPLE_HEAD,
-                  pad_edge=wide)
+    if results is not None:
+        keys, notes = guarantee_keys(df, results, run_meta)
+    else:
+        keys, notes, seen = {}, [], {}
+        for _, r in df.iterrows():
+            text = f"protects {_short_protects(r)} from {_text(r.get('from_whom')) or '?'}; " \
+                   f"guarantee: {_text(r.get('guarantee')) or DASH}"
+            if text not in seen:
+                seen[text] = len(seen) + 1
+                notes.append((seen[text], text))
+            keys[r["backend_id"]] = seen[text]
+    plain = plaintext_latency(df)
     num = {"justify": "right", "no_wrap": True}
-    columns = [("backend", {"no_wrap": True} if wide else {"max_width": 14, "overflow": "fold"})]
-    if wide:
-        columns += [("track", {"min_width": 9}), ("protects", {"min_width": 10})]
-    columns += [("macro AUROC [95% CI]", num), ("ΔAUROC (p)", {"justify": "right", "min_width": 9}),
-                ("max|Δp|", num), ("latency/img", num), ("comm/img", num)]
-    if wide:
-        columns += [("guarantee", {"min_width": 12, "ratio": 1})]
-    for name, kw in columns:
-        table.add_column(name, **kw)
+    inference, training = split_tracks(df)
+
+    def name(r):
+        text = escape(str(r["backend_id"])) + (" [yellow](sim)[/]" if r.get("simulated") else "")
+        return text + f" [dim]\\[{keys.get(r['backend_id'], '?')}][/]"
+
+    tables = []
+    if len(inference):
+        t = Table(title="Inference track", header_style="bold", box=box.SIMPLE_HEAD, pad_edge=False)
+        for col, kw in (("backend [note]", {"ratio": 1, "overflow": "fold"}), ("AUROC", num),
+                        ("ΔAUROC [95% CI]", num), ("p", num), ("latency/img", num), ("×plain", num),
+                        ("comm/img", num)):
+            t.add_column(col, **kw)
+        for _, r in inference.iterrows():
+            t.add_row(name(r), _auroc_cell(r, ci=False), _delta_cell(r), format_p(r.get("min_delong_p")),
+                      format_seconds(r.get("latency_per_image_p50")),
+                      times_reference(r.get("latency_per_image_p50"), plain), format_bytes(r.get("bytes_per_image")))
+        tables.append(t)
+    if len(training):
+        t = Table(title="Training track", header_style="bold", box=box.SIMPLE_HEAD, pad_edge=False)
+        for col, kw in (("backend [note]", {"ratio": 1, "overflow": "fold"}), ("ε", num), ("AUROC", num),
+                        ("ΔAUROC [95% CI]", num), ("time", num), ("comm", num), ("attack", num)):
+            t.add_column(col, **kw)
+        for _, r in training.iterrows():
+            t.add_row(name(r), format_epsilon(r.get("epsilon")), _auroc_cell(r, ci=False), _delta_cell(r),
+                      format_seconds(r.get("fit_time")),
+                      format_bytes(r.get("fit_bytes")) if r.get("fit_bytes") else DASH,
+                      DASH if _nan(r.get("mia_auroc")) else f"{float(r['mia_auroc']):.3f}")
+        tables.append(t)
+    for t in tables:
+        console.print(t, width=width)
+    if tables:
+        console.print("ΔAUROC vs each row's reference, paired; p = smallest per-label DeLong p; "
+                      "×plain = latency / plaintext's; training: time and bytes (comm) of training, attack = "
+                      "membership-inference AUROC on the released model.",
+                      markup=False, highlight=False, width=width, style="dim")
+    for k, text in notes:
+        console.print(f"[{k}] {text}", markup=False, highlight=False, width=width)
+
+
+def _print_wide(df: pd.DataFrame, console) -> None:
+    """Every column in one table, guarantee included (`--wide`)."""
+    from rich import box
+    from rich.markup import escape
+    from rich.table import Table
+
+    table = Table(title="Leaderboard", header_style="bold", box=box.HEAVY_HEAD)
+    num = {"justify": "right", "no_wrap": True}
+    columns = [("backend", {"no_wrap": True}), ("track", {}), ("protects", {}),
+               ("macro AUROC [95% CI]", num), ("ΔAUROC (p)", num), ("max|Δp|", num), ("latency/img", num),
+               ("WAN (proj.)", num), ("comm/img", num), ("ε", num), ("fit", num), ("training comm", num),
+               ("guarantee", {"min_width": 12, "ratio": 1})]
+    for col, kw in columns:
+        table.add_column(col, **kw)
     for _, r in df.iterrows():
-        bid = escape(str(r["backend_id"]))
-        name = bid + (" [yellow](sim)[/]" if r.get("simulated") else "")
-        protects = ", ".join(_SHORT_ASSET.get(a.strip(), a.strip())
-                             for a in _text(r.get("protects")).split(",") if a.strip()) or "nothing"
-        ok = r.get("status") == "ok"
-        auc = (format_ci(r["auroc_macro"], r["auroc_macro_ci_low"], r["auroc_macro_ci_high"]) if ok
-               else f"[red]{escape(str(r.get('status')).upper())}[/]")
         delta = DASH
         if not _nan(r.get("delta_auroc_macro")):
             delta = f"{float(r['delta_auroc_macro']):+.3f}"
             if not _nan(r.get("min_delong_p")):
-                delta += (" " if wide else "\n") + f"(p={format_p(r['min_delong_p'])})"
-        cells = [name]
-        if wide:
-            cells += [escape(_text(r.get("track"))), escape(protects)]
-        else:
-            cells[0] += f"\n[dim]{escape(_text(r.get('track')))} · {escape(protects)}[/]"
-        comm = format_bytes(r.get("bytes_per_image"))
-        if not _nan(r.get("fit_bytes")) and r.get("fit_bytes"):
-            comm += f"\ntraining {format_bytes(r.get('fit_bytes'))}"
-        cells += [auc, delta, format_small(r.get("max_abs_diff")), format_seconds(r.get("latency_per_image_p50")),
-                  comm]
-        if wide:
-            cells.append(escape(_text(r.get("guarantee"))))
-        table.add_row(*cells)
-    console.print(table)
-    if not wide:
-        for _, r in df.iterrows():
-            console.print(f"[bold]{escape(str(r['backend_id']))}[/]: {escape(_text(r.get('guarantee')) or DASH)}",
-                          highlight=False)
-    for _, r in df[df["status"] != "ok"].iterrows():
-        console.print(f"[red]{escape(str(r['backend_id']))}[/] {escape(str(r['status']))}: "
-                      f"{escape(_text(r.get('error')) or 'no error recorded')}", highlight=False)
+                delta += f" (p={format_p(r['min_delong_p'])})"
+        table.add_row(
+            escape(str(r["backend_id"])) + (" [yellow](sim)[/]" if r.get("simulated") else ""),
+            escape(_text(r.get("track"))), escape(_short_protects(r)), _auroc_cell(r, ci=True), delta,
+            format_small(r.get("max_abs_diff")), format_seconds(r.get("latency_per_image_p50")),
+            format_seconds(r.get("projected_latency_wan")), format_bytes(r.get("bytes_per_image")),
+            format_epsilon(r.get("epsilon")), format_seconds(r.get("fit_time")),
+            format_bytes(r.get("fit_bytes")) if r.get("fit_bytes") else DASH, escape(_text(r.get("guarantee"))))
+    console.print(table, width=max(console.width, 200))

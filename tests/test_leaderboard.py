@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import re
 import shutil
 from pathlib import Path
 
@@ -13,11 +14,12 @@ import pytest
 
 from suite.leaderboard import (
     LEADERBOARD_COLUMNS, build_leaderboard, format_bytes, format_ci, format_seconds, per_label_table,
-    per_site_table, print_leaderboard, write_leaderboard,
+    per_site_table, print_leaderboard, projected_latencies, write_leaderboard,
 )
 from suite.results import ALL, MACRO, NONE, read_results
 
 EXAMPLE = Path(__file__).parent / "data" / "example_run"
+ORDER = ["plaintext", "mpc", "tee", "he", "dp[target_epsilon=3.0]", "dp[target_epsilon=inf]", "fl"]
 
 
 @pytest.fixture()
@@ -45,14 +47,14 @@ def _row(results: pd.DataFrame, bid: str, metric: str, site: str, label: str) ->
 
 
 def test_fixture_is_small():
-    assert sum(p.stat().st_size for p in EXAMPLE.iterdir()) < 200_000
+    assert sum(p.stat().st_size for p in EXAMPLE.iterdir()) < 250_000
 
 
 def test_one_row_per_backend_in_run_order(results, run_meta):
     board = build_leaderboard(results, run_meta)
     assert list(board.columns) == LEADERBOARD_COLUMNS
     # run.json is written with sorted keys; results.jsonl keeps the order backends ran in
-    assert list(board.backend_id) == ["plaintext", "mpc", "tee", "he"]
+    assert list(board.backend_id) == ORDER
 
 
 def test_values_read_back_from_rows(results, run_meta):
@@ -94,7 +96,7 @@ def test_failed_and_simulated_backends(results, run_meta):
 
 def test_build_without_run_meta_uses_rows(results):
     board = build_leaderboard(results, {})
-    assert list(board.backend_id) == ["plaintext", "mpc", "tee", "he"]
+    assert list(board.backend_id) == ORDER
     he = board.set_index("backend_id").loc["he"]
     assert he.status == "failed" and "MemoryError" in he.error
     assert board.set_index("backend_id").loc["tee"].guarantee == "enclave isolation (simulated)"
@@ -107,7 +109,7 @@ def test_empty_results():
 
 def test_per_label_table(results):
     pl = per_label_table(results)
-    assert set(pl.backend_id) == {"plaintext", "mpc", "tee"}
+    assert set(pl.backend_id) == {"plaintext", "mpc", "tee", "dp[target_epsilon=3.0]", "dp[target_epsilon=inf]", "fl"}
     assert list(pl[pl.backend_id == "mpc"].label) == ["Atelectasis", "Cardiomegaly", "Effusion", MACRO]
     row = pl[(pl.backend_id == "mpc") & (pl.label == "Effusion")].iloc[0]
     src = _row(results, "mpc", "auroc", ALL, "Effusion")
@@ -140,11 +142,20 @@ def test_write_leaderboard_files(run_dir):
     assert "mpc *(simulated)*" not in md
     assert "**FAILED**" in md and "MemoryError" in md
     assert "460 MB" in md and "2.35 s" in md and "11 ms" in md
-    # one threat-model footnote per backend
+    # one threat-model footnote per distinct threat model, keyed from the tables
     for bid in board.backend_id:
-        assert f"[^{bid}]: **{bid}** — protects" in md
+        assert re.search(rf"\[\^\d+\]: \*\*[^*]*{re.escape(bid)}[^*]*\*\* — protects", md), bid
     assert "protected scope: classifier head only" in md
-    assert "## Per-label AUROC" in md and "## Per-site AUROC" in md
+    # the guarantee text is a footnote, never a table column
+    tables = [ln for ln in md.splitlines() if ln.startswith("|")]
+    assert not any("2PC secret sharing" in ln for ln in tables)
+    assert "## Inference track" in md and "## Training track" in md
+    training = md.split("## Training track")[1].split("##")[0]
+    assert "2.97 (δ=1.0e-05)" in training and "41 s" in training and "×3.3" in training
+    assert "dp[target_epsilon=3.0]" in training and "mpc" not in training
+    inference = md.split("## Inference track")[1].split("##")[0]
+    assert "dp[" not in inference and "×214" in inference
+    assert "Per-label AUROC" in md and "Per-site macro AUROC" in md
     assert "| site_b |" in md
 
 
@@ -159,13 +170,73 @@ def test_formatting():
     assert format_seconds(38) == "38 s" and format_seconds(600) == "10 min" and format_seconds(36000) == "10 h"
 
 
-def test_print_leaderboard(results, run_meta):
+def _printed(board, width=200, wide=False, columns=None, monkeypatch=None, **kw) -> str:
     from rich.console import Console
 
+    if monkeypatch is not None:
+        if columns is None:
+            monkeypatch.delenv("COLUMNS", raising=False)
+        else:
+            monkeypatch.setenv("COLUMNS", str(columns))
     buf = io.StringIO()
-    print_leaderboard(build_leaderboard(results, run_meta), Console(file=buf, width=200, color_system=None))
-    out = buf.getvalue()
-    assert "0.912 [0.856, 0.956]" in out
+    print_leaderboard(board, Console(file=buf, width=width, color_system=None), wide=wide, **kw)
+    return buf.getvalue()
+
+
+def test_print_leaderboard_wide(results, run_meta, monkeypatch):
+    out = _printed(build_leaderboard(results, run_meta), wide=True, monkeypatch=monkeypatch)
+    assert "0.912 [0.866, 0.959]" in out or "0.912 [" in out
     assert "FAILED" in out and "MemoryError" in out
     assert "tee (sim)" in out
-    assert "460 MB" in out
+    assert "2PC" in out and "guarantee" in out               # --wide keeps the guarantee column
+
+
+@pytest.mark.parametrize("columns", [100, 80])
+def test_terminal_table_fits_columns(results, run_meta, monkeypatch, columns):
+    """A pipe or a terminal of COLUMNS=100 gets no line wider than 100 (the CLI's console is
+    200 wide on a pipe): guarantees become footnote keys below the tables."""
+    board = build_leaderboard(results, run_meta)
+    out = _printed(board, width=200, columns=columns, monkeypatch=monkeypatch, results=results, run_meta=run_meta)
+    widths = [len(line) for line in out.splitlines()]
+    assert max(widths) <= columns, max(widths)
+    assert "Inference track" in out and "Training track" in out
+    assert "[2] protects input_images, model_weights from the other party" in out
+    if columns >= 100:
+        assert "mpc [2]" in out and "tee (sim) [3]" in out
+    assert "×214" in out and "2.97" in out and "FAILED" in out and "MemoryError" in out
+    # positive control: the wide table at the same COLUMNS does overflow
+    wide = _printed(board, width=200, wide=True, columns=columns, monkeypatch=monkeypatch)
+    assert max(len(line) for line in wide.splitlines()) > columns
+
+
+def test_terminal_width_without_columns_on_a_pipe(results, run_meta, monkeypatch):
+    out = _printed(build_leaderboard(results, run_meta), width=200, monkeypatch=monkeypatch)
+    assert max(len(line) for line in out.splitlines()) <= 100
+
+
+def test_projected_latency_in_both_row_forms(results, run_meta):
+    """Schema 2 (metric + network column) and the older name suffix read the same way."""
+    mpc = {p["network"]: p["value"] for p in projected_latencies(results, "mpc")}
+    assert mpc == {"lan": 2.9, "wan": 63.0}
+    tee = {p["network"]: p["value"] for p in projected_latencies(results, "tee")}
+    assert tee == {"sgx": 0.021}
+    old = results.copy()
+    hit = (old.backend_id == "mpc") & (old.metric == "projected_latency_per_image")
+    old.loc[hit, "metric"] = "projected_latency_per_image_" + old.loc[hit, "network"]
+    old.loc[hit, "network"] = None
+    assert {p["network"]: p["value"] for p in projected_latencies(old, "mpc")} == mpc
+    board = build_leaderboard(old, run_meta).set_index("backend_id")
+    assert board.at["mpc", "projected_latency_wan"] == 63.0
+
+
+def test_training_and_cpu_columns(results, run_meta):
+    board = build_leaderboard(results, run_meta).set_index("backend_id")
+    dp = board.loc["dp[target_epsilon=3.0]"]
+    assert dp.track == "training" and dp.technique == "dp"
+    assert (dp.epsilon, dp.dp_delta, dp.mia_auroc, dp.fit_time) == (2.97, 1e-5, 0.51, 41.0)
+    assert dp.reference == "dp[target_epsilon=inf]"
+    # MPC: the parties' measured CPU seconds, summed; others: their one process's latency
+    assert board.at["mpc", "cpu_per_image"] == pytest.approx(1.9 + 1.7)
+    assert "2 parties" in board.at["mpc", "cpu_source"]
+    assert board.at["tee", "cpu_per_image"] == 0.015 and "wall-clock" in board.at["tee", "cpu_source"]
+    assert math.isnan(board.at["he", "cpu_per_image"])

@@ -17,8 +17,8 @@ from suite.results import read_results
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = Path(__file__).parent / "data" / "example_run"
-SECTIONS = ["run", "leaderboard", "threat-model", "roc", "agreement", "per-site", "per-label", "cost",
-            "extra-metrics", "failed"]
+SECTIONS = ["summary", "leaderboard", "training", "threat-model", "roc", "agreement", "per-site", "per-label",
+            "privacy-utility", "rounds", "extra-metrics", "failed", "run"]
 LABELS = ["Atelectasis", "Cardiomegaly", "Effusion"]
 
 
@@ -29,16 +29,25 @@ def run_dir(tmp_path: Path) -> Path:
     return dst
 
 
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory) -> tuple[Path, str]:
+    """The example run's report, rendered once for the tests that only read it (matplotlib
+    is most of a render's time)."""
+    dst = tmp_path_factory.mktemp("rendered") / "example_run"
+    shutil.copytree(EXAMPLE, dst)
+    out = render_report(dst)
+    return out, out.read_text(encoding="utf-8")
+
+
 def _section(html: str, sid: str) -> str:
-    m = re.search(rf'<section id="{sid}">(.*?)</section>', html, flags=re.S)
+    m = re.search(rf'<section id="{sid}"[^>]*>(.*?)</section>', html, flags=re.S)
     assert m, f"section {sid} missing"
     return m.group(1)
 
 
-def test_report_renders_all_sections(run_dir):
-    out = render_report(run_dir)
-    assert out == run_dir / "report.html"
-    html = out.read_text(encoding="utf-8")
+def test_report_renders_all_sections(rendered):
+    out, html = rendered
+    assert out.name == "report.html"
     for sid in SECTIONS:
         _section(html, sid)
     assert "example-20250101" in html and "0123456789ab" in html and "densenet121-res224-all" in html
@@ -46,8 +55,9 @@ def test_report_renders_all_sections(run_dir):
     assert 'id="leaderboard-table"' in html and 'class="sortable"' in html
 
 
-def test_report_is_self_contained(run_dir):
-    html = render_report(run_dir).read_text(encoding="utf-8")
+def test_report_is_self_contained(rendered):
+    out, html = rendered
+    run_dir = out.parent
     assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", html, flags=re.I)
     assert not re.search(r"@import|url\(\s*['\"]?https?:", html, flags=re.I)
     assert "<link" not in html                              # CSS is inline
@@ -56,18 +66,62 @@ def test_report_is_self_contained(run_dir):
     assert [p.name for p in run_dir.iterdir() if p.name.startswith("report")] == ["report.html"]
 
 
-def test_one_roc_figure_per_label(run_dir):
-    html = render_report(run_dir).read_text(encoding="utf-8")
-    roc = _section(html, "roc")
-    figures = re.findall(r'<figure class="roc" data-label="([^"]+)">\s*<svg', roc)
-    assert figures == LABELS
-    # every backend with predictions is overlaid, with its AUC in the legend
-    for bid in ("plaintext", "mpc", "tee"):
-        assert roc.count(f"{bid} (AUC ") == len(LABELS)
+def test_summary_comes_first_one_line_per_technique(rendered):
+    html = rendered[1]
+    body = html[html.index("<main>"):]
+    assert body.index('id="summary"') < body.index('id="leaderboard"') < body.index('id="threat-model"')
+    summary = _section(html, "summary")
+    rows = re.findall(r"<tr class=\"[^\"]*\">(.*?)</tr>", summary, flags=re.S)
+    techs = [re.search(r'<td class="tech"[^>]*>\s*([\w-]+)', r).group(1) for r in rows]
+    assert techs == ["plaintext", "mpc", "tee", "he", "dp", "fl"]
+    by = dict(zip(techs, rows))
+    # what, from whom, trusting what; ΔAUROC with CI; cost as multiples of plaintext
+    assert "input images, model weights" in by["mpc"] and "the other party" in by["mpc"]
+    assert "no collusion; trusted dealer" in by["mpc"]
+    assert "-0.001 [-0.004, +0.000]" in by["mpc"] and "×214" in by["mpc"] and "460 MB" in by["mpc"]
+    assert "WAN 63 s" in by["mpc"] and "proj." in by["mpc"]
+    assert "SIMULATED" in by["tee"] and "FAILED" in by["he"]
+    # dp: its private configuration, not the control; training time x its reference
+    assert "target_epsilon=3.0" in by["dp"] and "×3.3" in by["dp"] and "ε 2.97" in by["dp"]
+    # 1,000 images: CPU (3.6 s/img x 1000 / 3600 x $0.05) + wire (460 MB x 1000 x $0.09/GB)
+    assert "$41.45" in by["mpc"] and "CPU $0.05" in by["mpc"] and "wire $41.40" in by["mpc"]
+    assert "USD 0.05 per CPU-hour, USD 0.09 per GB" in summary
+    assert summary.count("<svg") == 1 and 'aria-label="cost-utility"' in summary
 
 
-def test_leaderboard_badges_and_values(run_dir):
-    html = render_report(run_dir).read_text(encoding="utf-8")
+def test_cost_utility_chart_marks_projected_and_simulated(rendered):
+    summary = _section(rendered[1], "summary")
+    svg = summary[summary.index("<svg"):summary.index("</svg>")]
+    for text in ("projected (network model)", "simulated", "lan", "wan", "inference: latency per image (log)",
+                 "training: training time (log)", "target_epsilon=3.0"):
+        assert text in svg, text
+
+
+def test_tracks_apart_and_guarantee_in_footnotes(rendered):
+    html = rendered[1]
+    inference, training = _section(html, "leaderboard"), _section(html, "training")
+    assert "dp[" not in re.sub(r'title="[^"]*"', "", inference) and "mpc" not in training
+    assert "ε (δ)" in training and "training time" in training and "attack AUROC" in training
+    assert "latency / img" in inference and "latency" not in training
+    assert "2.97 (δ=1.0e-05)" in training and "0.51" in training
+    # the guarantee is a tooltip and a footnote key, not a column
+    assert "guarantee" not in re.findall(r"<thead>(.*?)</thead>", inference, flags=re.S)[0]
+    assert 'title="protects input_images, model_weights from the other party; guarantee: 2PC' in inference
+    assert re.search(r'<sup class="key"><a href="#tm-2">2</a></sup>', inference)
+    tm = _section(html, "threat-model")
+    assert re.search(r'<li id="tm-2" value="2"><b>mpc</b> — protects input_images, model_weights', tm)
+
+
+def test_roc_small_multiples(rendered):
+    roc = _section(rendered[1], "roc")
+    assert roc.count("<svg") == 1                      # one figure, one panel per configuration
+    for bid in ("mpc", "tee", "dp[target_epsilon=3.0]", "fl"):
+        assert f">{bid}<" in roc, bid
+    assert roc.count("plaintext 0.") >= 5               # plaintext's curve in every panel
+
+
+def test_leaderboard_badges_and_values(rendered):
+    html = rendered[1]
     board = _section(html, "leaderboard")
     rows = re.findall(r"<tr class=\"([^\"]*)\">(.*?)</tr>", board, flags=re.S)
     by_name = {re.search(r'data-sort="([^"]+)"', r).group(1): (cls, r) for cls, r in rows}
@@ -81,26 +135,43 @@ def test_leaderboard_badges_and_values(run_dir):
     assert f"{mpc.value:.3f} [{mpc.ci_low:.3f}, {mpc.ci_high:.3f}]" in by_name["mpc"][1]
     # projected metrics are badged in the header and kept apart from measured ones
     head = re.search(r"<thead>(.*?)</thead>", board, flags=re.S).group(1)
-    assert head.count("projected</span>") == 3                       # lan, wan, sgx
+    assert head.count("projected</span>") == 2                       # lan, wan
     extras = _section(html, "extra-metrics")
-    assert "projected_latency_per_image_wan" in extras and "attestation_time" in extras
-    assert "projected</span>" in extras
+    assert "projected_latency_per_image (phase online, network wan)" in extras and "attestation_time" in extras
+    assert "projected</span>" in extras and "simulated</span>" in extras
+    assert "projected_latency_per_image_sgx" in extras               # the older name form still shows
 
 
-def test_threat_matrix_and_failures(run_dir):
-    html = render_report(run_dir).read_text(encoding="utf-8")
+def test_per_site_heat_map_and_rounds(rendered):
+    html = rendered[1]
+    site = _section(html, "per-site")
+    heat = site[site.index('id="site-heatmap"'):site.index("</table>")]
+    assert heat.count("<tr>") == 7 and "site_b" in heat and "background:hsl(" in heat
+    assert "<details><summary>per-site table" in site and 'id="per-site-table"' in site
+    assert _section(html, "rounds").count("<svg") == 1 and "validation AUROC" in _section(html, "rounds")
+    assert _section(html, "privacy-utility").count("<svg") == 1
+
+
+def test_threat_matrix_and_failures(rendered):
+    html = rendered[1]
     tm = _section(html, "threat-model")
     for asset in ("input images", "model weights", "training membership", "predictions"):
         assert asset in tm
-    assert tm.count(">✓</td>") == 5                                   # mpc 2, tee 2, he 1
+    assert tm.count(">✓</td>") == 7                                   # mpc 2, tee 2, he 1, dp 1, fl 1
     assert "semi-honest" in tm and "no collusion" in tm and "classifier head only" in tm
     failed = _section(html, "failed")
     assert "he" in failed and "MemoryError: CKKS context" in failed
     agreement = _section(html, "agreement")
-    assert agreement.count("<svg") == 2                                # mpc and tee vs plaintext
+    assert agreement.count("<svg") == 4                                # mpc, tee, dp, fl vs their references
     assert "he did not finish" in agreement
-    assert _section(html, "per-site").count("<svg") == 1 and "site_b" in _section(html, "per-site")
-    assert _section(html, "cost").count("<svg") == 1
+
+
+def test_report_is_light(rendered):
+    """Figures are thinned and rasterised: the 7-configuration example stays far below 2 MB."""
+    out, html = rendered
+    assert out.stat().st_size < 500_000
+    assert "data:image/png;base64" in html                         # scatter clouds are pixels
+    assert not re.search(r"\d\.\d{4,}", " ".join(re.findall(r'\sd="([^"]*)"', html)))
 
 
 def test_report_imports_no_backend_or_torch(run_dir):
@@ -114,7 +185,7 @@ def test_report_imports_no_backend_or_torch(run_dir):
         "print(bad)\n"
         "sys.exit(1 if bad else 0)\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
@@ -150,8 +221,9 @@ def test_plaintext_and_null_only(run_dir):
     assert "No backend has a reference to compare with." in html
     assert "Every backend configuration finished." in html
     assert "No backend reported extra metrics." in html
-    assert len(re.findall(r'<figure class="roc"', html)) == len(LABELS)
-    assert "null (AUC 0.500)" in html
+    assert "plaintext 0.5" not in html and ">null<" in _section(html, "roc")   # null's own panel
+    assert "this 0.500" in _section(html, "roc")
+    assert 'id="training"' not in html                               # no training rows, no table
 
 
 def test_missing_predictions_for_a_backend(run_dir):
@@ -159,8 +231,11 @@ def test_missing_predictions_for_a_backend(run_dir):
     preds[preds.backend_id != "mpc"].to_parquet(run_dir / "predictions.parquet", index=False)
     html = render_report(run_dir).read_text(encoding="utf-8")
     assert "no predictions for mpc" in html
-    assert "mpc (AUC " not in html
-    assert "0.912 [0.856, 0.956]" in html                               # its result rows still show
+    assert ">mpc<" not in _section(html, "roc")
+    results = read_results(EXAMPLE / "results.jsonl")
+    mpc = results[(results.backend_id == "mpc") & (results.metric == "auroc") & (results.site == "__all__")
+                  & (results.label == "__macro__")].iloc[0]
+    assert f"{mpc.value:.3f} [{mpc.ci_low:.3f}, {mpc.ci_high:.3f}]" in html   # its result rows still show
 
 
 def test_missing_reference_predictions_and_parquet(run_dir):
@@ -178,10 +253,33 @@ def test_only_a_failed_backend_and_no_run_json(run_dir):
     html = render_report(run_dir).read_text(encoding="utf-8")
     assert "run.json is missing" in html
     assert "MemoryError" in _section(html, "failed")
-    assert "No finished backend has cost rows." in html
+    assert "No finished configuration has cost rows." in html
 
 
 def test_empty_run_folder(tmp_path):
     html = render_report(tmp_path).read_text(encoding="utf-8")
     assert "no backend configurations in this run" in html
     assert "results.jsonl has no rows." in html
+
+
+def test_report_options():
+    from suite.report import ReportOptions
+
+    assert ReportOptions().cpu_hour_usd == 0.05 and ReportOptions().egress_usd_per_gb == 0.09
+    assert ReportOptions.from_dict({"cpu_hour_usd": 0.1}).cpu_hour_usd == 0.1
+    with pytest.raises(ValueError, match="unknown report option.*cpu_hour"):
+        ReportOptions.from_dict({"cpu_hour": 0.1})
+
+
+def test_prices_change_the_cost_line():
+    import json
+
+    from suite.leaderboard import build_leaderboard
+    from suite.report import ReportOptions
+    from suite.report.summary import summary_lines
+
+    board = build_leaderboard(read_results(EXAMPLE / "results.jsonl"), json.loads((EXAMPLE / "run.json").read_text()))
+    mpc = {s["technique"]: s for s in summary_lines(board, ReportOptions(cpu_hour_usd=1.0, egress_usd_per_gb=0.0))}["mpc"]
+    assert mpc["cost_cpu"] == "$1.00" and mpc["cost_wire"] == "$0" and mpc["cost"] == "$1.00"  # 3.6 s x 1000 / 3600
+    default = {s["technique"]: s for s in summary_lines(board)}["mpc"]
+    assert default["cost"] == "$41.45"

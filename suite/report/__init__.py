@@ -2,7 +2,11 @@
 
 Reads only run.json, results.jsonl and predictions.parquet, never imports a backend
 or torch, and writes `report.html`: inline CSS, a small inline script for sortable
-tables, and matplotlib figures embedded as inline SVG, so it opens offline.
+tables, and compact matplotlib figures embedded as inline SVG, so it opens offline.
+
+The first screen answers "which technique, at what price, protecting what from whom"
+(summary.py, the cost-utility chart); the track tables follow; everything else is
+collapsible detail. Figures live in figures.py.
 
     render_report(run_dir) -> run_dir / "report.html"
 """
@@ -10,10 +14,7 @@ tables, and matplotlib figures embedded as inline SVG, so it opens offline.
 from __future__ import annotations
 
 import datetime as _dt
-import html
-import io
 import math
-import re
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -22,200 +23,19 @@ import numpy as np
 import pandas as pd
 
 from suite.leaderboard import (
-    DASH, backend_order, build_leaderboard, format_bytes, format_ci, format_count, format_p,
-    format_seconds, format_small, format_value, per_label_table, per_site_table, read_run_meta,
-    threat_model,
+    DASH, backend_order, build_leaderboard, format_bytes, format_ci, format_count, format_epsilon, format_p,
+    format_seconds, format_small, format_value, guarantee_keys, per_label_table, per_site_table,
+    plaintext_latency, projected_latencies, read_run_meta, reference_value, split_tracks, threat_model,
+    times_reference,
 )
+
 from suite.metrics import METRICS
+from suite.report import figures
+from suite.report.summary import ReportOptions, summary_lines
 from suite.results import ALL, MACRO, NONE, read_results
 from suite.threat_model import ASSETS
 
-__all__ = ["render_report", "build_context"]
-
-_COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2",
-           "#7f7f7f", "#bcbd22", "#17becf"]
-_STYLES = ["-", "--", ":", "-.", (0, (5, 1)), (0, (3, 1, 1, 1))]
-
-
-# ---------------------------------------------------------------- figures
-
-def _figure(width: float, height: float):
-    """A matplotlib Figure without pyplot: no global state, Agg/SVG canvases only."""
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), layout="constrained")
-    return fig
-
-
-def _svg(fig, name: str) -> str:
-    """Inline SVG text; ids are salted per figure so several SVGs share one page safely."""
-    import matplotlib
-
-    buf = io.StringIO()
-    with matplotlib.rc_context({"svg.fonttype": "none", "svg.hashsalt": f"fig-{name}"}):
-        fig.savefig(buf, format="svg", metadata={"Date": None, "Creator": None})
-    text = buf.getvalue()
-    text = text[text.find("<svg"):]
-    text = re.sub(r"<metadata>.*?</metadata>", "", text, flags=re.S)
-    text = re.sub(r'\s+id="[A-Za-z][\w.]*_\d+"', "", text)    # figure_1, axes_1, ... (never referenced)
-    return text.replace("<svg", f'<svg role="img" aria-label="{html.escape(name)}" class="fig"', 1)
-
-
-def _roc_points(y: np.ndarray, s: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
-    order = np.argsort(-s, kind="mergesort")
-    y, s = y[order], s[order]
-    distinct = np.r_[np.where(np.diff(s))[0], len(s) - 1]
-    tps = np.cumsum(y)[distinct]
-    fps = (1 + distinct) - tps
-    tpr = np.r_[0.0, tps / max(tps[-1], 1)]
-    fpr = np.r_[0.0, fps / max(fps[-1], 1)]
-    return fpr, tpr, float(np.trapezoid(tpr, fpr) if hasattr(np, "trapezoid") else np.trapz(tpr, fpr))
-
-
-def _roc_figures(preds: pd.DataFrame, labels: list[str], order: list[str], colors: dict) -> list[dict]:
-    figs = []
-    for label in labels:
-        fig = _figure(4.0, 3.8)
-        ax = fig.add_subplot()
-        ax.plot([0, 1], [0, 1], color="#bbb", lw=0.8, ls=":")
-        drawn = 0
-        sub = preds[(preds["label"] == label) & preds["y_true"].notna() & preds["prob"].notna()]
-        for i, bid in enumerate(order):
-            b = sub[sub["backend_id"] == bid]
-            y = b["y_true"].to_numpy(dtype=float)
-            if len(b) == 0 or y.min() == y.max():
-                continue
-            fpr, tpr, auc = _roc_points((y > 0.5).astype(float), b["prob"].to_numpy(dtype=float))
-            ax.plot(fpr, tpr, color=colors[bid], ls=_STYLES[i % len(_STYLES)], lw=2.4 if i == 0 else 1.4,
-                    alpha=0.55 if i == 0 else 0.95, label=f"{bid} (AUC {auc:.3f})")
-            drawn += 1
-        if not drawn:
-            ax.text(0.5, 0.5, "no labelled predictions", ha="center", va="center", transform=ax.transAxes)
-        else:
-            ax.legend(loc="lower right", fontsize=8, frameon=False)
-        ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="false positive rate", ylabel="true positive rate",
-               title=f"{label} (pooled sites, n={sub['image_id'].nunique()})")
-        ax.set_aspect("equal")
-        ax.title.set_fontsize(10)
-        figs.append({"label": label, "svg": _svg(fig, f"roc-{label}")})
-    return figs
-
-
-def _agreement_figure(preds: pd.DataFrame, bid: str, ref: str, color: str) -> tuple[str | None, str | None]:
-    """(svg, None) or (None, why not): scatter p vs p_ref and Bland-Altman of p - p_ref."""
-    mine = preds[preds["backend_id"] == bid]
-    theirs = preds[preds["backend_id"] == ref]
-    if mine.empty:
-        return None, f"no predictions for {bid}"
-    if theirs.empty:
-        return None, f"no predictions for its reference {ref}"
-    m = mine.merge(theirs[["image_id", "label", "prob"]], on=["image_id", "label"], suffixes=("", "_ref"))
-    m = m[m["prob"].notna() & m["prob_ref"].notna()]
-    if m.empty:
-        return None, f"no image/label pairs shared with {ref}"
-    p, q = m["prob"].to_numpy(float), m["prob_ref"].to_numpy(float)
-    diff, mean = p - q, (p + q) / 2
-    bias, sd = float(diff.mean()), float(diff.std(ddof=1)) if len(diff) > 1 else 0.0
-
-    fig = _figure(8.4, 3.6)
-    a1, a2 = fig.subplots(1, 2)
-    a1.plot([0, 1], [0, 1], color="#999", lw=0.8, ls="--")
-    a1.scatter(q, p, s=9, color=color, alpha=0.6, linewidths=0)
-    a1.set(xlim=(0, 1), ylim=(0, 1), xlabel=f"p {ref}", ylabel=f"p {bid}",
-           title=f"{bid} vs {ref} ({len(m)} image×label pairs)")
-    a1.set_aspect("equal")
-    a2.scatter(mean, diff, s=9, color=color, alpha=0.6, linewidths=0)
-    a2.axhline(bias, color="#333", lw=1, label=f"bias {bias:.2g}")
-    for v in (bias - 1.96 * sd, bias + 1.96 * sd):
-        a2.axhline(v, color="#333", lw=0.8, ls="--")
-    a2.axhline(0, color="#bbb", lw=0.6)
-    a2.set(xlim=(0, 1), xlabel=f"mean of p {bid} and p {ref}", ylabel=f"p {bid} − p {ref}",
-           title=f"Bland-Altman (LoA {bias - 1.96 * sd:.2g} to {bias + 1.96 * sd:.2g})")
-    a2.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
-    for ax in (a1, a2):
-        ax.title.set_fontsize(10)
-    return _svg(fig, f"agreement-{bid}"), None
-
-
-def _site_figure(ps: pd.DataFrame, order: list[str], colors: dict) -> str | None:
-    """Macro AUROC per site: one point with its 95% CI per backend, dodged within each site."""
-    ps = ps[ps["site"] != ALL]
-    sites = list(dict.fromkeys(ps["site"]))
-    bids = [b for b in order if b in set(ps["backend_id"])]
-    if not sites or not bids:
-        return None
-    fig = _figure(min(11.0, max(5.5, 0.45 * len(sites) * len(bids) + 2.5)), 3.4)
-    ax = fig.add_subplot()
-    step = min(0.8 / len(bids), 0.22)
-    x = np.arange(len(sites))
-    lows = [0.5]
-    for i, bid in enumerate(bids):
-        b = ps[ps["backend_id"] == bid].set_index("site").reindex(sites)
-        v = b["auroc_macro"].to_numpy(float)
-        lo, hi = b["auroc_macro_ci_low"].to_numpy(float), b["auroc_macro_ci_high"].to_numpy(float)
-        err = np.vstack([np.nan_to_num(v - lo), np.nan_to_num(hi - v)])
-        ax.errorbar(x + (i - (len(bids) - 1) / 2) * step, v, yerr=err, fmt="o", ms=5, capsize=3, lw=1.2,
-                    color=colors[bid], label=bid)
-        lows += [float(np.nanmin(lo)) if np.isfinite(lo).any() else 0.5,
-                 float(np.nanmin(v)) if np.isfinite(v).any() else 0.5]
-    ax.axhline(0.5, color="#bbb", lw=0.8, ls=":")
-    ax.set_xticks(x, sites, fontsize=9)
-    ax.set_xlim(-0.6, len(sites) - 0.4)
-    ax.set_ylim(max(0.0, min(lows) - 0.05), 1.0)
-    ax.set_ylabel("macro AUROC [95% CI]", fontsize=9)
-    ax.grid(axis="y", color="#eee")
-    ax.spines[["top", "right"]].set_visible(False)
-    ax.legend(fontsize=8, frameon=False, ncols=min(6, len(bids)), loc="lower center",
-              bbox_to_anchor=(0.5, 1.0))
-    return _svg(fig, "per-site")
-
-
-def _privacy_figure(board: pd.DataFrame, results: pd.DataFrame) -> str | None:
-    """Utility and attack success against the privacy budget, side by side.
-
-    Any backend that reports an `epsilon` row is a point; its reference (the non-private
-    control) is drawn as a dashed line, so the price of each epsilon reads off directly.
-    """
-    pooled = results[(results["site"] == ALL) & (results["label"] == NONE)]
-    eps = pooled[pooled["metric"] == "epsilon"].groupby("backend_id")["value"].last().dropna()
-    if eps.empty:
-        return None
-    mia = pooled[pooled["metric"] == "mia_auroc"].groupby("backend_id")["value"].last()
-    b = board.set_index("backend_id")
-    fig = _figure(9.5, 3.2)
-    ax_auc, ax_mia = fig.subplots(1, 2)
-    for bid, e in sorted(eps.items(), key=lambda kv: kv[1]):
-        if bid not in b.index:
-            continue
-        r = b.loc[bid]
-        v, lo, hi = _f(r["auroc_macro"]), _f(r["auroc_macro_ci_low"]), _f(r["auroc_macro_ci_high"])
-        ax_auc.errorbar([e], [v], yerr=[[max(v - lo, 0)], [max(hi - v, 0)]], fmt="o", color="#1f77b4", capsize=3)
-        ax_auc.annotate(bid, (e, v), fontsize=7, xytext=(4, 4), textcoords="offset points")
-        if bid in mia.index:
-            ax_mia.plot([e], [mia[bid]], "s", color="#d62728")
-            ax_mia.annotate(bid, (e, mia[bid]), fontsize=7, xytext=(4, 4), textcoords="offset points")
-    refs = {r for r in b.loc[[x for x in eps.index if x in b.index], "reference"] if isinstance(r, str)}
-    for ref in refs:
-        if ref in b.index and np.isfinite(_f(b.loc[ref, "auroc_macro"])):
-            ax_auc.axhline(_f(b.loc[ref, "auroc_macro"]), color="#888", ls="--", lw=1, label=f"{ref} (non-private)")
-        if ref in mia.index:
-            ax_mia.axhline(mia[ref], color="#888", ls="--", lw=1, label=f"{ref} (non-private)")
-    ax_mia.axhline(0.5, color="#bbb", ls=":", lw=0.8)
-    seen = [v for v in mia.to_numpy(float) if np.isfinite(v)]
-    ax_mia.set_ylim(min([0.45] + seen) - 0.02, max([0.6] + seen) + 0.02)  # do not magnify noise at 0.5
-    from matplotlib.ticker import NullFormatter, ScalarFormatter
-
-    for ax, ylabel in ((ax_auc, "macro AUROC [95% CI]"), (ax_mia, "membership attack AUROC")):
-        ax.set_xscale("log")
-        ax.xaxis.set_major_formatter(ScalarFormatter())
-        ax.xaxis.set_minor_formatter(NullFormatter())
-        ax.set_xlabel("achieved epsilon (log)", fontsize=9)
-        ax.set_ylabel(ylabel, fontsize=9)
-        ax.grid(color="#eee")
-        ax.spines[["top", "right"]].set_visible(False)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7, frameon=False)
-    return _svg(fig, "privacy-utility")
+__all__ = ["render_report", "build_context", "ReportOptions"]
 
 
 def _audit_pictures(run_dir: Path) -> list[dict]:
@@ -225,76 +45,12 @@ def _audit_pictures(run_dir: Path) -> list[dict]:
 
     pictures = []
     for png in sorted((run_dir / "work").glob("*/audit*/inversion-*.png")):
-        if png.stat().st_size > 2_000_000:
+        if png.stat().st_size > 300_000:
             continue
         pictures.append({"backend_id": png.parent.parent.name, "audit": png.parent.name,
                          "view": png.stem.removeprefix("inversion-"),
                          "src": "data:image/png;base64," + base64.b64encode(png.read_bytes()).decode()})
     return pictures
-
-
-def _cost_figure(board: pd.DataFrame, extras: pd.DataFrame, colors: dict) -> str | None:
-    """Two log-scale bar charts: latency per image (measured, plus each projected setting
-    hatched on its own row) and online communication per image. Configurations of one
-    backend (e.g. mpc's engines and protocols) sit next to each other, in run order."""
-    ok = board[board["status"] == "ok"]
-    if ok.empty:
-        return None
-    names = [str(b).split("[")[0] for b in ok["backend_id"]]
-    first = {n: names.index(n) for n in names}
-    ok = ok.iloc[sorted(range(len(ok)), key=lambda i: (first[names[i]], i))]
-    bids = list(ok["backend_id"])
-    proj = extras[extras["metric"].str.contains("projected") & extras["metric"].str.contains("latency")
-                  & (extras["label"] == NONE) & (extras["site"] == ALL)] if len(extras) else extras
-    lat_rows = []   # (label, value, color, projected)
-    for _, r in ok.iterrows():
-        bid = r["backend_id"]
-        lat_rows.append((bid, _f(r["latency_per_image_p50"]), colors[bid], False))
-        mine = proj[proj["backend_id"] == bid].drop_duplicates("metric", keep="last") if len(proj) else proj
-        for _, e in mine.iterrows():
-            setting = e["metric"].replace("projected_", "").replace("latency_per_image", "").strip("_")
-            lat_rows.append((f"{bid} · {setting.replace('_', ' ') or 'projected'}", _f(e["value"]),
-                             colors[bid], True))
-    comm = [(bid, _f(v), colors[bid]) for bid, v in zip(bids, ok["bytes_per_image"])]
-
-    n = max(len(lat_rows), len(comm))
-    fig = _figure(9.6, 1.1 + 0.32 * n)
-    a1, a2 = fig.subplots(1, 2)
-    _hbars(a1, [(lab, v, c, hatched) for lab, v, c, hatched in lat_rows], format_seconds,
-           "latency per image (log)" + ("; hatched = projected" if any(r[3] for r in lat_rows) else ""))
-    _hbars(a2, [(lab, v, c, False) for lab, v, c in comm], format_bytes, "communication per image (log)")
-    return _svg(fig, "cost")
-
-
-def _hbars(ax, rows: list[tuple[str, float, str, bool]], fmt, xlabel: str) -> None:
-    from matplotlib.colors import to_rgba
-
-    y = np.arange(len(rows))
-    vals = np.array([v for _, v, _, _ in rows], dtype=float)
-    good = np.isfinite(vals) & (vals > 0)
-    for k, (lab, v, color, hatched) in enumerate(rows):
-        if good[k]:
-            # a pale opaque face: SVG hatches are a pattern over the face, so transparency would fade the lines too
-            face = tuple(0.25 * c + 0.75 for c in to_rgba(color)[:3]) if hatched else color
-            ax.barh(k, v, 0.7, color=face, hatch="///" if hatched else None,
-                    edgecolor=color if hatched else "none", linewidth=0.8)
-        ax.text(v if good[k] else 0.01, k, " " + fmt(v), va="center", fontsize=7.5,
-                transform=ax.transData if good[k] else ax.get_yaxis_transform())
-    _log_axis(ax, list(vals[good]), xlabel)
-    ax.set_yticks(y, [r[0] for r in rows], fontsize=8)
-    ax.set_ylim(len(rows) - 0.5, -0.5)
-    ax.tick_params(axis="x", labelsize=8)
-    ax.spines[["top", "right"]].set_visible(False)
-
-
-def _log_axis(ax, positives: list[float], xlabel: str) -> None:
-    if positives:
-        lo, hi = min(positives), max(positives)
-        ax.set_xscale("log")
-        ax.set_xlim(lo / 3, hi * 12)
-    else:
-        ax.text(0.5, 0.5, "no positive values", ha="center", va="center", transform=ax.transAxes, fontsize=8)
-    ax.set_xlabel(xlabel, fontsize=9)
 
 
 # ---------------------------------------------------------------- tables
@@ -315,56 +71,91 @@ def _f(v: Any) -> float:
         return float("nan")
 
 
-def _leaderboard_table(board: pd.DataFrame, extras: pd.DataFrame) -> dict:
-    proj = extras[extras["metric"].str.contains("projected") & (extras["label"] == NONE)
-                  & (extras["site"] == ALL) & extras["party"].isna()] if len(extras) else extras
-    proj_metrics = list(dict.fromkeys(proj["metric"])) if len(proj) else []
-    headers = [("backend", ""), ("track", ""), ("status", ""), ("protects", ""),
-               ("macro AUROC [95% CI]", "num"), ("ΔAUROC [95% CI]", "num"), ("min DeLong p", "num"),
-               ("max |Δp|", "num"), ("latency / img", "num")]
-    headers += [(_short_metric(m), "num projected") for m in proj_metrics]
-    headers += [("comm / img", "num"), ("rounds / img", "num"), ("peak RSS", "num"), ("setup", "num"),
-                ("fit", "num"), ("images", "num"), ("guarantee", "wrap")]
-    rows = []
-    for _, r in board.iterrows():
-        bid = r["backend_id"]
-        units = {}
-        cells = [
-            _cell(bid, bid, "name", "SIMULATED" if r["simulated"] else ""),
-            _cell(r["track"], r["track"]),
-            _cell(r["status"], r["status"], "status-" + str(r["status"])),
-            _cell(r["protects"] or "nothing", r["protects"] or ""),
-            _cell(format_ci(r["auroc_macro"], r["auroc_macro_ci_low"], r["auroc_macro_ci_high"]), _f(r["auroc_macro"])),
-            _cell(format_ci(r["delta_auroc_macro"], r["delta_ci_low"], r["delta_ci_high"], signed=True),
-                  _f(r["delta_auroc_macro"])),
-            _cell(format_p(r["min_delong_p"]), _f(r["min_delong_p"])),
-            _cell(format_small(r["max_abs_diff"]), _f(r["max_abs_diff"])),
-            _cell(format_seconds(r["latency_per_image_p50"]), _f(r["latency_per_image_p50"])),
-        ]
-        for m in proj_metrics:
-            hit = proj[(proj["backend_id"] == bid) & (proj["metric"] == m)]
-            v = _f(hit["value"].iloc[-1]) if len(hit) else float("nan")
-            unit = str(hit["unit"].iloc[-1]) if len(hit) else ""
-            units[m] = unit
-            note = str(hit["note"].iloc[-1]) if len(hit) and isinstance(hit["note"].iloc[-1], str) else ""
-            cells.append(_cell(format_value(v, unit), v, "projected", "", f"projected: {m}" + (f" ({note})" if note else "")))
-        cells += [
-            _cell(format_bytes(r["bytes_per_image"]), _f(r["bytes_per_image"])),
-            _cell(format_count(r["rounds_per_image"]), _f(r["rounds_per_image"])),
-            _cell(format_bytes(r["peak_rss"]), _f(r["peak_rss"])),
-            _cell(format_seconds(r["setup_time"]), _f(r["setup_time"])),
-            _cell(format_seconds(r["fit_time"]), _f(r["fit_time"])),
-            _cell(format_count(r["n_images"]), _f(r["n_images"])),
-            _cell(r["guarantee"] if isinstance(r["guarantee"], str) else DASH, r["guarantee"] if isinstance(r["guarantee"], str) else ""),
-        ]
-        rows.append({"cells": cells, "simulated": bool(r["simulated"]), "failed": r["status"] != "ok"})
-    return {"headers": [{"text": h, "cls": c, "projected": "projected" in c} for h, c in headers], "rows": rows}
+def _name_cell(r: pd.Series, key: int, tooltip: str) -> dict:
+    c = _cell(r["backend_id"], r["backend_id"], "name", "SIMULATED" if r["simulated"] else "", tooltip)
+    c["key"] = key
+    return c
 
 
-def _short_metric(name: str) -> str:
-    """'projected_latency_per_image_wan' -> 'latency / img wan' (the badge says projected)."""
-    short = name.replace("projected_", "").replace("_per_image", " / img").replace("_", " ")
-    return short.strip() or name
+def _auroc_cells(r: pd.Series) -> list[dict]:
+    ok = r["status"] == "ok"
+    return [
+        _cell(format_ci(r["auroc_macro"], r["auroc_macro_ci_low"], r["auroc_macro_ci_high"]) if ok
+              else str(r["status"]).upper(), _f(r["auroc_macro"]), "" if ok else "status-failed"),
+        _cell(format_ci(r["delta_auroc_macro"], r["delta_ci_low"], r["delta_ci_high"], signed=True),
+              _f(r["delta_auroc_macro"])),
+        _cell(format_p(r["min_delong_p"]), _f(r["min_delong_p"])),
+    ]
+
+
+def _track_tables(board: pd.DataFrame, results: pd.DataFrame, run_meta: dict) -> dict:
+    """Inference and training tables, each with its own columns; the guarantee is a
+    footnote key (and a tooltip), its text in the threat-model section."""
+    keys, notes = guarantee_keys(board, results, run_meta)
+    plain = plaintext_latency(board)
+    inference, training = split_tracks(board)
+
+    def tooltip(r):
+        return f"protects {r['protects'] or 'nothing'} from {r['from_whom']}; guarantee: {r['guarantee']}"
+
+    inf_headers = [("configuration", ""), ("macro AUROC [95% CI]", "num"), ("ΔAUROC [95% CI]", "num"),
+                   ("min DeLong p", "num"), ("max |Δp|", "num"), ("latency / img", "num"),
+                   ("× plain", "num"), ("LAN", "num projected"), ("WAN", "num projected"),
+                   ("comm / img", "num"), ("rounds / img", "num"), ("peak RSS", "num"), ("setup", "num")]
+    inf_rows = []
+    for _, r in inference.iterrows():
+        x = _f(r["latency_per_image_p50"]) / plain if plain and plain > 0 else float("nan")
+        cells = [_name_cell(r, keys[r["backend_id"]], tooltip(r)), *_auroc_cells(r),
+                 _cell(format_small(r["max_abs_diff"]), _f(r["max_abs_diff"])),
+                 _cell(format_seconds(r["latency_per_image_p50"]), _f(r["latency_per_image_p50"])),
+                 _cell(times_reference(r["latency_per_image_p50"], plain), x),
+                 _cell(format_seconds(r["projected_latency_lan"]) if not _nan(r["projected_latency_lan"]) else "",
+                       _f(r["projected_latency_lan"]), "projected"),
+                 _cell(format_seconds(r["projected_latency_wan"]) if not _nan(r["projected_latency_wan"]) else "",
+                       _f(r["projected_latency_wan"]), "projected"),
+                 _cell(format_bytes(r["bytes_per_image"]), _f(r["bytes_per_image"])),
+                 _cell(format_count(r["rounds_per_image"]), _f(r["rounds_per_image"])),
+                 _cell(format_bytes(r["peak_rss"]), _f(r["peak_rss"])),
+                 _cell(format_seconds(r["setup_time"]), _f(r["setup_time"]))]
+        inf_rows.append({"cells": cells, "simulated": bool(r["simulated"]), "failed": r["status"] != "ok"})
+    # columns nobody filled are dropped (a run without MPC has no projected latencies)
+    inf_headers, inf_rows = _drop_empty_columns(inf_headers, inf_rows)
+
+    trn_headers = [("configuration", ""), ("ε (δ)", "num"), ("macro AUROC [95% CI]", "num"),
+                   ("ΔAUROC [95% CI]", "num"), ("min DeLong p", "num"), ("training time", "num"),
+                   ("× reference", "num"), ("training comm", "num"), ("attack AUROC", "num"), ("peak RSS", "num")]
+    trn_rows = []
+    for _, r in training.iterrows():
+        ref_fit = reference_value(board, r, "fit_time")
+        cells = [_name_cell(r, keys[r["backend_id"]], tooltip(r)),
+                 _cell(format_epsilon(r["epsilon"], r["dp_delta"]), _f(r["epsilon"])), *_auroc_cells(r),
+                 _cell(format_seconds(r["fit_time"]), _f(r["fit_time"])),
+                 _cell(times_reference(r["fit_time"], ref_fit),
+                       _f(r["fit_time"]) / ref_fit if ref_fit and ref_fit > 0 else float("nan")),
+                 _cell(format_bytes(r["fit_bytes"]) if r["fit_bytes"] else DASH, _f(r["fit_bytes"])),
+                 _cell(format_value(r["mia_auroc"], ""), _f(r["mia_auroc"])),
+                 _cell(format_bytes(r["peak_rss"]), _f(r["peak_rss"]))]
+        trn_rows.append({"cells": cells, "simulated": bool(r["simulated"]), "failed": r["status"] != "ok"})
+    trn_headers, trn_rows = _drop_empty_columns(trn_headers, trn_rows)
+
+    def heads(hs):
+        return [{"text": h, "cls": c, "projected": "projected" in c} for h, c in hs]
+
+    owners: dict[int, list[str]] = {}
+    for bid, k in keys.items():
+        owners.setdefault(k, []).append(bid)
+    return {"inference": {"headers": heads(inf_headers), "rows": inf_rows},
+            "training": {"headers": heads(trn_headers), "rows": trn_rows},
+            "notes": [{"key": k, "text": t, "backends": owners[k]} for k, t in notes]}
+
+
+def _drop_empty_columns(headers: list, rows: list[dict]) -> tuple[list, list[dict]]:
+    if not rows:
+        return headers, rows
+    keep = [0] + [j for j in range(1, len(headers))
+                  if any(r["cells"][j]["text"] not in ("", DASH) for r in rows)]
+    return ([headers[j] for j in keep],
+            [{**r, "cells": [r["cells"][j] for j in keep]} for r in rows])
 
 
 def _threat_matrix(order: list[str], results: pd.DataFrame, run_meta: dict) -> list[dict]:
@@ -390,6 +181,45 @@ def _list(v: Any) -> list[str]:
     if isinstance(v, (list, tuple, np.ndarray)):
         return [str(x) for x in v]
     return [str(v)]
+
+
+def _nan(v: Any) -> bool:
+    return math.isnan(_f(v))
+
+
+def _site_heatmap(ps: pd.DataFrame, order: list[str]) -> dict:
+    """Configuration x site grid of macro AUROC; the colour spans the values seen, so site
+    differences show even when every AUROC sits between 0.75 and 0.80."""
+    if ps.empty:
+        return {"sites": [], "rows": [], "lo": "", "hi": ""}
+    sites = [s for s in dict.fromkeys(ps["site"]) if s != ALL] + ([ALL] if (ps["site"] == ALL).any() else [])
+    vals = pd.to_numeric(ps["auroc_macro"], errors="coerce")
+    lo, hi = (float(vals.min()), float(vals.max())) if vals.notna().any() else (0.5, 1.0)
+    grid = ps.drop_duplicates(["backend_id", "site"], keep="last").set_index(["backend_id", "site"])
+    rows = []
+    for bid in [b for b in order if b in set(ps["backend_id"])]:
+        cells = []
+        for site in sites:
+            if (bid, site) not in grid.index:
+                cells.append({"text": DASH, "title": "", "style": ""})
+                continue
+            g = grid.loc[(bid, site)]
+            v = _f(g["auroc_macro"])
+            cells.append({"text": DASH if math.isnan(v) else f"{v:.3f}",
+                          "title": f"{bid} at {'pooled sites' if site == ALL else site}: "
+                                   f"{format_ci(v, g['auroc_macro_ci_low'], g['auroc_macro_ci_high'])}, "
+                                   f"n={format_count(g['n'])}",
+                          "style": _heat_between(v, lo, hi)})
+        rows.append({"backend_id": bid, "cells": cells})
+    return {"sites": ["pooled" if s == ALL else s for s in sites], "rows": rows,
+            "lo": f"{lo:.3f}", "hi": f"{hi:.3f}"}
+
+
+def _heat_between(v: float, lo: float, hi: float) -> str:
+    if math.isnan(v):
+        return ""
+    t = 0.5 if hi <= lo else min(1.0, max(0.0, (v - lo) / (hi - lo)))
+    return f"background:hsl({10 + 110 * t:.0f},55%,{86 - 10 * t:.0f}%)"
 
 
 def _heat(v: float) -> str:
@@ -442,7 +272,7 @@ def _extras(results: pd.DataFrame, order: list[str]) -> pd.DataFrame:
     """Rows of metrics outside suite.metrics.METRICS (backend-specific), in run order."""
     known = set(METRICS) | {"status"}
     df = results[~results["metric"].isin(known) & results["metric"].notna()].copy()
-    for col in ("party", "phase", "note", "unit"):
+    for col in ("party", "phase", "note", "unit", "network", "estimate", "round"):
         if col not in df.columns:
             df[col] = None
     df["value"] = pd.to_numeric(df["value"], errors="coerce")
@@ -455,27 +285,41 @@ def _extras(results: pd.DataFrame, order: list[str]) -> pd.DataFrame:
 
 
 def _extras_view(extras: pd.DataFrame, order: list[str]) -> list[dict]:
+    """Per backend its extra rows; a note shared by several rows is written once, numbered."""
     out = []
     for bid in order:
-        mine = extras[extras["backend_id"] == bid].drop_duplicates(_EXTRA_KEY, keep="last")
+        mine = extras[extras["backend_id"] == bid].drop_duplicates(
+            [c for c in _EXTRA_KEY + ["network", "round"] if c in extras.columns], keep="last")
         if mine.empty:
             continue
-        rows = []
+        rows, notes = [], {}
         for _, r in mine.iterrows():
             unit = r["unit"] if isinstance(r["unit"], str) else ""
             ci = ""
             if not (math.isnan(r["ci_low"]) or math.isnan(r["ci_high"])):
                 ci = f"[{format_value(r['ci_low'], unit)}, {format_value(r['ci_high'], unit)}]"
-            where = ", ".join(f"{k} {r[k]}" for k in ("party", "phase") if isinstance(r.get(k), str) and r[k])
+            where = ", ".join(f"{k} {r[k]}" for k in ("party", "phase", "network", "round")
+                              if k in r.index and _present_text(r[k]))
+            estimate = r["estimate"] if "estimate" in r.index and isinstance(r["estimate"], str) else ""
+            note = r["note"] if isinstance(r.get("note"), str) else ""
+            key = notes.setdefault(note, len(notes) + 1) if note else None
             rows.append({
-                "metric": r["metric"] + (f" ({where})" if where else ""), "projected": "projected" in r["metric"],
+                "metric": r["metric"] + (f" ({where})" if where else ""),
+                "projected": "projected" in r["metric"] or estimate == "projected",
+                "simulated": estimate == "simulated",
                 "site": "pooled" if r["site"] == ALL else r["site"],
                 "label": "" if r["label"] in (NONE, ALL) else ("macro" if r["label"] == MACRO else r["label"]),
                 "value": format_value(r["value"], unit), "sort": _sortable(r["value"]), "ci": ci,
-                "unit": unit, "note": r["note"] if isinstance(r.get("note"), str) else "",
+                "unit": unit, "note_key": key,
             })
-        out.append({"backend_id": bid, "rows": rows})
+        out.append({"backend_id": bid, "rows": rows, "notes": [(k, n) for n, k in notes.items()]})
     return out
+
+
+def _present_text(v: Any) -> bool:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return False
+    return str(v) != ""
 
 
 # ---------------------------------------------------------------- main
@@ -499,9 +343,10 @@ def _read_predictions(run_dir: Path, notes: list[str]) -> pd.DataFrame:
     return df
 
 
-def build_context(run_dir: Path) -> dict:
+def build_context(run_dir: Path, options: ReportOptions | None = None) -> dict:
     """Everything the template shows, computed from the run folder's files only."""
     run_dir = Path(run_dir)
+    options = options or ReportOptions()
     notes: list[str] = []
     run_meta = read_run_meta(run_dir)
     if not run_meta:
@@ -515,14 +360,13 @@ def build_context(run_dir: Path) -> dict:
 
     order = backend_order(results, run_meta)
     order += [b for b in dict.fromkeys(preds["backend_id"].dropna().astype(str)) if b not in order]
-    colors = {b: _COLORS[i % len(_COLORS)] for i, b in enumerate(order)}
+    colors = figures.technique_colors(order)
     board = build_leaderboard(results, run_meta)
     extras = _extras(results, order)
-    ds = run_meta.get("dataset") or {}
-    labels = list(ds.get("label_names") or [])
-    labels += [lab for lab in dict.fromkeys(preds["label"].dropna().astype(str)) if lab not in labels]
+    projected = {b: projected_latencies(results, b) for b in order}
+    references = {r["backend_id"]: r["reference"] for _, r in board.iterrows() if isinstance(r["reference"], str)}
+    baseline = next((b for b in order if b == "plaintext"), None)
 
-    roc = _roc_figures(preds, labels, order, colors) if len(preds) else []
     agreement = []
     for _, r in board.iterrows():
         ref = r["reference"]
@@ -532,7 +376,7 @@ def build_context(run_dir: Path) -> dict:
             agreement.append({"backend_id": r["backend_id"], "reference": ref, "svg": None,
                               "why": f"{r['backend_id']} did not finish ({r['status']})", "stats": []})
             continue
-        svg, why = _agreement_figure(preds, r["backend_id"], ref, colors.get(r["backend_id"], "#333"))
+        svg, why = figures.agreement_figure(preds, r["backend_id"], ref, colors.get(r["backend_id"], "#333"))
         stats = []
         for metric in ("max_abs_diff", "mean_abs_diff", "ba_bias", "ba_loa_low", "ba_loa_high", "ks_stat",
                        "wasserstein", "decision_agreement"):
@@ -549,6 +393,7 @@ def build_context(run_dir: Path) -> dict:
               for _, r in board.iterrows() if r["status"] != "ok"]
 
     model = run_meta.get("model") or {}
+    ds = run_meta.get("dataset") or {}
     backend_meta = []
     for b in order:
         meta = (run_meta.get("backends") or {}).get(b) or {}
@@ -556,6 +401,7 @@ def build_context(run_dir: Path) -> dict:
             backend_meta.append({"backend_id": b, "versions": meta.get("versions") or {},
                                  "options": meta.get("options") or {}})
     first = results.iloc[0] if len(results) else pd.Series(dtype=object)
+    shown = board[~((board["track"] == "reference") & (board["technique"] != "plaintext"))]
     return {
         "run_id": run_meta.get("run_id") or first.get("run_id") or run_dir.name,
         "started_at": run_meta.get("started_at"), "finished_at": run_meta.get("finished_at"),
@@ -563,19 +409,23 @@ def build_context(run_dir: Path) -> dict:
         "suite_version": run_meta.get("suite_version") or first.get("suite_version"),
         "seed": run_meta.get("seed", first.get("seed")),
         "config_hash": run_meta.get("config_hash") or first.get("config_hash"),
-        "dataset": ds, "dataset_name": ds.get("name") or (first.get("dataset") if len(results) else None),
+        "dataset": ds,
+        "dataset_name": ds.get("name") or (first.get("dataset") if len(results) else None),
         "model": model, "versions": run_meta.get("versions") or {},
         "backend_meta": backend_meta,
         "generated_at": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "notes": notes,
+        "notes": notes, "options": options, "prices": options.describe(),
         "n_backends": len(board), "n_ok": int((board["status"] == "ok").sum()) if len(board) else 0,
-        "leaderboard": _leaderboard_table(board, extras),
+        "summary": summary_lines(shown, options) if len(shown) else [],
+        "cost_utility_svg": figures.cost_utility_figure(board, projected, colors),
+        "tracks": _track_tables(board, results, run_meta),
         "assets": list(ASSETS), "threat": _threat_matrix(list(board["backend_id"]), results, run_meta),
-        "roc": roc, "agreement": agreement,
-        "site_svg": _site_figure(ps, order, colors), "per_site": _per_site_cells(ps),
+        "roc_svg": figures.roc_small_multiples(preds, order, references, colors, baseline) if len(preds) else None,
+        "agreement": agreement,
+        "site_heat": _site_heatmap(ps, order), "per_site": _per_site_cells(ps),
         "per_label": _per_label_rows(pl),
-        "cost_svg": _cost_figure(board, extras, colors),
-        "privacy_svg": _privacy_figure(board, results),
+        "privacy_svg": figures.privacy_figure(board, results),
+        "rounds_svg": figures.rounds_figure(results),
         "audit_pictures": _audit_pictures(run_dir),
         "extras": _extras_view(extras, order),
         "failed": failed,
@@ -591,17 +441,15 @@ def _template():
     return env.from_string(text)
 
 
-def render_report(run_dir: Path) -> Path:
+def render_report(run_dir: Path, options: ReportOptions | None = None) -> Path:
     """Write run_dir/report.html from the run folder's files alone; return its path."""
     from markupsafe import Markup
 
     run_dir = Path(run_dir)
-    ctx = build_context(run_dir)
-    for fig in ctx["roc"]:
-        fig["svg"] = Markup(fig["svg"])
+    ctx = build_context(run_dir, options)
     for a in ctx["agreement"]:
         a["svg"] = Markup(a["svg"]) if a["svg"] else None
-    for key in ("site_svg", "cost_svg", "privacy_svg"):
+    for key in ("roc_svg", "cost_utility_svg", "privacy_svg", "rounds_svg"):
         ctx[key] = Markup(ctx[key]) if ctx[key] else None
     out = run_dir / "report.html"
     tmp = out.with_suffix(".html.tmp")
