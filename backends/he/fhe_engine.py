@@ -133,6 +133,21 @@ class FHEPlaintextControl(Backend):
         ]
 
 
+def measured_op_costs(images: list[dict]):
+    """Per-operation seconds measured in this run's encrypted images (None before any)."""
+    from backends.he.fhe_estimate import OpCosts
+
+    tot = {k: sum(im.get(k, 0) for im in images) for k in
+           ("rotations", "rotation_s", "plain_mults", "plain_mult_s", "relus", "relu_s", "bootstraps",
+            "bootstrap_s")}
+    if not (tot["rotations"] and tot["plain_mults"] and tot["relus"] and tot["bootstraps"]):
+        return None
+    return OpCosts(rotation_s=tot["rotation_s"] / tot["rotations"],
+                   plain_mult_s=tot["plain_mult_s"] / tot["plain_mults"],
+                   relu_s=tot["relu_s"] / tot["relus"], bootstrap_s=tot["bootstrap_s"] / tot["bootstraps"],
+                   bootstraps_per_relu=tot["bootstraps"] / tot["relus"])
+
+
 class FHEBackend(FHEPlaintextControl):
     """he:engine=desilo: the whole DenseNet under CKKS with bootstrapping (desilofhe, CPU)."""
 
@@ -264,6 +279,27 @@ class FHEBackend(FHEPlaintextControl):
 
     # ------------------------------------------------------------------ figures
 
+    def _projection_rows(self) -> list[dict]:
+        from backends.he.fhe_estimate import densenet_layers, estimate
+        from suite.models import DENSENET121
+
+        costs = measured_op_costs(self.images)
+        if costs is None:
+            return []
+        a = DENSENET121
+        layers = estimate(densenet_layers(a["growth_rate"], tuple(a["block_config"]), a["num_init_features"],
+                                          a["bn_size"], 224), costs, DESILO_RING_DEGREE // 2)
+        total = sum(layer["seconds"] for layer in layers)
+        return [_row("projected_latency_per_image", total, "s", False,
+                     "DenseNet-121 at 224 px under this engine: per-layer op counts "
+                     "(backends/he/fhe_estimate.py) x the rotation, plaintext-product, polynomial-ReLU "
+                     f"and bootstrap seconds measured in this run ({costs.rotation_s:.3g} / "
+                     f"{costs.plain_mult_s:.3g} / {costs.relu_s:.3g} / {costs.bootstrap_s:.3g} s); "
+                     f"{sum(layer['rotations'] for layer in layers):.0f} rotations, "
+                     f"{sum(layer['plain_mults'] for layer in layers):.0f} plaintext products, "
+                     f"{sum(layer['relu_cts'] for layer in layers):.0f} ReLU ciphertexts",
+                     estimate="projected")]
+
     def extra_rows(self) -> list[dict]:
         rows = [r for r in super().extra_rows() if r["metric"] != "protected_mac_fraction"]
         info, ims = self.setup_info, self.images
@@ -297,6 +333,7 @@ class FHEBackend(FHEPlaintextControl):
             _row("fhe_party_peak_rss", info.get("peak_rss"), "bytes", False,
                  "both parties' child process (.venv-fhe), VmHWM"),
         ]
+        rows += self._projection_rows()
         for key, size in (info.get("keys") or {}).items():
             rows.append(_row(f"{key}_key_bytes", size, "bytes", False,
                              "serialised evaluation key, data owner -> model owner at setup"))

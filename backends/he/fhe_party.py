@@ -122,8 +122,9 @@ class ModelOwner:
 
     def handle(self, request: bytes) -> bytes:
         e = self.engine
-        self.stats = {"bootstraps": 0, "rotations": 0, "plain_mults": 0, "ct_mults": 0,
-                      "op_s": {}, "bootstrap_s": 0.0}
+        self.stats = {"bootstraps": 0, "rotations": 0, "plain_mults": 0, "ct_mults": 0, "relus": 0,
+                      "op_s": {}, "bootstrap_s": 0.0, "rotation_s": 0.0, "plain_mult_s": 0.0,
+                      "relu_s": 0.0}
         regs = {"x": e.deserialize_ciphertext(request)}
         for op, plan in zip(self.program.ops, self.plans):
             start = time.perf_counter()
@@ -134,7 +135,10 @@ class ModelOwner:
                     y = self._add(y, regs[op["dst"]])
                 regs[op["dst"]] = y
             elif kind == "relu":
+                boot = self.stats["bootstrap_s"]
                 regs[op["dst"]] = self._relu(regs[op["src"]], float(op["k"]))
+                self.stats["relus"] += 1
+                self.stats["relu_s"] += time.perf_counter() - start - (self.stats["bootstrap_s"] - boot)
             elif kind == "add":
                 regs[op["dst"]] = self._add(regs[op["a"]], regs[op["b"]])
             elif kind == "sub":
@@ -174,7 +178,10 @@ class ModelOwner:
         if d == 0:
             return ct
         self.stats["rotations"] += 1
-        return self.engine.roll(ct, self.roll, -d)
+        start = time.perf_counter()
+        out = self.engine.roll(ct, self.roll, -d)
+        self.stats["rotation_s"] += time.perf_counter() - start
+        return out
 
     def _linear(self, x, plan):
         e = self.engine
@@ -183,7 +190,9 @@ class ModelOwner:
         for gG, group in plan["groups"].items():
             acc = None
             for b, p in group.items():
+                start = time.perf_counter()
                 term = e.multiply(baby[b], p)
+                self.stats["plain_mult_s"] += time.perf_counter() - start
                 self.stats["plain_mults"] += 1
                 acc = term if acc is None else e.add(acc, term)
             acc = self._rotate(acc, gG)
