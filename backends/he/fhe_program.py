@@ -36,7 +36,7 @@ import numpy as np
 #: Stage polynomials in x (coefficients of x, x^3, x^5, x^7): Cheon et al.'s f_3 and g_3.
 F3 = (35 / 16, -35 / 16, 21 / 16, -5 / 16)
 G3 = (4589 / 1024, -16577 / 1024, 25614 / 1024, -12860 / 1024)
-#: default composition: g3 g3 g3 f3 f3 (depth 3 each): sign error < 1e-3 for |x| > 2^-7
+#: default composition: g3 g3 g3 f3 f3 (degree 7 each): sign error < 1e-3 for |x| > 2^-7
 SIGN_STAGES = ("g3", "g3", "g3", "f3", "f3")
 STAGES = {"f3": F3, "g3": G3}
 
@@ -150,8 +150,8 @@ class Program:
 
 
 def relu_depth(stages: tuple[str, ...] = SIGN_STAGES) -> int:
-    """Multiplicative depth of the polynomial ReLU: 3 per degree-7 stage, +1 for x * sign."""
-    return 3 * len(stages) + 1
+    """Levels the polynomial ReLU consumes in desilofhe: 4 per degree-7 stage, +1 for x * sign."""
+    return 4 * len(stages) + 1
 
 
 def log2_ceil(n: int) -> int:
