@@ -45,14 +45,20 @@ def holds_secret_key(owner: DataOwner, path: Path, probe: bytes, expected: np.nd
 
 
 def main(out: Path) -> None:
+    import time
+
+    t0 = time.perf_counter()
     owner = DataOwner(threads=2)
     keys = out / "keys"
     owner.write_evaluation_keys(keys)
+    print(f"keys in {time.perf_counter() - t0:.0f} s", flush=True)
     prog = small_program(owner.engine.slot_count)
     server = ModelOwner(prog, keys, threads=2)
     x = np.random.default_rng(1).uniform(-1, 1, prog.input_size)
     request = owner.encrypt(x)
+    t0 = time.perf_counter()
     logits = owner.decrypt(server.handle(request), prog.n_labels)
+    print(f"evaluated in {time.perf_counter() - t0:.0f} s", flush=True)
     probe_x = np.linspace(-0.5, 0.5, 16)
     probe = owner.encrypt(probe_x)
     leaked = [p.name for p in sorted(keys.iterdir()) if holds_secret_key(owner, p, probe, probe_x)]
@@ -62,8 +68,12 @@ def main(out: Path) -> None:
               "logits": logits.tolist(), "control": prog.run_plain(x).tolist(),
               "bootstraps": server.stats["bootstraps"], "rotations": server.stats["rotations"],
               "secret_key_files_for_model_owner": leaked,
-              "control_secret_key_detected": holds_secret_key(owner, control, probe, probe_x)}
+              "control_secret_key_detected": holds_secret_key(owner, control, probe, probe_x),
+              "stats": {k: v for k, v in server.stats.items() if k != "op_s"},
+              "bytes": {"up": len(request), "keys": {p.name: p.stat().st_size for p in keys.iterdir()}}}
     control.unlink()
+    for p in keys.iterdir():                          # gigabytes: do not leave them behind
+        p.unlink()
     (out / "result.json").write_text(json.dumps(result))
     print(json.dumps(result))
 
