@@ -64,3 +64,35 @@ if [ "$(cat "$spu_stamp" 2>/dev/null)" != "$spu_want" ]; then
     fi
   fi
 fi
+
+# Whole-network FHE engine (he:engine=desilo): desilofhe 2.0.0 (CKKS with bootstrapping, CPU)
+# runs its parties from their own .venv-fhe/ (numpy + desilofhe, no torch; see
+# backends/he/fhe_engine.py), so nothing in .venv changes. A failure here is a warning: every
+# other backend still works, and `he:engine=desilo` then says how to retry.
+FHE_REQUIREMENTS="desilofhe==2.0.0 numpy>=1.26"
+fhe_stamp=.venv-fhe/.fhe-installed
+fhe_want=$(echo "$FHE_REQUIREMENTS" | sha256sum | cut -c1-16)
+if [ "$(cat "$fhe_stamp" 2>/dev/null)" != "$fhe_want" ]; then
+  FHE_PY=${FHE_PYTHON:-}
+  if [ -z "$FHE_PY" ]; then
+    for cand in /usr/bin/python3.12 /root/.pyenv/versions/3.12*/bin/python3.12 python3.12 /usr/bin/python3.11 python3.11; do
+      if command -v "$cand" >/dev/null 2>&1 && "$cand" -c 'import sys' >/dev/null 2>&1; then FHE_PY=$cand; break; fi
+    done
+  fi
+  if [ -z "$FHE_PY" ]; then
+    echo "WARNING: no python3.12 found: the FHE engine (he:engine=desilo) is unavailable;" \
+         "set FHE_PYTHON=/path/to/python3.12 and re-run scripts/setup.sh" >&2
+  else
+    echo "installing desilofhe into .venv-fhe with $($FHE_PY --version) (first time: a minute)"
+    # shellcheck disable=SC2086
+    if { [ -x .venv-fhe/bin/python ] || "$FHE_PY" -m venv .venv-fhe; } \
+        && .venv-fhe/bin/python -m pip install -q --upgrade pip \
+        && .venv-fhe/bin/python -m pip install -q $FHE_REQUIREMENTS \
+        && .venv-fhe/bin/python -c "import desilofhe, numpy; desilofhe.Engine(max_level=3)"; then
+      echo "$fhe_want" > "$fhe_stamp"
+    else
+      echo "WARNING: installing desilofhe into .venv-fhe failed: the FHE engine (he:engine=desilo) is" \
+           "unavailable; every other backend is unaffected. Retry with: bash scripts/setup.sh" >&2
+    fi
+  fi
+fi

@@ -298,3 +298,25 @@ def test_message_framing_round_trip():
     assert unpack_message(pack_message(parts)) == parts
     with pytest.raises(ValueError):
         unpack_message(pack_message(parts) + b"x")
+
+
+def test_context_as_sent_holds_no_secret_key(cnn_owner):
+    """Issue 19: check the bytes that go to the model owner, not an object made public in place."""
+    from backends.he.head import HeadDataOwner
+
+    for owner in (HeadDataOwner(HEAD_DEFAULT), cnn_owner):
+        sent = owner.public_context()
+        assert not ts.context_from(sent).is_private()
+        # positive control: the same context serialised with its secret key is caught
+        leaked = owner.ctx.serialize(save_public_key=True, save_secret_key=True)
+        assert ts.context_from(leaked).is_private()
+
+
+def test_head_mode_reports_its_real_mac_fraction(tiny_model):
+    from backends.he.coverage import head_mac_fraction, layer_macs
+
+    macs = layer_macs(tiny_model.net, tiny_model.resolution)
+    fraction = head_mac_fraction(tiny_model.net, tiny_model.resolution)
+    assert 0 < fraction < 0.01                    # one Linear layer of a DenseNet
+    head = [m for n, m in macs if n == "classifier"][0]
+    assert head == tiny_model.net.classifier.in_features * tiny_model.net.classifier.out_features

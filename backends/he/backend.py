@@ -47,6 +47,7 @@ CNN_MAX_IMAGES = 140     # default stratified subset for the encrypted CNN (~0.3
 @dataclass
 class HEOptions(BackendOptions):
     mode: str = "head"                 # head | cnn | cnn-plaintext (the cnn's control)
+    engine: str = "tenseal"            # tenseal | desilo (whole DenseNet, bootstrapping) | desilo-plaintext
     batch_size: int = 0                # 0: mode default (head: one full set of slots, cnn: 16)
     max_images: int = 0                # 0: mode default (head: all, cnn: 140)
     poly_modulus_degree: int = 0       # 0: mode default (head 4096, cnn 8192)
@@ -56,6 +57,12 @@ class HEOptions(BackendOptions):
     cnn_channels: int = 8
     cnn_pool: int = 1                  # average pooling window after the square (1, 2, 4, 8)
     cnn_epochs: int = 20
+
+
+def _head_fraction(net, resolution) -> float | None:
+    from backends.he.coverage import head_mac_fraction
+
+    return head_mac_fraction(net, int(resolution)) if resolution else None
 
 
 def _per_image(seconds: float, n: int) -> float | None:
@@ -86,6 +93,16 @@ class HEBackend(Backend):
     @classmethod
     def implementation(cls, options: BackendOptions) -> type[Backend]:
         mode = getattr(options, "mode", "head")
+        engine = getattr(options, "engine", "tenseal")
+        if engine != "tenseal":
+            from backends.he.fhe_engine import FHE_ENGINES, FHEBackend, FHEPlaintextControl
+
+            if engine not in FHE_ENGINES:
+                raise SuiteError(f"backend 'he' option engine must be one of tenseal, {', '.join(FHE_ENGINES)}; "
+                                 f"got '{engine}'")
+            if mode != "head":
+                raise SuiteError("backend 'he' option mode applies to engine=tenseal only")
+            return FHEBackend if engine == "desilo" else FHEPlaintextControl
         if mode not in MODES:
             raise SuiteError(f"backend 'he' option mode must be one of {', '.join(MODES)}; got '{mode}'")
         return {"head": HEBackend, "cnn": HECNNBackend, "cnn-plaintext": HECNNPlaintextControl}[mode]
@@ -197,6 +214,7 @@ class HEBackend(Backend):
             "keys": self.data_owner.key_sizes(),
             "n_features": weight.shape[1], "n_labels": weight.shape[0],
             "n_weight_layers": sum(isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) for m in net.modules()),
+            "head_mac_fraction": _head_fraction(net, getattr(ctx.model, "resolution", None)),
         }
         self._plain_head = (weight, bias)   # benchmark-side check only, never used for predictions
         ctx.meter.record("data_owner", sent=len(public), received=len(extractor_bytes), rounds=1, messages=1)
@@ -305,6 +323,9 @@ class HEBackend(Backend):
                  INTERNAL + "; plaintext feature extractor at the data owner", n=s["n"]),
             _row("he_protected_layers", 1, "layers", True,
                  f"of {info.get('n_weight_layers')} weight layers (conv + linear) in this model"),
+            _row("protected_mac_fraction", info.get("head_mac_fraction"), "fraction", True,
+                 "classifier MACs / all conv + linear MACs of the DenseNet for one image at its "
+                 "resolution: the feature extractor runs in plaintext at the data owner"),
         ]
 
 
@@ -434,6 +455,8 @@ class HECNNBackend(HEBackend):
             *self._train_rows(),
             _row("cnn_parameters", self._n_params(), "", None,
                  f"conv 1->{self.options.cnn_channels} 7x7/3, square, avgpool {self.options.cnn_pool}, dense"),
+            _row("protected_mac_fraction", 1.0, "fraction", True,
+                 "every MAC of the HE-friendly CNN (not the DenseNet) ran on ciphertexts"),
         ]
 
     def _train_rows(self) -> list[dict]:
