@@ -75,18 +75,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--dataset", help=f"dataset name (default {data_d.name})")
     run.add_argument("--data-dir", help="folder of a real dataset")
     run.add_argument("--label-file", help="label CSV, where the dataset needs one")
-<<<<<<< HEAD
+    run.add_argument("--pretrain-dataset", metavar="NAME[:DATA_DIR]",
+                     help="the vendor's own data the default model trains on (real data needs it)")
     run.add_argument("--model", help="small-densenet | densenet121-random | xrv:<weights> | "
                      f"checkpoint.pt (default {model_d.name})")
     run.add_argument("--out", help="a new run folder (default reports/<run id>)")
     run.add_argument("--overwrite", action="store_true",
                      help="clear an existing run folder given as --out before running")
-=======
-    run.add_argument("--pretrain-dataset", metavar="NAME[:DATA_DIR]",
-                     help="the vendor's own data the default model trains on (real data needs it)")
-    run.add_argument("--model", help="small-densenet | densenet121-random | xrv:<weights> | checkpoint.pt")
-    run.add_argument("--out", help="run folder (default reports/<run id>)")
->>>>>>> dp-roles
     run.add_argument("--config", help="TOML config file")
     run.add_argument("--seed", type=_integer(0), help=f"non-negative integer (default {run_d.seed})")
     run.add_argument("--quick", action="store_true", help="smaller data and sweeps")

@@ -11,21 +11,14 @@ from suite.errors import EXIT_BACKEND_FAILED, SuiteError
 
 
 def _apply_run_flags(cfg, args):
-<<<<<<< HEAD
     """CLI flags over the config; a flag given is used even when it is 0 or empty."""
     if getattr(args, "backends", None) is not None:
         cfg.backends = [b.strip() for b in args.backends.split(",") if b.strip()]
         if not cfg.backends:
             raise SuiteError("--backends is empty: name at least one backend, e.g. --backends plaintext,null")
-    for flag, attr in (("dataset", "name"), ("data_dir", "data_dir"), ("label_file", "label_file")):
-        if getattr(args, flag, None) is not None:
-=======
-    if args.backends:
-        cfg.backends = [b for b in args.backends.split(",") if b.strip()]
     for flag, attr in (("dataset", "name"), ("data_dir", "data_dir"), ("label_file", "label_file"),
                        ("pretrain_dataset", "pretrain_dataset")):
-        if getattr(args, flag, None):
->>>>>>> dp-roles
+        if getattr(args, flag, None) is not None:
             setattr(cfg.dataset, attr, getattr(args, flag))
     if getattr(args, "model", None) is not None:
         cfg.model.name = args.model

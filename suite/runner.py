@@ -420,18 +420,14 @@ def _run(cfg: RunConfig, console, resume: Path | None, overwrite: bool, where: l
         task = progress.add_task(f"model {cfg.model.name}", total=None)
         bundle, model_ref = resolve_model(cfg.model, data, cfg.seed, cfg.quick,
                                           progress=lambda e, loss: progress.update(
-<<<<<<< HEAD
-                                              task, description=f"training {cfg.model.name}: epoch {e + 1}, loss {loss:.3f}"))
-    check_model_resolution(bundle, data)
-=======
                                               task, description=f"training {cfg.model.name}: epoch {e + 1}, loss {loss:.3f}"),
                                           dataset_cfg=cfg.dataset)
+    check_model_resolution(bundle, data)
     # data roles: the vendor's images must be none of the hospitals' (train too when a
     # training row treats that split as the hospitals' private data)
     checked = ("train", "test") if any(p.track == "training" for p in plans) else ("test",)
     check_vendor_disjoint(bundle, data, checked, cfg.dataset.name)
     data_roles = describe_roles(data, vendor_description(bundle), checked)
->>>>>>> dp-roles
     data, data_path, unmapped = map_labels_to_model(data, data_path, bundle, console)
     if resume is not None:
         state = RunState(run_dir / "run.json", saved)
@@ -440,11 +436,8 @@ def _run(cfg: RunConfig, console, resume: Path | None, overwrite: bool, where: l
     else:
         state = new_state(run_dir, run_id, cfg, data, bundle.describe(), plans)
         state.data["dataset"]["unmapped_labels"] = unmapped
-<<<<<<< HEAD
-        create_run_dir(run_dir, overwrite)
-=======
         state.data["data_roles"] = data_roles
->>>>>>> dp-roles
+        create_run_dir(run_dir, overwrite)
     state.save()
     run_pending(plans, state, run_dir, cfg, data_path, data, model_ref, console)
     return run_dir
