@@ -88,12 +88,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--timeout", type=positive_seconds,
                      help=f"seconds per backend configuration, > 0 (default {run_d.timeout_s:g})")
     run.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run")
+    run.add_argument("--wide", action="store_true",
+                     help="print every leaderboard column, guarantees included (default: fits the terminal)")
     run.add_argument("--no-report", action="store_true", help="skip the HTML report")
 
     sub.add_parser("list", help="backends, datasets and models, and what is available")
 
     rep = sub.add_parser("report", help="re-render leaderboard and HTML from a run folder")
     rep.add_argument("run_dir")
+    rep.add_argument("--wide", action="store_true",
+                     help="every leaderboard column, guarantees included (default: fits the terminal)")
 
     cmp_ = sub.add_parser("compare", help="compare two run folders")
     cmp_.add_argument("run_a")

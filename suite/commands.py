@@ -67,7 +67,7 @@ def cmd_run(args, console) -> int:
     run_dir = run(cfg, console, resume=Path(args.resume) if args.resume else None,
                   overwrite=args.overwrite)
     board = write_leaderboard(run_dir)
-    print_leaderboard(board, console)
+    print_leaderboard(board, console, wide=getattr(args, "wide", False))
     if not args.no_report:
         from suite.report import render_report
 
@@ -142,7 +142,7 @@ def cmd_report(args, console) -> int:
 
     run_dir = _require_run_dir(args.run_dir)
     board = write_leaderboard(run_dir)
-    print_leaderboard(board, console)
+    print_leaderboard(board, console, wide=args.wide)
     console.print(f"report: {render_report(run_dir)}")
     return 0
 
