@@ -8,6 +8,7 @@ from pathlib import Path
 
 from suite.config import load_config
 from suite.errors import EXIT_BACKEND_FAILED, SuiteError
+from suite.run_folder import RunFolder
 
 
 def _apply_run_flags(cfg, args):
@@ -129,10 +130,10 @@ def _require_run_dir(path: str) -> Path:
     from suite.results import read_results, read_run_state
 
     run_dir = Path(path)
-    if not (run_dir / "run.json").exists() or not (run_dir / "results.jsonl").exists():
+    if not RunFolder(run_dir).run_json.exists() or not RunFolder(run_dir).results.exists():
         raise SuiteError(f"{run_dir} is not a run folder (needs run.json and results.jsonl)")
     read_run_state(run_dir)
-    read_results(run_dir / "results.jsonl")
+    read_results(RunFolder(run_dir).results)
     return run_dir
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import pandas as pd
 
 from suite.results import ALL, MACRO, NONE, read_results
+from suite.run_folder import RunFolder
 
 KEY_METRICS = (("auroc", MACRO), ("max_abs_diff", ALL), ("latency_per_image_p50", NONE),
                ("bytes_per_image", NONE), ("peak_rss", NONE))
@@ -16,7 +17,7 @@ def compare_runs(a: Path, b: Path) -> pd.DataFrame:
     """Rows backend_id x metric with value in A, value in B, and B - A."""
     frames = []
     for tag, path in (("a", a), ("b", b)):
-        df = read_results(Path(path) / "results.jsonl")
+        df = read_results(RunFolder(path).results)
         df = df[(df["site"] == ALL) & (df["status"] == "ok")]
         keep = pd.Series(False, index=df.index)
         for metric, label in KEY_METRICS:

@@ -14,8 +14,7 @@ import pandas as pd
 
 from suite.metrics import spec
 from suite.metrics.agreement import agreement
-from suite.metrics.auroc import (bootstrap_macro_auroc, bootstrap_paired_macro_delta, delong_ci,
-                                 paired_delong)
+from suite.metrics.auroc import bootstrap_macro_auroc, bootstrap_paired_macro_delta, delong_ci, paired_delong
 from suite.metrics.perf import latency_summary
 from suite.results import ALL, MACRO, ResultRow
 

@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from suite.results import ALL, MACRO, NONE, read_results
+from suite.run_folder import RunFolder
 
 LEADERBOARD_COLUMNS = [
     "backend_id", "technique", "track", "protects", "from_whom", "trust", "guarantee", "simulated",
@@ -44,7 +45,7 @@ _TM_FIELDS = ["protects", "from_whom", "adversary", "parties", "trust_assumption
 
 def read_run_meta(run_dir: Path) -> dict:
     """run.json of a run folder, or {} when it is missing or torn."""
-    path = Path(run_dir) / "run.json"
+    path = RunFolder(run_dir).run_json
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
@@ -636,10 +637,10 @@ def write_leaderboard(run_dir: Path) -> pd.DataFrame:
     """Read run.json + results.jsonl; write leaderboard.csv and leaderboard.md; return the table."""
     run_dir = Path(run_dir)
     run_meta = read_run_meta(run_dir)
-    results = read_results(run_dir / "results.jsonl")
+    results = read_results(RunFolder(run_dir).results)
     board = build_leaderboard(results, run_meta)
-    board.to_csv(run_dir / "leaderboard.csv", index=False)
-    (run_dir / "leaderboard.md").write_text(leaderboard_markdown(board, results, run_meta), encoding="utf-8")
+    board.to_csv(RunFolder(run_dir).leaderboard_csv, index=False)
+    RunFolder(run_dir).leaderboard_md.write_text(leaderboard_markdown(board, results, run_meta), encoding="utf-8")
     return board
 
 

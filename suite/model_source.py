@@ -12,12 +12,20 @@ from typing import Any
 from suite.config import DatasetConfig, ModelConfig
 from suite.data.imageset import ImageSet
 from suite.errors import SuiteError
-from suite.models import (SMALL_DENSENET, ModelBundle, build_densenet, cache_key, load_checkpoint,
-                          load_xrv_weights, random_densenet121, random_small_densenet, save_checkpoint)
 from suite.model_names import BUILTIN_MODELS  # noqa: F401  (re-exported)
+from suite.models import (
+    SMALL_DENSENET,
+    ModelBundle,
+    build_densenet,
+    cache_key,
+    load_checkpoint,
+    load_xrv_weights,
+    random_densenet121,
+    random_small_densenet,
+    save_checkpoint,
+)
 from suite.paths import cache_dir
 from suite.training import Recipe, train_logits_model
-
 
 
 def recipe_for(cfg: ModelConfig, seed: int, quick: bool) -> Recipe:

@@ -25,6 +25,7 @@ from typing import Any, Iterable
 import pandas as pd
 
 from suite import SCHEMA_VERSION
+from suite.run_folder import RunFolder
 
 ALL = "__all__"        # site value of pooled rows
 NONE = "__none__"      # label value of rows that belong to no label
@@ -179,7 +180,7 @@ def read_run_state(run_dir: Path) -> dict[str, Any]:
     """run.json of a run folder, checked: a torn or foreign file is a SuiteError naming it."""
     from suite.errors import SuiteError
 
-    path = Path(run_dir) / "run.json"
+    path = RunFolder(run_dir).run_json
     if not Path(run_dir).is_dir():
         raise SuiteError(f"{run_dir} is not a run folder (no such folder)")
     try:

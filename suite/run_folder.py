@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 
 def safe_name(backend_id: str) -> str:
@@ -29,6 +30,8 @@ def safe_name(backend_id: str) -> str:
 @dataclass(frozen=True)
 class RunFolder:
     root: Path
+    # what makes a folder a run's (an --out that holds any of them is another run)
+    RUN_FILES: ClassVar[tuple[str, ...]] = ("run.json", "results.jsonl", "predictions.parquet", "parts")
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "root", Path(self.root))

@@ -20,19 +20,29 @@ from rich.markup import escape
 
 from suite import SCHEMA_VERSION, __version__
 from suite.config import RunConfig
+from suite.control_ratio import fit_time_ratio_rows
 from suite.data.catalog import load_dataset
 from suite.data.imageset import ImageSet
+from suite.data.roles import describe as describe_roles
 from suite.errors import Interrupted, SuiteError
 from suite.evaluate import accuracy_rows, cost_rows, paired_rows
 from suite.harness import Job, part_paths
-from suite.control_ratio import fit_time_ratio_rows
-from suite.data.roles import describe as describe_roles
 from suite.model_source import check_vendor_disjoint, resolve_model, vendor_description
 from suite.paths import REPO_ROOT, cache_dir, reports_dir
 from suite.planning import Planned, merged_entries, plan_backends
 from suite.procwatch import run_watched
-from suite.results import (ResultRow, ResultWriter, note_torn_line, read_result_lines, read_results,
-                           read_run_state, rewrite_results, write_json_atomic, write_parquet_atomic)
+from suite.results import (
+    ResultRow,
+    ResultWriter,
+    note_torn_line,
+    read_result_lines,
+    read_results,
+    read_run_state,
+    rewrite_results,
+    write_json_atomic,
+    write_parquet_atomic,
+)
+from suite.run_folder import RunFolder
 from suite.threat_model import ThreatModel
 
 FINAL = ("ok", "failed", "skipped")
@@ -62,7 +72,7 @@ def library_versions() -> dict[str, str]:
     return out
 
 
-RUN_FILES = ("run.json", "results.jsonl", "predictions.parquet", "parts")
+RUN_FILES = RunFolder.RUN_FILES
 
 
 def holds_a_run(folder: Path) -> bool:
@@ -183,7 +193,7 @@ def new_state(run_dir: Path, run_id: str, cfg: RunConfig, data: ImageSet, model_
                     "fingerprint": data.fingerprint()},
         "model": model_desc, "versions": library_versions(), "backends": backends,
     }
-    return RunState(run_dir / "run.json", state)
+    return RunState(RunFolder(run_dir).run_json, state)
 
 
 def _tm_dict(tm: ThreatModel) -> dict[str, Any]:
@@ -311,7 +321,7 @@ def consolidate_predictions(run_dir: Path, state: RunState) -> None:
         if entry["status"] == "ok" and pred_path.exists():
             frames.append(pd.read_parquet(pred_path))
     if frames:
-        write_parquet_atomic(pd.concat(frames, ignore_index=True), run_dir / "predictions.parquet")
+        write_parquet_atomic(pd.concat(frames, ignore_index=True), RunFolder(run_dir).predictions)
 
 
 def map_labels_to_model(data: ImageSet, data_path: Path, bundle, console):
@@ -392,7 +402,7 @@ def run(cfg: RunConfig, console, resume: Path | None = None, overwrite: bool = F
         return _run(cfg, console, resume, overwrite, where)
     except (KeyboardInterrupt, Interrupted) as exc:
         name = exc.signame if isinstance(exc, Interrupted) else "SIGINT"
-        written = where and (where[0] / "run.json").exists()
+        written = where and RunFolder(where[0]).run_json.exists()
         raise Interrupted(name, where[0] if written else None) from None
 
 
@@ -430,9 +440,9 @@ def _run(cfg: RunConfig, console, resume: Path | None, overwrite: bool, where: l
     data_roles = describe_roles(data, vendor_description(bundle), checked)
     data, data_path, unmapped = map_labels_to_model(data, data_path, bundle, console)
     if resume is not None:
-        state = RunState(run_dir / "run.json", saved)
+        state = RunState(RunFolder(run_dir).run_json, saved)
         check_resume_matches(state, data, plans, run_dir)
-        repair_torn_tail(run_dir / "results.jsonl")
+        repair_torn_tail(RunFolder(run_dir).results)
     else:
         state = new_state(run_dir, run_id, cfg, data, bundle.describe(), plans)
         state.data["dataset"]["unmapped_labels"] = unmapped
@@ -457,7 +467,7 @@ def check_resume_matches(state: RunState, data: ImageSet, plans: list[Planned], 
 
 def run_pending(plans: list[Planned], state: RunState, run_dir: Path, cfg: RunConfig, data_path: Path,
                 data: ImageSet, model_ref: dict, console) -> None:
-    writer = ResultWriter(run_dir / "results.jsonl")
+    writer = ResultWriter(RunFolder(run_dir).results)
     order = stratified_order(data.split("test"), cfg.seed)
     pending = [p for p in plans if state.backend(p.backend_id)["status"] not in FINAL]
     for i, plan in enumerate(pending, 1):

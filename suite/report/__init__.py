@@ -8,7 +8,7 @@ The first screen answers "which technique, at what price, protecting what from w
 (summary.py, the cost-utility chart); the track tables follow; everything else is
 collapsible detail. Figures live in figures.py.
 
-    render_report(run_dir) -> run_dir / "report.html"
+    render_report(run_dir) -> RunFolder(run_dir).report_html
 """
 
 from __future__ import annotations
@@ -23,16 +23,33 @@ import numpy as np
 import pandas as pd
 
 from suite.leaderboard import (
-    DASH, backend_order, build_leaderboard, format_bytes, format_ci, format_count, format_epsilon, format_p,
-    format_seconds, format_small, format_value, guarantee_keys, per_label_table, per_site_table,
-    plaintext_latency, projected_latencies, read_run_meta, reference_value, split_tracks, threat_model,
+    DASH,
+    backend_order,
+    build_leaderboard,
+    format_bytes,
+    format_ci,
+    format_count,
+    format_epsilon,
+    format_p,
+    format_seconds,
+    format_small,
+    format_value,
+    guarantee_keys,
+    per_label_table,
+    per_site_table,
+    plaintext_latency,
+    projected_latencies,
+    read_run_meta,
+    reference_value,
+    split_tracks,
+    threat_model,
     times_reference,
 )
-
 from suite.metrics import METRICS
 from suite.report import figures
 from suite.report.summary import ReportOptions, summary_lines
 from suite.results import ALL, MACRO, NONE, read_results
+from suite.run_folder import RunFolder
 from suite.threat_model import ASSETS
 
 __all__ = ["render_report", "build_context", "ReportOptions"]
@@ -326,7 +343,7 @@ def _present_text(v: Any) -> bool:
 
 def _read_predictions(run_dir: Path, notes: list[str]) -> pd.DataFrame:
     cols = ["backend_id", "backend", "dataset", "image_id", "site", "label", "y_true", "prob"]
-    path = run_dir / "predictions.parquet"
+    path = RunFolder(run_dir).predictions
     if not path.exists():
         notes.append("predictions.parquet is missing: no ROC curves or agreement plots.")
         return pd.DataFrame(columns=cols)
@@ -351,7 +368,7 @@ def build_context(run_dir: Path, options: ReportOptions | None = None) -> dict:
     run_meta = read_run_meta(run_dir)
     if not run_meta:
         notes.append("run.json is missing or unreadable: metadata comes from results.jsonl only.")
-    results = read_results(run_dir / "results.jsonl")
+    results = read_results(RunFolder(run_dir).results)
     if results.empty:
         notes.append("results.jsonl has no rows.")
     for col in ("metric", "site", "label", "backend_id"):
@@ -451,7 +468,7 @@ def render_report(run_dir: Path, options: ReportOptions | None = None) -> Path:
         a["svg"] = Markup(a["svg"]) if a["svg"] else None
     for key in ("roc_svg", "cost_utility_svg", "privacy_svg", "rounds_svg"):
         ctx[key] = Markup(ctx[key]) if ctx[key] else None
-    out = run_dir / "report.html"
+    out = RunFolder(run_dir).report_html
     tmp = out.with_suffix(".html.tmp")
     tmp.write_text(_template().render(**ctx), encoding="utf-8")
     tmp.replace(out)

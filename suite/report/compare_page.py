@@ -24,10 +24,16 @@ import pandas as pd
 from scipy import stats
 
 from suite.leaderboard import (
-    DASH, build_leaderboard, format_bytes, format_ci, format_p, format_seconds,
+    DASH,
+    build_leaderboard,
+    format_bytes,
+    format_ci,
+    format_p,
+    format_seconds,
     read_run_meta,
 )
 from suite.results import read_results
+from suite.run_folder import RunFolder
 
 N_BOOT = 500          # resamples of the paired test (a significance flag, not a published CI)
 
@@ -35,7 +41,7 @@ __all__ = ["compare_table", "write_compare_page"]
 
 
 def _predictions(run: Path) -> pd.DataFrame:
-    path = Path(run) / "predictions.parquet"
+    path = RunFolder(run).predictions
     try:
         return pd.read_parquet(path, columns=["backend_id", "image_id", "label", "y_true", "prob"])
     except Exception:  # missing or foreign: the page falls back to the CI test
@@ -94,7 +100,7 @@ def compare_table(run_a: Path, run_b: Path) -> pd.DataFrame:
     boards, preds = [], []
     for run in (run_a, run_b):
         meta = read_run_meta(run)
-        results = read_results(Path(run) / "results.jsonl")
+        results = read_results(RunFolder(run).results)
         boards.append(build_leaderboard(results, meta).set_index("backend_id"))
         preds.append(_predictions(run))
     order = list(boards[0].index) + [b for b in boards[1].index if b not in boards[0].index]

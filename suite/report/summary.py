@@ -19,7 +19,13 @@ from typing import Any
 import pandas as pd
 
 from suite.leaderboard import (
-    DASH, format_bytes, format_ci, format_epsilon, format_p, format_seconds, plaintext_latency,
+    DASH,
+    format_bytes,
+    format_ci,
+    format_epsilon,
+    format_p,
+    format_seconds,
+    plaintext_latency,
     reference_value,
 )
 
