@@ -15,7 +15,7 @@ from typing import Any
 
 from suite.metrics import MetricSpec
 
-QUALIFIERS = {"party", "phase", "network", "estimate", "round", "site", "label", "artifact"}
+QUALIFIERS = {"party", "phase", "network", "estimate", "round", "view", "site", "label", "artifact"}
 DESCRIPTIVE = {"note", "n", "ci_low", "ci_high", "ci_method", "status", "error"}
 REQUIRED = {"metric", "value"}
 ESTIMATES = ("measured", "projected", "simulated")

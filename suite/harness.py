@@ -191,8 +191,10 @@ def write_part(job: Job, status: str, error: str | None, test: ImageSet | None,
         "backend_id": job.backend_id, "backend": job.backend, "status": status, "error": error,
         "timings": asdict(timings) if timings else None, "traffic": traffic,
         "versions": _safe(lambda: backend.versions(), {}) if backend else {},
-        "extra_rows": _typed(backend, backend.extra_rows()) if backend and status == "ok" else [],
-        "audit": asdict(_typed_audit(backend, audit)) if audit else asdict(AuditOutcome()),
+        "extra_rows": (_typed(backend, backend.extra_rows(), RunFolder(Path(job.run_dir)))
+                       if backend and status == "ok" else []),
+        "audit": (asdict(_typed_audit(backend, audit, RunFolder(Path(job.run_dir)))) if audit
+                  else asdict(AuditOutcome())),
         "n_images": len(test) if test is not None else None,
         "batch_size": backend.batch_size() if backend else None,
         "traceback": log,
@@ -200,15 +202,19 @@ def write_part(job: Job, status: str, error: str | None, test: ImageSet | None,
     write_json_atomic(meta_path, meta)
 
 
-def _typed(backend: Backend, rows: list[dict]) -> list[dict]:
-    return typed_extra_rows(backend.config_label(), rows, getattr(backend, "extra_metrics", None))
+def _typed(backend: Backend, rows: list[dict], folder: RunFolder | None = None) -> list[dict]:
+    rows = typed_extra_rows(backend.config_label(), rows, getattr(backend, "extra_metrics", None))
+    for row in rows:          # an artifact is named relative to the run folder, so it moves with it
+        if row.get("artifact") and folder is not None and Path(row["artifact"]).is_absolute():
+            row["artifact"] = folder.relative(Path(row["artifact"]))
+    return rows
 
 
-def _typed_audit(backend: Backend | None, audit: AuditOutcome) -> AuditOutcome:
+def _typed_audit(backend: Backend | None, audit: AuditOutcome, folder: RunFolder) -> AuditOutcome:
     if backend is None or audit.status != "ok":
         return audit
     try:
-        return AuditOutcome(status="ok", rows=_typed(backend, audit.rows))
+        return AuditOutcome(status="ok", rows=_typed(backend, audit.rows, folder))
     except ValueError as exc:
         return AuditOutcome(status="failed", error=format_error(exc))
 

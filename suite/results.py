@@ -35,7 +35,7 @@ RESULT_COLUMNS = [
     "schema_version", "run_id", "git_sha", "config_hash", "seed", "suite_version",
     "backend", "backend_id", "track", "reference", "dataset", "site", "label", "metric",
     "value", "ci_low", "ci_high", "ci_method", "n", "unit", "higher_is_better",
-    "status", "error", "note", "party", "phase", "network", "estimate", "round", "artifact",
+    "status", "error", "note", "party", "phase", "network", "estimate", "round", "view", "artifact",
 ]
 
 
@@ -64,6 +64,7 @@ class ResultRow:
     network: str | None = None       # network profile of a projection (lan | wan)
     estimate: str = "measured"       # measured | projected | simulated
     round: int | None = None         # training round (federated curves), where it matters
+    view: str | None = None          # what an audit's attacker observed (e.g. update, update+ldp)
     artifact: str | None = None      # a file of the run folder this row describes (RunFolder.relative)
     meta: dict[str, Any] = field(default_factory=dict)   # run metadata + tm_* fields
 

@@ -443,11 +443,12 @@ class FLBackend(Backend):
             for r in results:
                 note = (f"{r.note}; attacker = server, target = {target}, {b} image(s) of "
                         f"{clients and next(iter(clients))} at {cfg.size}px, {cfg.steps} steps; "
-                        f"pictures in work/<backend_id>/{sub}")
-                rows.append(_row(f"{metric_prefix}_psnr", r.psnr, "dB", False, note, phase=r.view,
-                                 party="server"))
-                rows.append(_row(f"{metric_prefix}_ssim", r.ssim, "", False, note, phase=r.view,
-                                 party="server"))
+                        "the reconstruction is the row's artifact")
+                picture = str(work / sub / f"inversion-{r.view}.png")
+                rows.append(_row(f"{metric_prefix}_psnr", r.psnr, "dB", False, note, phase="audit",
+                                 view=r.view, party="server", artifact=picture))
+                rows.append(_row(f"{metric_prefix}_ssim", r.ssim, "", False, note, phase="audit",
+                                 view=r.view, party="server", artifact=picture))
         return rows
 
     def predict_proba(self, images: np.ndarray, meta: BatchMeta | None = None) -> np.ndarray:

@@ -55,17 +55,23 @@ from suite.threat_model import ASSETS
 __all__ = ["render_report", "build_context", "ReportOptions"]
 
 
-def _audit_pictures(run_dir: Path) -> list[dict]:
-    """Reconstructions a backend's privacy audit saved in its work folder (e.g. gradient
-    inversion in `fl`), embedded as data URIs so the report stays one file."""
+def _audit_pictures(run_dir: Path, results) -> list[dict]:
+    """Pictures an audit produced (e.g. gradient-inversion reconstructions in `fl`), found
+    through the rows that name them (`artifact`), embedded as data URIs so the report stays
+    one file."""
     import base64
 
+    if "artifact" not in results.columns:
+        return []
+    rows = results[results["artifact"].notna() & results["artifact"].astype(str).str.endswith(".png")]
     pictures = []
-    for png in sorted((run_dir / "work").glob("*/audit*/inversion-*.png")):
-        if png.stat().st_size > 300_000:
+    for (backend_id, artifact), g in rows.groupby(["backend_id", "artifact"], sort=True):
+        png = RunFolder(run_dir).root / str(artifact)
+        if not png.exists() or png.stat().st_size > 300_000:
             continue
-        pictures.append({"backend_id": png.parent.parent.name, "audit": png.parent.name,
-                         "view": png.stem.removeprefix("inversion-"),
+        view = g["view"].dropna().iloc[0] if "view" in g and g["view"].notna().any() else png.stem
+        pictures.append({"backend_id": backend_id, "audit": str(g["metric"].iloc[0]).split("_psnr")[0]
+                         .split("_ssim")[0], "view": view,
                          "src": "data:image/png;base64," + base64.b64encode(png.read_bytes()).decode()})
     return pictures
 
@@ -282,14 +288,14 @@ def _per_label_rows(pl: pd.DataFrame) -> list[dict]:
     return rows
 
 
-_EXTRA_KEY = ["metric", "site", "label", "party", "phase"]
+_EXTRA_KEY = ["metric", "site", "label", "party", "phase", "network", "view", "round"]
 
 
 def _extras(results: pd.DataFrame, order: list[str]) -> pd.DataFrame:
     """Rows of metrics outside suite.metrics.METRICS (backend-specific), in run order."""
     known = set(METRICS) | {"status"}
     df = results[~results["metric"].isin(known) & results["metric"].notna()].copy()
-    for col in ("party", "phase", "note", "unit", "network", "estimate", "round"):
+    for col in ("party", "phase", "note", "unit", "network", "estimate", "round", "view"):
         if col not in df.columns:
             df[col] = None
     df["value"] = pd.to_numeric(df["value"], errors="coerce")
@@ -443,7 +449,7 @@ def build_context(run_dir: Path, options: ReportOptions | None = None) -> dict:
         "per_label": _per_label_rows(pl),
         "privacy_svg": figures.privacy_figure(board, results),
         "rounds_svg": figures.rounds_figure(results),
-        "audit_pictures": _audit_pictures(run_dir),
+        "audit_pictures": _audit_pictures(run_dir, results),
         "extras": _extras_view(extras, order),
         "failed": failed,
     }
