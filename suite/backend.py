@@ -68,7 +68,7 @@ def _coerce(value: Any, f: dataclasses.Field, backend: str) -> Any:
     """Turn CLI strings ('8', 'true') into the option's declared type; check TOML/JSON values
     by type (a boolean is never a number) and range (no negative count, size or time; a field
     may narrow the range with `metadata`, e.g. field(default=1, metadata={"min": 1}))."""
-    from suite.config import check_range, shown, type_name
+    from suite.config import check_range, from_text, has_type, shown, type_name
 
     kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
     kinds = [k.strip() for k in kind.split("|")]
@@ -82,10 +82,10 @@ def _coerce(value: Any, f: dataclasses.Field, backend: str) -> Any:
         raise SuiteError(f"{where} expects {expects}, got nothing")
     if isinstance(value, str):
         try:
-            value = _from_text(value, base)
+            value = from_text(value, base)
         except ValueError:
             raise SuiteError(f"{where} expects {expects}, got '{value}'") from None
-    elif not _has_type(value, base):
+    elif not has_type(value, base):
         raise SuiteError(f"{where} expects {expects}, got {type_name(value)} ({shown(value)})")
     if base.startswith(("tuple", "list")):
         value = tuple(value)
@@ -95,47 +95,6 @@ def _coerce(value: Any, f: dataclasses.Field, backend: str) -> Any:
         elif f.metadata and not isinstance(item, bool):
             check_range(where, item, dict(f.metadata))
     return float(value) if base == "float" else value
-
-
-def _from_text(text: str, base: str) -> Any:
-    if base == "bool":
-        if text.lower() in ("1", "true", "yes", "on"):
-            return True
-        if text.lower() in ("0", "false", "no", "off"):
-            return False
-        raise ValueError(text)
-    if base == "int":
-        return int(text)
-    if base == "float":
-        return float(text)
-    if base.startswith(("tuple", "list")):
-        return tuple(float(v) if _is_number(v) else v for v in text.split("/") if v)
-    return text
-
-
-def _has_type(value: Any, base: str) -> bool:
-    """Strict type test of a TOML/JSON value against a declared type name."""
-    number = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if base == "bool":
-        return isinstance(value, bool)
-    if base == "int":
-        return isinstance(value, int) and not isinstance(value, bool)
-    if base == "float":
-        return number
-    if base == "str":
-        return isinstance(value, str)
-    if base.startswith(("tuple", "list")):
-        return isinstance(value, (list, tuple)) and all(
-            isinstance(v, str) or (isinstance(v, (int, float)) and not isinstance(v, bool)) for v in value)
-    return True
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
 
 
 class Backend(ABC):

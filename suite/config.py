@@ -131,6 +131,48 @@ def check_value(key: str, value: Any, annotation: str, check: dict[str, Any]) ->
     return value
 
 
+def from_text(text: str, base: str) -> Any:
+    """A `name:key=value` string as the declared type `base` (ValueError when it is not)."""
+    if base == "bool":
+        if text.lower() in ("1", "true", "yes", "on"):
+            return True
+        if text.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(text)
+    if base == "int":
+        return int(text)
+    if base == "float":
+        return float(text)
+    if base.startswith(("tuple", "list")):
+        return tuple(float(v) if _is_number(v) else v for v in text.split("/") if v)
+    return text
+
+
+def has_type(value: Any, base: str) -> bool:
+    """Strict type test of a TOML/JSON value against a declared type name."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if base == "bool":
+        return isinstance(value, bool)
+    if base == "int":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if base == "float":
+        return number
+    if base == "str":
+        return isinstance(value, str)
+    if base.startswith(("tuple", "list")):
+        return isinstance(value, (list, tuple)) and all(
+            isinstance(v, str) or (isinstance(v, (int, float)) and not isinstance(v, bool)) for v in value)
+    return True
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 def check_range(key: str, value: Any, check: dict[str, Any]) -> None:
     if isinstance(value, float) and math.isnan(value):
         raise SuiteError(f"{key} must be a number, got nan")

@@ -79,7 +79,7 @@ def test_compare_two_runs(tiny_run):
 
 def test_failures_are_recorded_and_the_run_goes_on(tmp_path):
     out = tmp_path / "r"
-    proc = run_cli("run", "--config", TINY, "--out", str(out), "--timeout", "40",
+    proc = run_cli("run", "--config", TINY, "--out", str(out), "--timeout", "90",
                    "--backends", "raising,crashing,badshape,hanging,null", env=FAULTY)
     # finished, but not all well: a distinct exit status, said in the last line
     assert proc.returncode == 3, proc.stderr[-3000:]
