@@ -8,4 +8,6 @@ if [ ! -x /usr/bin/chromium ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/
   (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) \
     || echo "note: chromium could not be installed; the render test will be skipped"
 fi
+# The linter first (pyflakes rules and syntax errors; see [tool.ruff] in pyproject.toml).
+.venv/bin/python -m ruff check --quiet . || { echo "ruff found problems (above)" >&2; exit 1; }
 exec .venv/bin/python -m pytest -q "$@"

@@ -12,7 +12,7 @@ from typing import Any
 
 from suite.backend import Backend
 from suite.config import RunConfig, parse_backend_list
-from suite.errors import BackendUnavailable, SuiteError
+from suite.errors import BackendUnavailable
 from suite.registry_backends import BACKENDS
 
 
@@ -84,9 +84,3 @@ def _instantiate(name: str, raw: dict[str, Any], cfg: RunConfig) -> Backend:
     cls = BACKENDS.load(name)
     merged = {**cfg.backend_options.get(name, {}), **raw}
     return cls.create(cls.Options.parse(merged, name))
-
-
-def validate_unique(plans: list[Planned]) -> None:
-    ids = [p.backend_id for p in plans]
-    if len(ids) != len(set(ids)):
-        raise SuiteError(f"duplicate backend configurations: {ids}")

@@ -414,15 +414,9 @@ class DPBackend(Backend):
         `extra_rows` (the worker asks for them after teardown)."""
 
     def versions(self) -> dict[str, str]:
-        from importlib.metadata import PackageNotFoundError, version
+        from suite.versions import library_versions
 
-        out = {}
-        for pkg in ("torch", "opacus", "dp-accounting"):
-            try:
-                out[pkg] = version(pkg)
-            except PackageNotFoundError:
-                pass
-        return out
+        return library_versions("torch", "opacus", "dp-accounting")
 
     # ------------------------------------------------------------ audit (harness phase)
 

@@ -475,15 +475,9 @@ class FLBackend(Backend):
         """Nothing to release: the engine stops every process it started before fit returns."""
 
     def versions(self) -> dict[str, str]:
-        out = {}
-        for pkg in ("flwr", "ray", "torch", "scikit-image"):
-            try:
-                from importlib.metadata import version
+        from suite.versions import library_versions
 
-                out[pkg] = version(pkg)
-            except Exception:
-                pass
-        return out
+        return library_versions("flwr", "ray", "torch", "scikit-image")
 
     def extra_rows(self) -> list[dict]:
         rows = list(self.rows)

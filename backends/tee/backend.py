@@ -205,15 +205,9 @@ class TEEBackend(Backend):
     # --- reporting ---------------------------------------------------------------------------
 
     def versions(self) -> dict[str, str]:
-        from importlib.metadata import PackageNotFoundError, version
+        from suite.versions import library_versions
 
-        out = {}
-        for dist in PINNED_VERSIONS:
-            try:
-                out[dist] = version(dist)
-            except PackageNotFoundError:
-                pass
-        return out
+        return library_versions(*PINNED_VERSIONS)
 
     def working_set_bytes(self) -> float | None:
         info = self.model_info
