@@ -27,7 +27,7 @@ from suite.registry_backends import BACKENDS
 
 def _configurations() -> list:
     """(entry, variant overlay, configuration label) for every configuration, or a skip."""
-    params = []
+    params, seen = [], set()
     for name in BACKENDS.names():
         try:
             cls = BACKENDS.load(name)
@@ -47,8 +47,10 @@ def _configurations() -> list:
                 params.append(pytest.param(name, variant, None, marks=pytest.mark.skip(reason=str(exc)),
                                            id=label))
                 continue
-            for config in configs:
-                params.append(pytest.param(name, variant, config.config_label(), id=config.config_label()))
+            for config in configs:           # a control shared by two variants runs once
+                if config.config_label() not in seen:
+                    seen.add(config.config_label())
+                    params.append(pytest.param(name, variant, config.config_label(), id=config.config_label()))
     return params
 
 

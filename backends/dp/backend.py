@@ -143,6 +143,7 @@ class DPBackend(Backend):
     default_batch_size = 32
     test_options = {"target_epsilon": 3.0, "epochs": 2, "batch_size": 32, "mia_shadows": 2,
                     "secure_mode": False}
+    conformance_variants = ({}, {"scope": "full", "epochs": 1, "mia_shadows": 0}, {"secure_mode": True})
 
     def __init__(self, options: DPOptions | None = None) -> None:
         super().__init__(options)

@@ -110,6 +110,8 @@ class FLBackend(Backend):
     default_batch_size = 64
     test_options = {"rounds": 2, "local_epochs": 1, "audit": False, "round_eval": True,
                     "resolution": 32}
+    conformance_variants = ({}, {"privacy": "dp"}, {"privacy": "ldp"}, {"privacy": "secagg"},
+                            {"engine": "deployment"})
 
     def __init__(self, options: FLOptions | None = None) -> None:
         super().__init__(options)
