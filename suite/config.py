@@ -246,10 +246,21 @@ class BackendSpec:
 
     name: str
     options: tuple[tuple[str, str], ...] = ()
+    # a composition `train>serve` (e.g. `dp:target_epsilon=3>mpc`): this spec trains and
+    # releases a model, `served_by` serves that model; the planner makes it one row
+    served_by: "BackendSpec | None" = None
 
     @classmethod
     def parse(cls, text: str) -> "BackendSpec":
-        """'mpc:engine=spu:protocol=cheetah' -> BackendSpec('mpc', (('engine','spu'), ...))."""
+        """'mpc:engine=spu:protocol=cheetah' -> BackendSpec('mpc', (('engine','spu'), ...));
+        'dp:target_epsilon=3>mpc' -> BackendSpec('dp', ..., served_by=BackendSpec('mpc'))."""
+        if ">" in text:
+            left, _, right = text.partition(">")
+            if ">" in right or not left.strip() or not right.strip():
+                raise SuiteError(f"composition '{text}' must look like TRAINING>INFERENCE, "
+                                 f"e.g. dp:target_epsilon=3>mpc")
+            trained = cls.parse(left)
+            return cls(trained.name, trained.options, served_by=cls.parse(right))
         name, *parts = [p.strip() for p in text.strip().split(":")]
         if not name:
             raise SuiteError(f"empty backend name in '{text}'")

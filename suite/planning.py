@@ -12,7 +12,7 @@ from typing import Any
 
 from suite.backend import Backend
 from suite.config import RunConfig, parse_backend_list
-from suite.errors import BackendUnavailable
+from suite.errors import SuiteError, BackendUnavailable
 from suite.registry_backends import BACKENDS
 
 
@@ -27,6 +27,20 @@ class Planned:
     instance: Backend | None = None
     unavailable: str | None = None   # why it cannot run here
     requested: int = 0               # entries of the user's list that yield it (>1: merged)
+    model_from: str | None = None    # composition: the training configuration whose released
+                                     # model this inference configuration serves
+    trained_by: Backend | None = None
+
+    def threat_model(self):
+        """The configuration's own, or for a composition both guarantees, each for its asset."""
+        if self.instance is None:
+            return None
+        if self.trained_by is None:
+            return self.instance.threat_model()
+        from suite.threat_model import compose
+
+        return compose(self.trained_by.threat_model(), self.instance.threat_model(),
+                       self.model_from, self.instance.config_label())
 
 
 def options_dict(backend: Backend) -> dict[str, Any]:
@@ -43,6 +57,8 @@ def plan_backends(cfg: RunConfig) -> list[Planned]:
     specs = parse_backend_list(cfg.backends)
     for spec in specs:
         BACKENDS.target(spec.name)  # unknown name -> one-line error with a suggestion
+        if spec.served_by is not None:
+            BACKENDS.target(spec.served_by.name)
     plans: dict[str, Planned] = {}
 
     def add(backend: Backend, by_user: bool = False) -> str:
@@ -59,8 +75,33 @@ def plan_backends(cfg: RunConfig) -> list[Planned]:
         plans[bid].requested += by_user
         return bid
 
+    def compose_rows(spec) -> None:
+        """`train>serve`: the first configuration the training entry yields (e.g. dp at the
+        epsilon named), then the inference entry serving its released model, compared with
+        that model in plaintext (the training row's own predictions)."""
+        trainer_cls = BACKENDS.load(spec.name)
+        trainer = trainer_cls.expand(trainer_cls.Options.parse(spec.merged_options(cfg.backend_options),
+                                                               spec.name))[0]
+        served = spec.served_by
+        server = _instantiate(served.name, dict(served.options), cfg)
+        if trainer.track != "training":
+            raise SuiteError(f"composition {spec.name}>{served.name}: '{spec.name}' trains no model "
+                             f"(track {trainer.track}); the left side must be a training backend")
+        if server.track != "inference":
+            raise SuiteError(f"composition {spec.name}>{served.name}: '{served.name}' does not serve a "
+                             f"model (track {server.track}); the right side must be an inference backend")
+        trainer_id = add(trainer, by_user=True)
+        bid = f"{trainer_id}>{server.config_label()}"
+        if bid not in plans:
+            plans[bid] = Planned(bid, server.name, server.track, options_dict(server), trainer_id,
+                                 server.max_images(), server, model_from=trainer_id, trained_by=trainer)
+        plans[bid].requested += 1
+
     add(_instantiate("plaintext", {}, cfg))
     for spec in specs:
+        if spec.served_by is not None:
+            compose_rows(spec)
+            continue
         raw = spec.merged_options(cfg.backend_options)
         try:
             cls = BACKENDS.load(spec.name)

@@ -175,7 +175,7 @@ def new_state(run_dir: Path, run_id: str, cfg: RunConfig, data: ImageSet, model_
               plans: list[Planned]) -> RunState:
     backends = {}
     for p in plans:
-        tm = p.instance.threat_model() if p.instance else None
+        tm = p.threat_model()
         backends[p.backend_id] = {
             "backend": p.name, "track": p.track, "status": "skipped" if p.unavailable else "pending",
             "error": p.unavailable, "reference": p.reference, "n_images": None, "options": p.options,
@@ -242,6 +242,18 @@ def execute_backend(plan: Planned, state: RunState, run_dir: Path, cfg: RunConfi
     test_rows = np.flatnonzero(data.splits == "test")
     chosen = order if not plan.max_images else order[: plan.max_images]
     test_index = sorted(int(test_rows[i]) for i in chosen)
+    if plan.model_from:                   # a composition serves what its trainer released
+        released = RunFolder(run_dir).released_model(plan.model_from)
+        if state.backend(plan.model_from)["status"] != "ok" or not released.exists():
+            error = (f"composition: {plan.model_from} released no model"
+                     + ("" if state.backend(plan.model_from)["status"] == "ok" else " (it failed)"))
+            entry.update(status="failed", error=error)
+            writer.write([ResultRow(**base_fields(state, plan.backend_id), metric="status", value=None,
+                                    unit="", higher_is_better=None, status="failed", error=error)])
+            state.save()
+            console.print(f"  [red]failed[/red] {escape(plan.backend_id)}: {escape(error)}")
+            return
+        model_ref = {"kind": "checkpoint", "path": str(released)}
     job = Job(run_dir=str(run_dir), backend_id=plan.backend_id, backend=plan.name, options=plan.options,
               track=plan.track, dataset_path=str(data_path), test_index=test_index, model_ref=model_ref,
               seed=cfg.seed, threads=cfg.threads, quick=cfg.quick, cache_dir=str(cache_dir()))

@@ -392,6 +392,21 @@ class DPBackend(Backend):
         self._audit = {"x_all": x_all, "y_all": y_all, "groups": groups_all, "train_idx": train_idx,
                        "members": members, "holdout": holdout}
 
+    def released_model(self):
+        """What this row releases, and what a `dp>...` composition serves: the vendor backbone
+        with the DP-trained head (scope=head). scope=full trains an Opacus-compatible twin
+        (GroupNorm), which the secure-inference engines do not serve: None."""
+        import copy
+        import dataclasses
+
+        if self.options.scope != "head" or getattr(self, "module", None) is None:
+            return None
+        net = copy.deepcopy(self.ctx.model.net).eval()
+        state = {k.removeprefix("_module."): v for k, v in self.module.state_dict().items()}
+        net.classifier.load_state_dict(state)
+        return dataclasses.replace(self.ctx.model, net=net, name=f"{self.ctx.model.name}+{self.config_label()}",
+                                   source="checkpoint")
+
     def _logits(self, module, x):
         from backends.dp.training import batched
 
