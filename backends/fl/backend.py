@@ -374,7 +374,7 @@ class FLBackend(Backend):
                     noise_multiplier=o.noise_multiplier, dp_delta=o.dp_delta,
                     ldp_epsilon=o.ldp_epsilon, ldp_delta=o.ldp_delta, drop_site=o.drop_site,
                     drop_round=o.drop_round, round_eval=o.round_eval, round_timeout=o.round_timeout,
-                    seed=ctx.seed, threads=ctx.threads,
+                    seed=ctx.seed, threads=self._site_threads(len(clients)),
                     max_site_examples=max(len(i) for i in clients.values()),
                     started_at=time.time(), **self._recipe_job_fields())
         job_path = job.save(work / "job.json")
@@ -392,6 +392,13 @@ class FLBackend(Backend):
         # what the audit phase attacks: round 1's global model and each site's first images
         self._audit_inputs = {"init": init, "images": images, "labels": train.labels,
                               "clients": clients}
+
+    def _site_threads(self, n_sites: int) -> int:
+        """Threads per site process. Simulation: one actor at a time gets all the worker's
+        threads; deployment: every site runs at once, so they share them (no oversubscription)."""
+        if self.options.engine == "deployment":
+            return max(1, self.ctx.threads // n_sites)
+        return self.ctx.threads
 
     def _meter(self, ctx) -> None:
         """Book the measured traffic: the server and each site, fit phase."""
