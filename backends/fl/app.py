@@ -283,7 +283,6 @@ def train_local(net, data, epochs: int, job: FLJob, seed: int, proximal_mu: floa
     mu/2 * ||w - w_global||^2) through tensor hooks, so the recipe itself is untouched.
     Returns the mean training loss of the last epoch.
     """
-    import torch
 
     from suite.training import Recipe, train_logits_model
 

@@ -67,6 +67,7 @@ class FLOptions(BackendOptions):
     local_epochs: int = 1           # per round; the controls train rounds * local_epochs epochs
     start: str = "model"            # model (ctx.model's weights) | scratch (seeded initial model)
     val_fraction: float = 0.1       # of each site's partition, held out of training in every mode
+    lr: float = 0.0                 # peak learning rate of every mode (0 = the recipe's)
     fraction: float = 1.0           # fraction of sites sampled per round
     min_clients: int = 2            # a round aggregates only with at least this many results
     engine: str = "simulation"      # simulation (Ray) | deployment (SuperLink + SuperNodes)
@@ -91,7 +92,7 @@ class FLOptions(BackendOptions):
 
 
 # Options that do not matter to a control: reset to defaults so every variant shares one.
-_CONTROL_KEEP = ("rounds", "local_epochs", "start", "val_fraction", "resolution", "partition",
+_CONTROL_KEEP = ("rounds", "local_epochs", "start", "val_fraction", "lr", "resolution", "partition",
                  "n_clients", "alpha", "batch_size")
 
 
@@ -123,6 +124,8 @@ class FLBackend(Backend):
                                  f"{', '.join(allowed)}")
         if o.rounds < 1 or o.local_epochs < 1:
             raise SuiteError("backend 'fl' needs rounds >= 1 and local_epochs >= 1")
+        if o.lr < 0:
+            raise SuiteError("backend 'fl' option lr must be >= 0 (0 = the recipe's)")
         if not 0 <= o.val_fraction < 0.5:
             raise SuiteError("backend 'fl' option val_fraction must be in [0, 0.5)")
         if not 0 < o.fraction <= 1:
@@ -299,7 +302,8 @@ class FLBackend(Backend):
         from suite.training import Recipe
 
         r = Recipe()
-        return dict(batch_size=r.batch_size, lr=r.lr, weight_decay=r.weight_decay, augment=r.augment)
+        return dict(batch_size=r.batch_size, lr=self.options.lr or r.lr, weight_decay=r.weight_decay,
+                    augment=r.augment)
 
     def fit(self, train, ctx: BackendContext) -> None:
         from backends.audits.gradient_inversion import downsample
@@ -372,7 +376,7 @@ class FLBackend(Backend):
                     noise_multiplier=o.noise_multiplier, dp_delta=o.dp_delta,
                     ldp_epsilon=o.ldp_epsilon, ldp_delta=o.ldp_delta, drop_site=o.drop_site,
                     drop_round=o.drop_round, round_eval=o.round_eval, round_timeout=o.round_timeout,
-                    seed=ctx.seed, threads=ctx.threads,
+                    seed=ctx.seed, threads=self._site_threads(len(clients)),
                     max_site_examples=max(len(i) for i in clients.values()),
                     started_at=time.time(), **self._recipe_job_fields())
         job_path = job.save(work / "job.json")
@@ -390,6 +394,13 @@ class FLBackend(Backend):
         # what the audit phase attacks: round 1's global model and each site's first images
         self._audit_inputs = {"init": init, "images": images, "labels": train.labels,
                               "clients": clients}
+
+    def _site_threads(self, n_sites: int) -> int:
+        """Threads per site process. Simulation: one actor at a time gets all the worker's
+        threads; deployment: every site runs at once, so they share them (no oversubscription)."""
+        if self.options.engine == "deployment":
+            return max(1, self.ctx.threads // n_sites)
+        return self.ctx.threads
 
     def _meter(self, ctx) -> None:
         """Book the measured traffic: the server and each site, fit phase."""
