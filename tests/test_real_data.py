@@ -112,7 +112,6 @@ def test_checkpoint_for_other_labels_is_a_clear_error(nih_sample_dir, tmp_path):
 
 
 def _write_dicom(path, pixels: np.ndarray, monochrome1: bool, window=None):
-    import pydicom
     from pydicom.dataset import FileDataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
