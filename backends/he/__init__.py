@@ -9,7 +9,7 @@ from importlib import import_module
 
 _EXPORTS = {
     "HEBackend": "backend",
-    "HEOptions": "backend",
+    "HEOptions": "options",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -28,12 +28,12 @@ from __future__ import annotations
 import dataclasses
 import io
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from scipy.special import expit
 
+from backends.he.options import HEOptions  # noqa: F401  (re-exported)
 from backends.he.params import MAX_COEFF_BITS_128, STANDARD, resolve_params, security_rows
 from suite.backend import Backend, BackendContext, BackendOptions, BatchMeta
 from suite.errors import SuiteError
@@ -42,21 +42,6 @@ from suite.threat_model import ThreatModel
 MODES = ("head", "cnn", "cnn-plaintext")
 HEAD_CHUNK = 64          # images per plaintext feature-extractor forward pass (memory)
 CNN_MAX_IMAGES = 140     # default stratified subset for the encrypted CNN (~0.3-1 s per image)
-
-
-@dataclass
-class HEOptions(BackendOptions):
-    mode: str = "head"                 # head | cnn | cnn-plaintext (the cnn's control)
-    engine: str = "tenseal"            # tenseal | desilo (whole DenseNet, bootstrapping) | desilo-plaintext
-    batch_size: int = 0                # 0: mode default (head: one full set of slots, cnn: 16)
-    max_images: int = 0                # 0: mode default (head: all, cnn: 140)
-    poly_modulus_degree: int = 0       # 0: mode default (head 4096, cnn 8192)
-    coeff_mod_bit_sizes: tuple = ()    # e.g. 52/36/21; (): mode default
-    scale_bits: int = 0                # 0: mode default (head 36, cnn 33)
-    allow_insecure: bool = False       # accept parameters below 128-bit security
-    cnn_channels: int = 8
-    cnn_pool: int = 1                  # average pooling window after the square (1, 2, 4, 8)
-    cnn_epochs: int = 20
 
 
 def _head_fraction(net, resolution) -> float | None:
@@ -216,7 +201,6 @@ class HEBackend(Backend):
             "n_weight_layers": sum(isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) for m in net.modules()),
             "head_mac_fraction": _head_fraction(net, getattr(ctx.model, "resolution", None)),
         }
-        self._plain_head = (weight, bias)   # benchmark-side check only, never used for predictions
         ctx.meter.record("data_owner", sent=len(public), received=len(extractor_bytes), rounds=1, messages=1)
         ctx.meter.record("model_owner", sent=len(extractor_bytes), received=len(public), rounds=1, messages=1)
 
@@ -242,11 +226,7 @@ class HEBackend(Backend):
             t3 = time.perf_counter()
             self._account(t1 - t0, t2 - t1, t3 - t2, request, response, len(part),
                           up=self.setup_info["n_features"], down=self.setup_info["n_labels"])
-        probs = expit(logits)
-        weight, bias = self._plain_head
-        plain = expit(feats @ weight.T + bias)
-        s["max_abs_diff"] = max(s["max_abs_diff"], float(np.abs(probs - plain).max()))
-        return probs
+        return expit(logits)
 
     def _account(self, enc_s, eval_s, dec_s, request: bytes, response: bytes, n: int, up: int,
                  down: int) -> None:
@@ -268,7 +248,6 @@ class HEBackend(Backend):
         # Drop both parties' key material and weights; nothing runs outside this process.
         self.data_owner = self.model_owner = None
         self.extractor = None
-        self._plain_head = None
 
     # ------------------------------------------------------------------ figures
 
@@ -289,8 +268,6 @@ class HEBackend(Backend):
                  "serialised ciphertexts model owner -> data owner", n=n),
             _row("he_ciphertexts_up", s["ciphertexts_up"], "ciphertexts", False, n=n),
             _row("he_ciphertexts_down", s["ciphertexts_down"], "ciphertexts", False, n=n),
-            _row("encryption_max_abs_diff", s["max_abs_diff"] if n else None, "probability", False,
-                 self._diff_note(), n=n),
             _row("key_setup_time", info.get("key_setup_s"), "s", False,
                  INTERNAL + "; key generation, public-context serialisation and the model owner's load"),
             _row("public_context_bytes", info.get("public_context_bytes"), "bytes", False,
@@ -306,9 +283,6 @@ class HEBackend(Backend):
         rows += self._mode_rows()
         return [r for r in rows if r["value"] is not None]
 
-    def _diff_note(self) -> str:
-        return ("max |p_encrypted - p_plaintext| of the head on the same features (float64), "
-                "measured by the benchmark; isolates CKKS noise from float32 feature differences")
 
     def _mode_rows(self) -> list[dict]:
         s, info = self.stats, self.setup_info
@@ -420,7 +394,6 @@ class HECNNBackend(HEBackend):
         start = time.perf_counter()
         x28 = preprocess(images).double().numpy()
         self.stats["feature_s"] += time.perf_counter() - start
-        plain = expit(self.deployed.logits(x28))
         t0 = time.perf_counter()
         request = self.data_owner.request(x28)
         t1 = time.perf_counter()
@@ -431,21 +404,15 @@ class HECNNBackend(HEBackend):
         t3 = time.perf_counter()
         self._account(t1 - t0, t2 - t1, t3 - t2, request, response, len(images), up=len(images),
                       down=len(images) * n_labels)
-        probs = expit(logits)
-        self.stats["max_abs_diff"] = max(self.stats["max_abs_diff"], float(np.abs(probs - plain).max()))
-        return probs
+        return expit(logits)
 
     def teardown(self) -> None:
         self.data_owner = self.model_owner = None
         self.public = None
 
-    def _diff_note(self) -> str:
-        return ("max |p_encrypted - p_plaintext| against the same HE-friendly CNN in plaintext (float64) "
-                "on the same images, measured by the benchmark: the cost of encryption alone")
 
     def _mode_rows(self) -> list[dict]:
         info, s = self.setup_info, self.stats
-        train = info.get("train") or {}
         return [
             _row("he_images_per_ciphertext", 1 if s["n"] else None, "images", True,
                  "im2col encoding: one image per ciphertext (64 windows x 64 taps = 4096 slots); "

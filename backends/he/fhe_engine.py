@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from scipy.special import expit
 
-from backends.he.backend import HEOptions
+from backends.he.options import HEOptions
 from suite.backend import Backend, BackendContext, BackendOptions, BatchMeta
 from suite.errors import BackendUnavailable, SuiteError
 from suite.threat_model import ThreatModel
