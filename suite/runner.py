@@ -190,7 +190,7 @@ def new_state(run_dir: Path, run_id: str, cfg: RunConfig, data: ImageSet, model_
         "dataset": {"name": data.name, "n_train": int((data.splits == "train").sum()),
                     "n_test": int((data.splits == "test").sum()), "label_names": data.label_names,
                     "sites": data.site_names(), "resolution": data.resolution,
-                    "fingerprint": data.fingerprint()},
+                    "fingerprint": data.fingerprint(), "split": cfg.dataset.split},
         "model": model_desc, "versions": library_versions(), "backends": backends,
     }
     return RunState(RunFolder(run_dir).run_json, state)
@@ -428,7 +428,10 @@ def _run(cfg: RunConfig, console, resume: Path | None, overwrite: bool, where: l
         run_id = time.strftime("%Y%m%d-%H%M%S") + f"-{cfg.hash()[:6]}"
         run_dir = check_out_dir(cfg.out, run_id, overwrite)
     where.append(run_dir)
+    check_split_mode(cfg)
     plans = plan_backends(cfg)
+    if cfg.dataset.split == "all":
+        skip_training_rows(plans)
     for note in merged_entries(plans):
         console.print(f"[yellow]note[/yellow]: {escape(note)}")
     if cfg.model.name.endswith(".pt") or Path(cfg.model.name).is_file():
@@ -463,6 +466,23 @@ def _run(cfg: RunConfig, console, resume: Path | None, overwrite: bool, where: l
     state.save()
     run_pending(plans, state, run_dir, cfg, data_path, data, model_ref, console)
     return run_dir
+
+
+def check_split_mode(cfg: RunConfig) -> None:
+    """Validate mode scores a model trained elsewhere; the default one is trained by this run."""
+    if cfg.dataset.split == "all" and cfg.model.name == "small-densenet":
+        raise SuiteError("--split all validates a model trained elsewhere: pass --model "
+                         "(a checkpoint from `suite train` on other data, or xrv:<weights>)")
+
+
+def skip_training_rows(plans: list[Planned]) -> None:
+    """With every image a test image there is no training split: training rows (and the
+    compositions serving what they release) are skipped, with the reason recorded."""
+    training = {p.backend_id for p in plans if p.track == "training"}
+    for p in plans:
+        if p.unavailable is None and (p.backend_id in training or p.model_from in training):
+            p.unavailable = ("--split all: every image is a test image, so there is no training "
+                             "split for a training-track row")
 
 
 def check_resume_matches(state: RunState, data: ImageSet, plans: list[Planned], run_dir: Path) -> None:
