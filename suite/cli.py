@@ -77,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--label-file", help="label CSV, where the dataset needs one")
     run.add_argument("--pretrain-dataset", metavar="NAME[:DATA_DIR]",
                      help="the vendor's own data the default model trains on (real data needs it)")
+    run.add_argument("--split", choices=("train-test", "all"),
+                     help="all: score every image as a test image, for a model trained elsewhere "
+                          f"(--model); default {data_d.split}")
     run.add_argument("--model", help="small-densenet | densenet121-random | xrv:<weights> | "
                      f"checkpoint.pt (default {model_d.name})")
     run.add_argument("--out", help="a new run folder (default reports/<run id>)")

@@ -18,7 +18,7 @@ def _apply_run_flags(cfg, args):
         if not cfg.backends:
             raise SuiteError("--backends is empty: name at least one backend, e.g. --backends plaintext,null")
     for flag, attr in (("dataset", "name"), ("data_dir", "data_dir"), ("label_file", "label_file"),
-                       ("pretrain_dataset", "pretrain_dataset")):
+                       ("pretrain_dataset", "pretrain_dataset"), ("split", "split")):
         if getattr(args, flag, None) is not None:
             setattr(cfg.dataset, attr, getattr(args, flag))
     if getattr(args, "model", None) is not None:

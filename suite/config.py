@@ -30,6 +30,9 @@ def _f(default: Any = dataclasses.MISSING, *, factory: Any = dataclasses.MISSING
     return field(default=default, metadata=check)
 
 
+SPLIT_MODES = ("train-test", "all")
+
+
 @dataclass
 class DatasetConfig:
     name: str = _f("synthetic", nonempty=True)
@@ -43,6 +46,7 @@ class DatasetConfig:
     on_bad_image: str = _f("fail", choices=("fail", "skip"))
     views: list[str] | None = None         # real data: view positions kept (None: PA and AP)
     pretrain_dataset: str | None = None    # the vendor's own data, NAME[:DATA_DIR] (suite.data.roles)
+    split: str = _f("train-test", choices=SPLIT_MODES)  # "all": validate a finished model on every image
 
 
 @dataclass

@@ -111,6 +111,7 @@ def measure(backend: Backend, ctx: BackendContext, test: ImageSet, train: ImageS
         out = np.zeros((len(test), len(test.label_names)))
         bar = tqdm(total=len(test), desc=f"{ctx.workdir.name}", unit="img", disable=not progress,
                    leave=False, dynamic_ncols=True)
+        report = ProgressFile(ctx, len(test))
         for start_i in range(0, len(test), bs):
             x = test.images[start_i:start_i + bs]
             meta = BatchMeta(image_ids=tuple(str(i) for i in test.image_ids[start_i:start_i + bs]),
@@ -122,6 +123,7 @@ def measure(backend: Backend, ctx: BackendContext, test: ImageSet, train: ImageS
             out[start_i:start_i + len(x)] = check_probabilities(p, len(x), len(test.label_names),
                                                                 ctx.workdir.name)
             bar.update(len(x))
+            report.update(start_i + len(x), t.batch_seconds[-1], len(x))
         bar.close()
         save_released_model(backend, ctx)
         audit = run_audit(backend, ctx, train, test, t)
@@ -131,6 +133,26 @@ def measure(backend: Backend, ctx: BackendContext, test: ImageSet, train: ImageS
         backend.teardown()
         t.teardown_s = time.perf_counter() - start
     return out, t, audit
+
+
+class ProgressFile:
+    """The predict loop's progress as one small JSON file, rewritten atomically after every
+    batch, so the parent can show images done, rate and time left on its own terminal."""
+
+    def __init__(self, ctx: BackendContext, total: int) -> None:
+        # workdir is <run>/work/<backend_id> (RunFolder.workdir)
+        self.path = RunFolder(ctx.workdir.parent.parent).progress(ctx.workdir.name)
+        self.total, self.started = total, time.perf_counter()
+        self.update(0, None, 0)
+
+    def update(self, done: int, batch_s: float | None, batch_n: int) -> None:
+        elapsed = time.perf_counter() - self.started
+        try:
+            write_json_atomic(self.path, {
+                "done": done, "total": self.total, "elapsed_s": round(elapsed, 3),
+                "batch_rate_img_s": round(batch_n / batch_s, 4) if batch_s else None})
+        except OSError:
+            pass   # progress is for the person watching; never a reason to fail the job
 
 
 def save_released_model(backend: Backend, ctx: BackendContext) -> None:

@@ -107,7 +107,8 @@ def kill_tree(pid: int, grace_s: float = 3.0) -> None:
 
 
 def run_watched(cmd: list[str], timeout_s: float, env: dict[str, str] | None = None,
-                log_path: Path | None = None) -> ProcResult:
+                log_path: Path | None = None, on_poll=None, poll_s: float = 1.0) -> ProcResult:
+    """`on_poll()` is called about every `poll_s` while the worker runs (progress display)."""
     start = time.perf_counter()
     env = {**(os.environ if env is None else env), PARENT_ENV: str(os.getpid())}
     log = open(log_path, "ab") if log_path else subprocess.DEVNULL
@@ -117,10 +118,7 @@ def run_watched(cmd: list[str], timeout_s: float, env: dict[str, str] | None = N
             sampler = TreeMemorySampler(proc.pid)
             sampler.start()
             timed_out = False
-            try:
-                proc.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                timed_out = True
+            timed_out = not wait_polling(proc, start + timeout_s, on_poll, poll_s)
             sampler.stop()
         finally:
             # on every way out (time limit, exception, Interrupted): the worker, its parties
@@ -136,6 +134,21 @@ def run_watched(cmd: list[str], timeout_s: float, env: dict[str, str] | None = N
         wall_s=time.perf_counter() - start, peak_rss=sampler.peak_total,
         peak_rss_max_process=sampler.peak_single,
     )
+
+
+def wait_polling(proc: subprocess.Popen, deadline: float, on_poll, poll_s: float) -> bool:
+    """Wait for `proc` until `deadline` (perf_counter), calling `on_poll` in between;
+    False when the deadline passed first."""
+    while True:
+        left = deadline - time.perf_counter()
+        if left <= 0:
+            return False
+        try:
+            proc.wait(timeout=min(left, poll_s) if on_poll else left)
+            return True
+        except subprocess.TimeoutExpired:
+            if on_poll:
+                on_poll()
 
 
 # ---------------------------------------------------------------- the parent's signals

@@ -8,6 +8,7 @@ is part of the results' contract, so no other module spells a file name of it.
   predictions.parquet   one row per backend x image x label
   parts/<id>.json       a backend job's timings, traffic and extra rows, written as it finishes
   parts/<id>.parquet    its predictions
+  parts/<id>.progress.json  images predicted so far, rewritten by the harness after every batch
   parts/<id>.job.json   the job the worker ran (plain JSON, so it can run on another host)
   parts/<id>.released.pt  the model a training configuration released (compositions serve it)
   work/<id>/            the backend's private scratch folder
@@ -72,6 +73,10 @@ class RunFolder:
 
     def job(self, backend_id: str) -> Path:
         return self.parts_dir / f"{safe_name(backend_id)}.job.json"
+
+    def progress(self, backend_id: str) -> Path:
+        """Where the worker's harness reports images done of total (the parent shows it)."""
+        return self.parts_dir / f"{safe_name(backend_id)}.progress.json"
 
     def workdir(self, backend_id: str) -> Path:
         return self.root / "work" / backend_id

@@ -190,7 +190,7 @@ def new_state(run_dir: Path, run_id: str, cfg: RunConfig, data: ImageSet, model_
         "dataset": {"name": data.name, "n_train": int((data.splits == "train").sum()),
                     "n_test": int((data.splits == "test").sum()), "label_names": data.label_names,
                     "sites": data.site_names(), "resolution": data.resolution,
-                    "fingerprint": data.fingerprint()},
+                    "fingerprint": data.fingerprint(), "split": cfg.dataset.split},
         "model": model_desc, "versions": library_versions(), "backends": backends,
     }
     return RunState(RunFolder(run_dir).run_json, state)
@@ -267,8 +267,11 @@ def execute_backend(plan: Planned, state: RunState, run_dir: Path, cfg: RunConfi
     # machine made one forward/backward 100x slower and skewed every comparison.
     env = {**os.environ, "OMP_NUM_THREADS": str(cfg.threads), "OMP_WAIT_POLICY": "PASSIVE",
            "PYTHONUNBUFFERED": "1"}
-    proc = run_watched([sys.executable, "-m", "suite.worker", str(job_path)], cfg.timeout_s, env,
-                       log_path=meta_path.with_suffix(".log"))
+    progress_path = RunFolder(run_dir).progress(plan.backend_id)
+    progress_path.unlink(missing_ok=True)
+    with ProgressLine(console, progress_path, plan.backend_id) as shown:
+        proc = run_watched([sys.executable, "-m", "suite.worker", str(job_path)], cfg.timeout_s, env,
+                           log_path=meta_path.with_suffix(".log"), on_poll=shown.poll)
     part = json.loads(meta_path.read_text()) if meta_path.exists() else None
     base = base_fields(state, plan.backend_id)
     if proc.timed_out:
@@ -304,6 +307,57 @@ def execute_backend(plan: Planned, state: RunState, run_dir: Path, cfg: RunConfi
     state.save()
     console.print(f"  [green]ok[/green] {escape(plan.backend_id)}: {len(test_index)} images, "
                   f"{proc.wall_s:.1f} s wall, peak {proc.peak_rss / 2**20:.0f} MiB")
+
+
+PLAIN_PROGRESS_EVERY_S = 30.0   # not a terminal (CI logs, files): a plain line at most this often
+
+
+class ProgressLine:
+    """Shows what the worker's harness reports in its progress file: images done of total,
+    rate and time left; a live rich line on a terminal, else a plain line every ~30 s."""
+
+    def __init__(self, console, path: Path, backend_id: str) -> None:
+        self.console, self.path, self.backend_id = console, path, backend_id
+        self.live = None
+        self.last_plain = None
+
+    def __enter__(self) -> "ProgressLine":
+        if self.console.is_terminal:
+            from rich.progress import Progress
+
+            self.live = Progress(console=self.console, transient=True)
+            self.live.start()
+            self.task = self.live.add_task(escape(self.backend_id), total=None)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.live is not None:
+            self.live.stop()
+
+    def poll(self) -> None:
+        try:
+            p = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return   # not started predicting yet
+        done, total, elapsed = p["done"], p["total"], p["elapsed_s"]
+        text = describe_progress(done, total, elapsed)
+        if self.live is not None:
+            self.live.update(self.task, completed=done, total=total,
+                             description=f"{escape(self.backend_id)}: {text}")
+        elif done and (self.last_plain is None
+                       or time.monotonic() - self.last_plain >= PLAIN_PROGRESS_EVERY_S):
+            self.last_plain = time.monotonic()
+            self.console.print(f"  {escape(self.backend_id)}: {text}")
+
+
+def describe_progress(done: int, total: int, elapsed_s: float) -> str:
+    """'12/97 images, 0.41 img/s, about 3 min 27 s left' (rate over the predict phase so far)."""
+    if not done or elapsed_s <= 0:
+        return f"{done}/{total} images"
+    rate = done / elapsed_s
+    left = round((total - done) / rate)
+    eta = f"{left // 60} min {left % 60} s" if left >= 60 else f"{left} s"
+    return f"{done}/{total} images, {rate:.3g} img/s, about {eta} left"
 
 
 def fit_ratio_rows(base: dict, part: dict, run_dir: Path, ref: str) -> list[ResultRow]:
@@ -428,7 +482,10 @@ def _run(cfg: RunConfig, console, resume: Path | None, overwrite: bool, where: l
         run_id = time.strftime("%Y%m%d-%H%M%S") + f"-{cfg.hash()[:6]}"
         run_dir = check_out_dir(cfg.out, run_id, overwrite)
     where.append(run_dir)
+    check_split_mode(cfg)
     plans = plan_backends(cfg)
+    if cfg.dataset.split == "all":
+        skip_training_rows(plans)
     for note in merged_entries(plans):
         console.print(f"[yellow]note[/yellow]: {escape(note)}")
     if cfg.model.name.endswith(".pt") or Path(cfg.model.name).is_file():
@@ -463,6 +520,23 @@ def _run(cfg: RunConfig, console, resume: Path | None, overwrite: bool, where: l
     state.save()
     run_pending(plans, state, run_dir, cfg, data_path, data, model_ref, console)
     return run_dir
+
+
+def check_split_mode(cfg: RunConfig) -> None:
+    """Validate mode scores a model trained elsewhere; the default one is trained by this run."""
+    if cfg.dataset.split == "all" and cfg.model.name == "small-densenet":
+        raise SuiteError("--split all validates a model trained elsewhere: pass --model "
+                         "(a checkpoint from `suite train` on other data, or xrv:<weights>)")
+
+
+def skip_training_rows(plans: list[Planned]) -> None:
+    """With every image a test image there is no training split: training rows (and the
+    compositions serving what they release) are skipped, with the reason recorded."""
+    training = {p.backend_id for p in plans if p.track == "training"}
+    for p in plans:
+        if p.unavailable is None and (p.backend_id in training or p.model_from in training):
+            p.unavailable = ("--split all: every image is a test image, so there is no training "
+                             "split for a training-track row")
 
 
 def check_resume_matches(state: RunState, data: ImageSet, plans: list[Planned], run_dir: Path) -> None:

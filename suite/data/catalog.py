@@ -42,8 +42,26 @@ def _registered_name(name: str) -> str:
 def load_dataset(cfg: DatasetConfig, seed: int, quick: bool = False) -> tuple[ImageSet, Path]:
     """The prepared ImageSet and its cache file (built on first use)."""
     registered = _registered_name(cfg.name)  # unknown name: fail before any work
-    key = cache_key(dataclasses.asdict(cfg), seed, quick, _loader_version(registered),
-                    source_fingerprint(cfg))
+    data, path = _load_train_test(cfg, registered, seed, quick)
+    if cfg.split == "all":
+        return every_image_as_test(data, path)
+    return data, path
+
+
+def every_image_as_test(data: ImageSet, path: Path) -> tuple[ImageSet, Path]:
+    """Validate mode: a model trained elsewhere is scored on every image; sites are kept."""
+    everything = dataclasses.replace(data, splits=np.full(len(data), "test", dtype=object))
+    all_path = path.with_name(path.stem + "-all.npz")
+    if not all_path.exists():
+        save_npz(everything, all_path)
+    return everything, all_path
+
+
+def _load_train_test(cfg: DatasetConfig, registered: str, seed: int,
+                     quick: bool) -> tuple[ImageSet, Path]:
+    # the split mode is not in the key: "all" relabels the very same prepared set
+    key = cache_key({k: v for k, v in dataclasses.asdict(cfg).items() if k != "split"}, seed, quick,
+                    _loader_version(registered), source_fingerprint(cfg))
     path = dataset_cache_dir() / f"{cfg.name.replace('+', '_')}-{key}.npz"
     if path.exists():
         try:
