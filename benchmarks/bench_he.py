@@ -6,6 +6,8 @@ asv style (`setup` + `time_*` / `track_*`); also runnable directly for a quick t
 
 from __future__ import annotations
 
+import os
+
 import tempfile
 import time
 
@@ -211,6 +213,8 @@ class HEWholeNetworkFHE:
 
         if not fhe_available():
             raise NotImplementedError(".venv-fhe missing: bash scripts/setup.sh")
+        if os.environ.get("FHE_BENCH_WHOLE") != "1":
+            raise NotImplementedError("set FHE_BENCH_WHOLE=1 to run (hours on 2 cores)")
         self.data = synthetic(n_per_site=1)
         self.backend = FHEBackend(FHEBackend.Options(engine="desilo"))
         self.ctx = context(small_model(self.data.label_names), tempfile.mkdtemp())

@@ -34,6 +34,7 @@ class BackendContext:
     quick: bool = False
     cache_dir: Path | None = None
     released_model_path: Path | None = None   # where the harness saves released_model()
+    progress_path: Path | None = None         # where the harness reports images done
 
 
 @dataclass(frozen=True)

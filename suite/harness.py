@@ -140,13 +140,14 @@ class ProgressFile:
     batch, so the parent can show images done, rate and time left on its own terminal."""
 
     def __init__(self, ctx: BackendContext, total: int) -> None:
-        # workdir is <run>/work/<backend_id> (RunFolder.workdir)
-        self.path = RunFolder(ctx.workdir.parent.parent).progress(ctx.workdir.name)
+        self.path = ctx.progress_path        # None (tests, benchmarks): nothing is written
         self.total, self.started = total, time.perf_counter()
         self.update(0, None, 0)
 
     def update(self, done: int, batch_s: float | None, batch_n: int) -> None:
         elapsed = time.perf_counter() - self.started
+        if self.path is None:
+            return
         try:
             write_json_atomic(self.path, {
                 "done": done, "total": self.total, "elapsed_s": round(elapsed, 3),

@@ -39,7 +39,8 @@ def run_job(job) -> int:
         ctx = BackendContext(model=bundle, meter=meter, workdir=workdir, seed=job.seed,
                              threads=job.threads, quick=job.quick,
                              cache_dir=Path(job.cache_dir) if job.cache_dir else None,
-                             released_model_path=RunFolder(Path(job.run_dir)).released_model(job.backend_id))
+                             released_model_path=RunFolder(Path(job.run_dir)).released_model(job.backend_id),
+                             progress_path=RunFolder(Path(job.run_dir)).progress(job.backend_id))
         probs, timings, audit = measure(backend, ctx, test, train, progress=sys.stderr.isatty())
     except BaseException as exc:  # noqa: BLE001 - every failure becomes a recorded result
         write_part(job, "failed", format_error(exc), None, None, None, meter, backend,

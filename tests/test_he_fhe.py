@@ -112,6 +112,9 @@ def test_parties_on_a_small_program_match_the_control_and_keep_the_secret_key():
     """Real desilofhe keys, bootstraps, rotations and polynomial ReLUs on a small program:
     decrypted logits match the float64 control, and no file the model owner reads holds a
     secret key (positive control: the secret key file is recognised as one)."""
+    if os.environ.get("SUITE_FHE_E2E") != "1":
+        pytest.skip("an encrypted pass takes far longer than the test budget on 2 cores (keys alone "
+                    "5-7 min; evaluation not yet finished within 48 min): set SUITE_FHE_E2E=1 to run it")
     python = _fhe_python()
     out = Path(tempfile.mkdtemp())
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
