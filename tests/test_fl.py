@@ -387,7 +387,9 @@ def test_audit_rows_from_the_backend(tmp_path, tiny_data, tiny_model):
     assert backend.audit(ctx, train, None) == []          # nothing trained: nothing to attack
     rows = backend.inversion_rows(backend._initial(), train.images, train.labels,
                                   partition_clients(train, backend.options, 0), ctx.workdir)
-    views = {r["phase"] for r in rows if r["metric"] == "inversion_psnr"}
+    views = {r["view"] for r in rows if r["metric"] == "inversion_psnr"}
+    assert {r["phase"] for r in rows} == {"audit"}
+    assert all(r["artifact"].endswith(f"inversion-{r['view']}.png") for r in rows)
     assert views == {"baseline", "update", "update-ldp", "aggregate"}
     assert {r["metric"] for r in rows} == {"inversion_psnr", "inversion_ssim",
                                            "control_inversion_psnr", "control_inversion_ssim"}

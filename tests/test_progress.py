@@ -61,7 +61,7 @@ def test_harness_writes_progress_after_every_batch(tmp_path):
     folder.parts_dir.mkdir()
     backend = SlowBackend(SlowOptions(batch_size=3, seconds_per_batch=0.0))
     ctx = BackendContext(model=SimpleNamespace(pathologies=list(test.label_names)),
-                         meter=CommMeter(), workdir=workdir)
+                         meter=CommMeter(), workdir=workdir, progress_path=folder.progress("slow"))
     measure(backend, ctx, test, None, progress=False)
     n = len(test)
     assert backend.seen == list(range(0, n, 3))             # before batch k: k batches done
