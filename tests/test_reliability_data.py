@@ -81,16 +81,27 @@ def test_same_files_hit_the_cache(folder):
 
 
 def test_the_model_trained_on_old_labels_is_not_reused(folder):
+    """The suite's model trains on the vendor's data (issue 13): here the folder is the vendor's
+    (`pretrain_dataset`), and an edited vendor label means a new model, not the cached one."""
     from suite.model_source import resolve_model
 
     model = ModelConfig(epochs=1, batch_size=8)
-    data, _ = load_dataset(_cfg(folder), seed=0)
-    _, ref1 = resolve_model(model, data, seed=0, quick=False)
+    site = folder.parent / "hospital"
+    site.mkdir()
+    for i in range(N):                 # the hospital's own images: other names, other pixels
+        _png(site / f"scan{i}.png", 65 + 10 * i)
+    pd.DataFrame({"image": [f"scan{i}.png" for i in range(N)],
+                  "Effusion": [(i + 1) % 2 for i in range(N)]}).to_csv(site / "labels.csv", index=False)
+    hospital = DatasetConfig(name="folder", data_dir=str(site), resolution=32, test_fraction=0.4,
+                             pretrain_dataset=f"folder:{folder}")
+    data, _ = load_dataset(hospital, seed=0)
+    _, ref1 = resolve_model(model, data, seed=0, quick=False, dataset_cfg=hospital)
+    _, again = resolve_model(model, data, seed=0, quick=False, dataset_cfg=hospital)
+    assert again["path"] == ref1["path"]                      # unchanged data: the cache is used
     df = pd.read_csv(folder / "labels.csv")
     df.loc[1, "Effusion"] = 1 - df.loc[1, "Effusion"]
     df.to_csv(folder / "labels.csv", index=False)
-    data2, _ = load_dataset(_cfg(folder), seed=0)
-    _, ref2 = resolve_model(model, data2, seed=0, quick=False)
+    _, ref2 = resolve_model(model, data, seed=0, quick=False, dataset_cfg=hospital)
     assert ref1["path"] != ref2["path"]
 
 
