@@ -1,10 +1,9 @@
 """Differentially private training with Opacus DP-SGD (`training`) and its controls.
 
-Importing this package is cheap: names load on first use, so torch-free processes can import
-its light modules and `suite list` imports no backend library.
+Names load on first use (backends.lazy_exports).
 """
 
-from importlib import import_module
+from backends import lazy_exports
 
 _EXPORTS = {
     "DPBackend": "backend",
@@ -19,8 +18,4 @@ LISTING = {
                   "install": "pip install -e '.[dp]'"},
 }
 
-
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+__getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -2,11 +2,10 @@
 engines over one torch-free plan (`graph`, built by `plan`), with shared party orchestration
 (`parties`, `party_process`) and the suite's own two-party gates (`protocol`).
 
-Importing this package is cheap: names load on first use, so torch-free processes can import
-its light modules and `suite list` imports no backend library.
+Names load on first use (backends.lazy_exports).
 """
 
-from importlib import import_module
+from backends import lazy_exports
 
 _EXPORTS = {
     "MPCBackend": "backend",
@@ -23,8 +22,4 @@ LISTING = {
                    "install": 'bash scripts/setup.sh (CrypTen 0.4.1 installs with --no-deps; engine=spu gets its own .venv-spu/)'},
 }
 
-
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+__getattr__ = lazy_exports(__name__, _EXPORTS)

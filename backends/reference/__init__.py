@@ -1,10 +1,9 @@
 """The reference rows: plaintext inference and the harness-overhead floor (`null`).
 
-Importing this package is cheap: names load on first use, so torch-free processes can import
-its light modules and `suite list` imports no backend library.
+Names load on first use (backends.lazy_exports).
 """
 
-from importlib import import_module
+from backends import lazy_exports
 
 _EXPORTS = {
     "PlaintextBackend": "plaintext",
@@ -21,8 +20,4 @@ LISTING = {
                     "install": 'pip install -e .'},
 }
 
-
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+__getattr__ = lazy_exports(__name__, _EXPORTS)

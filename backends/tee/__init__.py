@@ -2,11 +2,10 @@
 (`client`), the enclave (`enclave`), the simulated CPU and vendor (`hardware`) and the wire
 protocol (`protocol`).
 
-Importing this package is cheap: names load on first use, so torch-free processes can import
-its light modules and `suite list` imports no backend library.
+Names load on first use (backends.lazy_exports).
 """
 
-from importlib import import_module
+from backends import lazy_exports
 
 _EXPORTS = {
     "TEEBackend": "backend",
@@ -21,8 +20,4 @@ LISTING = {
                    "install": "pip install -e '.[tee]'"},
 }
 
-
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+__getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -32,7 +32,7 @@ from typing import Any
 # The enclave's code: measured at launch, and loaded from exactly the measured bytes.
 # Libraries (torch, torchxrayvision, numpy, cryptography) are pinned by version in the
 # measured configuration instead of by hash.
-MEASURED_MODULES = ("backends.tee", "backends.tee.protocol", "backends.tee.enclave", "suite.models", "suite.errors")
+MEASURED_MODULES = ("backends", "backends.tee", "backends.tee.protocol", "backends.tee.enclave", "suite.models", "suite.errors")
 
 
 def read_sources(names: tuple[str, ...] = MEASURED_MODULES) -> dict[str, bytes]:
