@@ -240,14 +240,10 @@ class CrypTenBackend(PartyBackend):
     # ------------------------------------------------------------------ lifecycle
 
     def setup(self, ctx: BackendContext) -> None:
-        from backends.mpc.plan import build_plan, model_owner_precision
+        from backends.mpc.plan import model_owner_precision
 
         o = self.options
-        self._meter = ctx.meter
-        self._n_labels = len(ctx.model.pathologies)
-        self._resolution = getattr(ctx.model.net, "input_resolution", None)
-        plan, params = build_plan(ctx.model.net, o.pre_mode)
-        self._n_params = plan.n_params()
+        plan, params = self._model_owner_plan(ctx)
         if o.local_parties == "all":     # this worker plays the model owner too
             try:
                 self._calibration, self._precision = model_owner_precision(
@@ -256,8 +252,7 @@ class CrypTenBackend(PartyBackend):
                 raise SuiteError(f"mpc: {exc}") from None
         else:                             # the remote model owner chooses; 0 adopts its choice
             self._calibration, self._precision = None, o.precision_bits
-        addr = o.master_addr or os.environ.get("MPC_MASTER_ADDR") or "127.0.0.1"
-        port = int(o.master_port or os.environ.get("MPC_MASTER_PORT") or free_port(addr))
+        addr, port = self._master_address()
         threads = o.threads or max(1, int(ctx.threads) // 2)
         settings = {
             "master_addr": addr, "master_port": port, "threads": threads,

@@ -8,6 +8,7 @@ meter, and the per-image projections (LAN/WAN) are computed here from what was m
 
 from __future__ import annotations
 
+import os
 import re
 import socket
 import subprocess
@@ -52,6 +53,24 @@ class PartyBackend(Backend):
 
     def _validate(self) -> None:
         """Engine-specific option checks (each engine overrides this)."""
+
+    def _model_owner_plan(self, ctx: Any) -> tuple[Any, dict]:
+        """What every engine does first at setup: keep the meter and the output shape, and
+        fold the model into the shared plan (`backends.mpc.plan`)."""
+        from backends.mpc.plan import build_plan
+
+        self._meter = ctx.meter
+        self._n_labels = len(ctx.model.pathologies)
+        self._resolution = getattr(ctx.model.net, "input_resolution", None)
+        plan, params = build_plan(ctx.model.net, self.options.pre_mode)
+        self._n_params = plan.n_params()
+        return plan, params
+
+    def _master_address(self) -> tuple[str, int]:
+        """The model owner's rendezvous: the options, else MPC_MASTER_ADDR/PORT, else loopback."""
+        o = self.options
+        addr = o.master_addr or os.environ.get("MPC_MASTER_ADDR") or "127.0.0.1"
+        return addr, int(o.master_port or os.environ.get("MPC_MASTER_PORT") or free_port(addr))
 
     def _leaks(self) -> tuple[str, ...]:
         """What two-party inference reveals, whatever the engine."""

@@ -174,18 +174,12 @@ class SPUBackend(PartyBackend):
     # ------------------------------------------------------------------ lifecycle
 
     def setup(self, ctx: BackendContext) -> None:
-        from backends.mpc.graph import plan_to_dict
-        from backends.mpc.plan import build_plan
         from backends.mpc.codec import pack
+        from backends.mpc.graph import plan_to_dict
 
         o = self.options
-        self._meter = ctx.meter
-        self._n_labels = len(ctx.model.pathologies)
-        self._resolution = getattr(ctx.model.net, "input_resolution", None)
-        plan, params = build_plan(ctx.model.net, o.pre_mode)
-        self._n_params = plan.n_params()
-        addr = o.master_addr or os.environ.get("MPC_MASTER_ADDR") or "127.0.0.1"
-        port0 = int(o.master_port or os.environ.get("MPC_MASTER_PORT") or free_port(addr))
+        plan, params = self._model_owner_plan(ctx)
+        addr, port0 = self._master_address()
         addr1 = o.data_owner_addr or addr
         port1 = int(o.data_owner_port or free_port(addr1))
         while port1 == port0:
