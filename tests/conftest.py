@@ -58,6 +58,23 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 600):
                           cwd=REPO, env={**os.environ, **(env or {})}, timeout=timeout)
 
 
+def run_main(*args: str):
+    """`suite.cli.main(args)` in this process, its stdout and stderr captured: the same
+    dispatcher and one-line error handling as `run_cli`, without paying a fresh interpreter's
+    torch import (seconds each). For refusals that end before any worker starts; a test per
+    file still goes through `python -m suite` to keep the real entry point covered."""
+    import contextlib
+    import io
+    import subprocess
+
+    from suite.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main(list(args))
+    return subprocess.CompletedProcess(list(args), rc, out.getvalue(), err.getvalue())
+
+
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)

@@ -11,7 +11,7 @@ import pytest
 
 from suite.config import DatasetConfig
 from suite.errors import SuiteError
-from tests.conftest import run_cli
+from tests.conftest import run_cli, run_main
 
 
 def _nih_cfg(nih_sample_dir, **kw):
@@ -104,9 +104,9 @@ def test_checkpoint_for_other_labels_is_a_clear_error(nih_sample_dir, tmp_path):
     bundle = ModelBundle(net=build_densenet(SMALL_DENSENET, 2), name="other", architecture=SMALL_DENSENET,
                          pathologies=["Cardiomegaly", "Fracture"], resolution=32, source="test")
     save_checkpoint(bundle, tmp_path / "other.pt")
-    proc = run_cli("run", "--dataset", "nih", "--data-dir", str(nih_sample_dir / "images"),
-                   "--label-file", str(nih_sample_dir / "Data_Entry_2017_v2020.csv"),
-                   "--model", str(tmp_path / "other.pt"), "--out", str(tmp_path / "r"))
+    proc = run_main("run", "--dataset", "nih", "--data-dir", str(nih_sample_dir / "images"),
+                    "--label-file", str(nih_sample_dir / "Data_Entry_2017_v2020.csv"),
+                    "--model", str(tmp_path / "other.pt"), "--out", str(tmp_path / "r"))
     assert proc.returncode == 2 and "does not predict dataset label" in proc.stderr
     assert "Traceback" not in proc.stderr
 

@@ -12,7 +12,7 @@ from suite.cli import main
 from suite.config import load_config
 from suite.data.catalog import load_dataset
 from suite.errors import SuiteError
-from tests.conftest import REPO, run_cli
+from tests.conftest import REPO, run_cli, run_main
 
 TINY = str(REPO / "tests" / "tiny.toml")
 UNTRAINED = "small-densenet-untrained"   # saw no images at all: trained "elsewhere" trivially
@@ -57,7 +57,7 @@ def test_split_all_skips_training_rows_with_a_reason(validate_run):
 
 
 def test_split_all_refuses_the_default_model(tmp_path):
-    proc = run_cli("run", "--config", TINY, "--split", "all", "--out", str(tmp_path / "r"))
+    proc = run_main("run", "--config", TINY, "--split", "all", "--out", str(tmp_path / "r"))
     one_line_error(proc, "--split all", "--model")
     assert not (tmp_path / "r").exists()
 
@@ -70,8 +70,8 @@ def test_split_all_refuses_a_checkpoint_trained_on_these_images(tmp_path):
     ok = run_cli("run", "--config", TINY, "--backends", "null", "--model", str(ckpt),
                  "--out", str(tmp_path / "ok"), "--no-report")
     assert ok.returncode == 0, ok.stderr[-2000:]
-    proc = run_cli("run", "--config", TINY, "--backends", "null", "--model", str(ckpt),
-                   "--split", "all", "--out", str(tmp_path / "r"))
+    proc = run_main("run", "--config", TINY, "--backends", "null", "--model", str(ckpt),
+                    "--split", "all", "--out", str(tmp_path / "r"))
     one_line_error(proc, "trained on", "test images")
 
 
