@@ -16,6 +16,29 @@ REPO = Path(__file__).resolve().parents[1]
 NIH_SAMPLE = REPO.parent / "shared" / "data" / "nih-cxr14-sample"
 
 
+# Parallel runs (`pytest -n 2 --dist loadgroup`, as scripts/test.sh does): a file's tests stay
+# on one worker, so its module-scoped fixtures (one tiny run folder, one trained model, one
+# started enclave) are built once. Files whose tests share nothing costly are spread test by
+# test instead: their runs are the longest single files.
+SPREAD_FILES = ("test_conformance.py", "test_benchmarks_run.py")
+# Started first, so the longest work does not begin last on one worker while the other idles.
+# Measured per file (s, 2 shared cores); the rest keep their order.
+LONG_FILES = ("test_conformance.py", "test_benchmarks_run.py", "test_real_data.py", "test_runner.py",
+              "test_mpc_namespaces.py", "test_fl.py", "test_mpc.py", "test_mpc_spu.py",
+              "test_validate.py", "test_composition.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    def rank(item):
+        name = item.path.name
+        return LONG_FILES.index(name) if name in LONG_FILES else len(LONG_FILES)
+
+    items.sort(key=rank)                      # stable: each file keeps its own order
+    for item in items:
+        if item.path.name not in SPREAD_FILES:
+            item.add_marker(pytest.mark.xdist_group(item.path.stem))
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_caches(tmp_path_factory):
     """Tests never write into the user's caches or reports."""
