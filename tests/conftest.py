@@ -21,9 +21,10 @@ NIH_SAMPLE = REPO.parent / "shared" / "data" / "nih-cxr14-sample"
 # started enclave) are built once. Files whose tests share nothing costly are spread test by
 # test instead: their runs are the longest single files.
 SPREAD_FILES = ("test_conformance.py", "test_benchmarks_run.py")
-# Started first, so the longest work does not begin last on one worker while the other idles.
-# Measured per file (s, 2 shared cores); the rest keep their order.
-LONG_FILES = ("test_conformance.py", "test_benchmarks_run.py", "test_real_data.py", "test_runner.py",
+# Started first, longest indivisible files before the spread ones, so the longest work does not
+# begin last on one worker while the other idles (scripts/test.sh passes --no-loadscope-reorder,
+# which keeps this order). Per-file times measured last session, 2 shared cores.
+LONG_FILES = ("test_real_data.py", "test_runner.py", "test_conformance.py", "test_benchmarks_run.py",
               "test_mpc_namespaces.py", "test_fl.py", "test_mpc.py", "test_mpc_spu.py",
               "test_validate.py", "test_composition.py")
 
