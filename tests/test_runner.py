@@ -65,14 +65,14 @@ def test_report_command_rerenders_from_the_folder_alone(tiny_run, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(out, copy, ignore=shutil.ignore_patterns("parts", "work"))
     (copy / "report.html").unlink()
-    proc = run_cli("report", str(copy))
+    proc = run_main("report", str(copy))
     assert proc.returncode == 0, proc.stderr
     assert (copy / "report.html").stat().st_size > 10_000
 
 
 def test_compare_two_runs(tiny_run):
     out, _ = tiny_run
-    proc = run_cli("compare", str(out), str(out))
+    proc = run_main("compare", str(out), str(out))
     assert proc.returncode == 0, proc.stderr
     assert "latency_per_image_p50" in proc.stdout
 
