@@ -21,4 +21,5 @@ if [ "$workers" != 0 ] && .venv/bin/python -c "import xdist" 2>/dev/null; then
 elif [ "$workers" != 0 ]; then
   echo "note: pytest-xdist is missing (bash scripts/setup.sh installs it); running in one process"
 fi
-exec .venv/bin/python -m pytest -q "$@"
+# --durations: the slowest tests are listed at the end, so a slow newcomer is seen in CI's log.
+exec .venv/bin/python -m pytest -q --durations=25 "$@"
