@@ -2,9 +2,11 @@
 
 `asv check` only imports the benchmark files; a benchmark whose setup raises (as
 `MPCEngines.setup_cache` once did with KeyError 'rounds') would still pass it and silently
-never produce a number. This runs each one the way asv does, once, on its smallest
-parameters (asv lists them first by convention here), so a change that breaks a benchmark
-fails CI. No timing is asserted: performance lives in asv itself.
+never produce a number. This runs each one once, on its smallest parameters (asv lists
+them first by convention here), so a change that breaks a benchmark fails CI: setup_cache on
+that parameter point, then one setup, every method and the teardown. (asv itself gives each
+method and repeat a fresh setup; sharing one here is what keeps this file short.) No timing is
+asserted: performance lives in asv itself.
 """
 
 from __future__ import annotations
