@@ -262,9 +262,16 @@ def bare_enclave(tiny_model):
     """An enclave with no model (it never imports torch): cheap to start and to kill."""
     vendor = SimulatedVendor.generate()
     config = enclave_config(tiny_model, 1)
-    enclave = EnclaveProcess.launch(vendor, config, reply_timeout_s=1.0)
+    # a start-up as slow as a loaded machine makes it, then the 1 s limit the tests below check
+    enclave = EnclaveProcess.launch(vendor, config, reply_timeout_s=60.0)
     launch = P.Measurement(expected_code_hash(), P.NO_MODEL, P.sha256(P.canonical_config(config)))
-    yield enclave, AttestedSession.open(enclave.channel, vendor.public_bytes, launch)
+    try:                         # a failed attestation must not leave the enclave to later tests
+        session = AttestedSession.open(enclave.channel, vendor.public_bytes, launch)
+    except BaseException:
+        enclave.stop(grace_s=1.0)
+        raise
+    enclave.channel.reply_timeout_s = 1.0
+    yield enclave, session
     enclave.stop(grace_s=1.0)
     assert not enclave.alive()
 
