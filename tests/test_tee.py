@@ -71,7 +71,7 @@ def tee(tiny_model, tmp_path_factory):
         wires.append(Wire(channel))
         return wires[-1]
 
-    backend = TEEBackend(TEEBackend.Options(batch_size=16, reply_timeout_s=60), channel_hook=hook)
+    backend = TEEBackend(TEEBackend.Options(batch_size=16, reply_timeout_s=300), channel_hook=hook)
     ctx = BackendContext(model=tiny_model, meter=CommMeter(), workdir=tmp_path_factory.mktemp("tee"),
                          threads=1)
     try:
