@@ -85,8 +85,8 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 600):
 def run_main(*args: str):
     """`suite.cli.main(args)` in this process, its stdout and stderr captured: the same
     dispatcher and one-line error handling as `run_cli`, without paying a fresh interpreter's
-    torch import (seconds each). For refusals that end before any worker starts; a test per
-    file still goes through `python -m suite` to keep the real entry point covered."""
+    torch import (seconds each). For commands that start no worker (refusals, report,
+    compare); a test per file still goes through `python -m suite`, the real entry point."""
     import contextlib
     import io
     import subprocess
