@@ -158,3 +158,17 @@ def test_channel_label_and_route_check():
     # the label cannot be claimed over a route that is no tunnel (loopback here)
     with pytest.raises(SuiteError, match="not a tunnel"):
         check_tunnel_route("127.0.0.1")
+
+
+def test_channel_option_refused_where_it_cannot_hold_and_reported_in_a_row():
+    from backends.mpc import MPCBackend
+
+    with pytest.raises(SuiteError, match="channel must be one of plain, tls-vpn"):
+        MPCBackend(MPCOptions(channel="tls"))
+    with pytest.raises(SuiteError, match="local_parties=data_owner"):
+        MPCBackend(MPCOptions(channel="tls-vpn"))        # all-local: loopback, nothing to tunnel
+    for channel, value in (("plain", 0.0), ("tls-vpn", 1.0)):
+        rows = MPCBackend(MPCOptions(local_parties="data_owner", channel=channel)).extra_rows()
+        (row,) = [r for r in rows if r["metric"] == "channel_encrypted"]
+        assert row["value"] == value and row["note"] == channel_text(
+            MPCOptions(local_parties="data_owner", channel=channel))
