@@ -36,7 +36,7 @@ SCRIPT = REPO / "scripts" / "mpc_two_namespaces.sh"
 
 CONFIG = """
 [run]
-timeout_s = 300
+timeout_s = 800          # per job: a cap for a loaded host, not the expected time
 
 [dataset]
 name = "synthetic"
