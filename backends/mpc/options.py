@@ -23,6 +23,7 @@ class MPCOptions(BackendOptions):
     local_parties: str = "all"
     timeout_s: float = 900.0
     dealer_host: str = "third_party"   # crypten ttp: who hosts the dealer (third_party | model_owner | data_owner)
+    channel: str = "plain"            # across hosts: plain (gloo's TCP) | tls-vpn (backends/mpc/tunnel.py)
     rng: str = "csprng"                # crypten: csprng (AES-256-CTR) | torch (stock MT19937: insecure)
     # engine=spu (backends/mpc/spu_engine.py): SecretFlow SPU parties in .venv-spu/
     engine: str = "crypten"

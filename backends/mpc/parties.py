@@ -18,11 +18,14 @@ from typing import Any
 from backends.mpc.options import MPCOptions
 from backends.mpc.party_process import recv, send
 from suite.backend import Backend, BackendOptions
+from suite.errors import SuiteError
 
 ROLE_NAMES = {0: "model owner (party 0)", 1: "data owner (party 1)", 2: "triple dealer (party 2)"}
 METER_PARTY = {0: "model_owner", 1: "data_owner", 2: "dealer"}
 #: network models for the projected-latency rows: (name, bandwidth bit/s, round-trip s)
 NETWORKS = (("lan", 1e9, 0.5e-3), ("wan", 100e6, 40e-3))
+#: what carries the party links across hosts (MPCOptions.channel)
+CHANNELS = ("plain", "tls-vpn")
 
 
 class MPCPartyError(RuntimeError):
@@ -50,6 +53,15 @@ class PartyBackend(Backend):
         self._step = "setup"
         self._local: tuple[int, ...] = (0, 1)
         self._validate()
+        self._validate_channel()
+
+    def _validate_channel(self) -> None:
+        o = self.options
+        if o.channel not in CHANNELS:
+            raise SuiteError(f"mpc option channel must be one of {', '.join(CHANNELS)}, got '{o.channel}'")
+        if o.channel == "tls-vpn" and o.local_parties == "all":
+            raise SuiteError("mpc option channel=tls-vpn is for parties on other hosts "
+                             "(local_parties=data_owner); all-local parties talk over loopback")
 
     def _validate(self) -> None:
         """Engine-specific option checks (each engine overrides this)."""
@@ -70,7 +82,12 @@ class PartyBackend(Backend):
         """The model owner's rendezvous: the options, else MPC_MASTER_ADDR/PORT, else loopback."""
         o = self.options
         addr = o.master_addr or os.environ.get("MPC_MASTER_ADDR") or "127.0.0.1"
+        if o.channel == "tls-vpn":
+            check_tunnel_route(addr)
         return addr, int(o.master_port or os.environ.get("MPC_MASTER_PORT") or free_port(addr))
+
+    def _channel_text(self) -> str:
+        return channel_text(self.options)
 
     def _leaks(self) -> tuple[str, ...]:
         """What two-party inference reveals, whatever the engine."""
@@ -185,7 +202,9 @@ class PartyBackend(Backend):
         return max(batch["traffic"][r]["rounds"] for r in local)
 
     def extra_rows(self) -> list[dict]:
-        rows = [{"metric": "party_peak_rss", "value": rss, "unit": "bytes", "higher_is_better": False,
+        rows = [{"metric": "channel_encrypted", "value": float(self.options.channel == "tls-vpn"),
+                 "unit": "", "higher_is_better": True, "note": channel_text(self.options)}]
+        rows += [{"metric": "party_peak_rss", "value": rss, "unit": "bytes", "higher_is_better": False,
                  "party": METER_PARTY[rank],
                  "note": "peak resident memory (VmHWM) of the party's own process"}
                 for rank, rss in sorted(self._peak_rss.items())]
@@ -220,6 +239,34 @@ class PartyBackend(Backend):
                          f"ignores overlap of compute and transfer (conservative)"),
             })
         return rows
+
+
+def channel_text(options: MPCOptions) -> str:
+    """What protected the party links: the threat model's channel line and the
+    channel_encrypted row's note."""
+    if options.local_parties == "all":
+        return ("channels: loopback on one host (plain TCP through the parties' transport, "
+                "which has no TLS; nothing leaves the machine)")
+    if options.channel == "tls-vpn":
+        return ("channels: ENCRYPTED between hosts: every pair of hosts (dealer included) linked by its "
+                "own OpenVPN tunnel started by the suite (backends.mpc.tunnel: TLS 1.3, both ends "
+                "authenticated by per-run Ed25519 certificates, data channel AES-256-GCM); the "
+                "rendezvous route was checked to run through a tun device; an observer of the network "
+                "sees packet sizes and timing only")
+    return ("channels: PLAIN TCP between hosts (the parties' transport has no TLS and no tunnel was "
+            "used, channel=plain): anyone who can watch the links reads the dealer's keys, the triple "
+            "shares and the openings, hence both inputs; use channel=tls-vpn (backends.mpc.tunnel)")
+
+
+def check_tunnel_route(addr: str) -> None:
+    """channel=tls-vpn: the rendezvous must be reached through a tunnel, or the label lies."""
+    from backends.mpc.tunnel import is_tunnel_device, route_device
+
+    dev = route_device(addr)
+    if dev is None or not is_tunnel_device(dev):
+        raise SuiteError(f"mpc channel=tls-vpn: the rendezvous address {addr} is reached via "
+                         f"{dev or 'no route'}, not a tunnel; start `python -m backends.mpc.tunnel host ...` "
+                         f"on every host and give the model owner's tunnel address")
 
 
 def free_port(addr: str) -> int:
