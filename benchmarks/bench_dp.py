@@ -147,7 +147,7 @@ class DPStepTime:
     track_dp_over_nonprivate_cpu.unit = "ratio"
 
 
-HEAD_MODES = ["hooks", "ew", "ghost"]
+HEAD_MODES = ["linear", "hooks", "ew", "ghost"]
 HEAD_BATCH, HEAD_ROWS = 256, 1680
 
 
@@ -173,9 +173,7 @@ def _build_head(mode: str, secure: bool = False):
 
     def step_of(run):
         def step():
-            run.optimizer.zero_grad()
-            run.loss_fn(run.model(xb), yb).backward()
-            run.optimizer.step()
+            run.step(xb, yb)
         return step
     return step_of(plain_run), step_of(dp_run), dp_run
 
