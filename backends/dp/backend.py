@@ -19,8 +19,11 @@ Which data trained which parameters (`suite.data.roles`):
          on the vendor's own images only, never on a hospital's; it is frozen. The classifier
          head starts from the vendor's head and is trained with DP-SGD on the hospitals'
          pooled training split. Every parameter that saw a hospital image is therefore DP
-         w.r.t. those images: the guarantee holds for the whole released model. About 10-20 s
-         per configuration on the synthetic default (busy two-core box).
+         w.r.t. those images: the guarantee holds for the whole released model. The backbone's
+         features of the training images are extracted once (`prepare_fit`, timed as setup,
+         cached on disk by backbone weights + image bytes, so the sweep's other rows load
+         them); DP-SGD of the head runs in closed form (grad_sample_mode=linear,
+         `backends.dp.linear_head`), so fit_time is the head's training alone.
   scope=full  every parameter of the DenseNet (BatchNorm -> GroupNorm via Opacus'
          ModuleValidator.fix) from random initialisation with DP-SGD on the hospitals' split;
          the vendor's data is not used. suite.training.Recipe's epochs, batch and learning rate
