@@ -486,10 +486,23 @@ def train(module: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, cfg: Tr
         epsilon=epsilon, delta=cfg.delta, accountant=cfg.accountant, losses=losses)
 
 
+def batches(run: Prepared):
+    """The run's Poisson batches. Our own loader (non-private and `linear` runs) is read
+    directly, sampler then `__getitems__`, which is exactly what its DataLoader does (no
+    workers, identity collate) without the DataLoader's per-batch overhead; Opacus' modes
+    iterate the loader make_private returned."""
+    if run.engine is None or run.fused is not None:
+        dataset = run.loader.dataset
+        for indices in run.loader.batch_sampler:
+            yield dataset.__getitems__(indices)
+    else:
+        yield from run.loader
+
+
 def _loop(run: Prepared, cfg: TrainConfig, sched, aug_gen, losses: list[float], on_epoch) -> None:
     for epoch in range(cfg.epochs):
         total, count = 0.0, 0
-        for x, y in run.loader:
+        for x, y in batches(run):
             if cfg.augment:
                 x = _augment(x, aug_gen)
             if len(x) == 0 and run.fused is None and (run.engine is None or cfg.grad_sample_mode != "ghost"):
