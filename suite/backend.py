@@ -131,6 +131,11 @@ class Backend(ABC):
     def setup(self, ctx: BackendContext) -> None:
         """One-off work (key generation, sharing weights, starting parties)."""
 
+    def prepare_fit(self, train: "Any", ctx: BackendContext) -> None:
+        """Training track, optional: data-dependent one-off work that is not training (e.g.
+        a frozen backbone's features, possibly from a cache). The harness times it as part
+        of setup, so fit_time is the training alone."""
+
     def fit(self, train: "Any", ctx: BackendContext) -> None:
         """Training-track backends train here on `train` (a suite.data.ImageSet)."""
         raise NotImplementedError(f"{self.name} has no training step")

@@ -90,7 +90,8 @@ def check_probabilities(p: Any, batch: int, n_labels: int, backend_id: str) -> n
 
 def measure(backend: Backend, ctx: BackendContext, test: ImageSet, train: ImageSet | None,
             progress: bool = True) -> tuple[np.ndarray, Timings, AuditOutcome]:
-    """setup -> fit (training track) -> predict batch by batch -> audit -> teardown, timed."""
+    """setup (+ prepare_fit) -> fit (training track) -> predict batch by batch -> audit ->
+    teardown, timed."""
     from tqdm import tqdm
 
     t = Timings()
@@ -100,6 +101,8 @@ def measure(backend: Backend, ctx: BackendContext, test: ImageSet, train: ImageS
         meter.set_phase("setup")
         start = time.perf_counter()
         backend.setup(ctx)
+        if backend.track == "training":
+            backend.prepare_fit(train, ctx)   # one-off, not training: counted as setup
         t.setup_s = time.perf_counter() - start
         if backend.track == "training":
             meter.set_phase("fit")

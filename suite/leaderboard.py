@@ -28,9 +28,9 @@ LEADERBOARD_COLUMNS = [
     "auroc_macro", "auroc_macro_ci_low", "auroc_macro_ci_high",
     "delta_auroc_macro", "delta_ci_low", "delta_ci_high", "min_delong_p", "reference",
     "max_abs_diff", "latency_per_image_p50", "bytes_per_image", "rounds_per_image",
-    "peak_rss", "setup_time", "fit_time", "fit_bytes",
+    "peak_rss", "setup_time", "fit_time", "fit_bytes", "fit_time_ratio", "training_rounds",
     "projected_latency_lan", "projected_latency_wan", "cpu_per_image", "cpu_source",
-    "epsilon", "dp_delta", "mia_auroc", "protected_scope", "error",
+    "epsilon", "dp_delta", "privacy_level", "mia_auroc", "protected_scope", "error",
 ]
 
 # cost columns copied straight from rows with label __none__, site __all__
@@ -162,13 +162,39 @@ def _extra_rows(results: pd.DataFrame, bid: str, metrics: Iterable[str]) -> pd.D
 
 
 def extra_value(results: pd.DataFrame, bid: str, *metrics: str) -> float:
-    """The last recorded value of the first of `metrics` that `bid` reported, NaN if none."""
+    """The last recorded value of the first of `metrics` that `bid` reported, NaN if none.
+    A whole-run row wins over per-round ones (`round` qualifier: the curve, not the total)."""
     for metric in metrics:
         hit = _extra_rows(results, bid, [metric])
+        if "round" in hit.columns and hit["round"].isna().any():
+            hit = hit[hit["round"].isna()]
         vals = pd.to_numeric(hit["value"], errors="coerce").dropna() if len(hit) else []
         if len(vals):
             return float(vals.iloc[-1])
     return float("nan")
+
+
+def privacy_level(results: pd.DataFrame, bid: str, tm: dict) -> str | float:
+    """What one epsilon covers: the unit the private rows count (`n_train_private`, unit
+    'patients' or 'images'), else the level a DP guarantee names ('site-level ...'); NaN for
+    rows without a DP guarantee."""
+    if tm.get("guarantee_kind") != "differential_privacy":
+        return np.nan
+    hit = _extra_rows(results, bid, ["n_train_private"])
+    units = [str(u) for u in hit.get("unit", pd.Series(dtype=object)).dropna() if str(u)]
+    if units:
+        return units[-1].removesuffix("s")
+    found = re.match(r"\s*([a-z]+)-level\b", str(tm.get("guarantee") or ""))
+    return found.group(1) if found else np.nan
+
+
+def fit_time_ratio(results: pd.DataFrame, bid: str, fit_time: float, ref_fit_time: float) -> float:
+    """Training wall time over the control's: the harness's `fit_time_ratio` row, else the
+    two fit times (a run recorded before that row existed)."""
+    value = extra_value(results, bid, "fit_time_ratio")
+    if math.isnan(value) and not (_nan(fit_time) or _nan(ref_fit_time)) and ref_fit_time > 0:
+        value = float(fit_time) / float(ref_fit_time)
+    return value
 
 
 _PROJECTED = "projected_latency_per_image"
@@ -279,12 +305,23 @@ def build_leaderboard(results: pd.DataFrame, run_meta: dict | None = None) -> pd
             "cpu_per_image": cpu, "cpu_source": cpu_source or np.nan,
             "epsilon": extra_value(results, bid, "epsilon", "dp_epsilon"),
             "dp_delta": extra_value(results, bid, "delta", "dp_delta"),
+            "privacy_level": privacy_level(results, bid, tm),
+            "training_rounds": extra_value(results, bid, "training_rounds"),
             "mia_auroc": extra_value(results, bid, "mia_auroc"),
             "protected_scope": tm.get("protected_scope", np.nan),
             "error": error,
         }
         rows.append(row)
-    return pd.DataFrame(rows, columns=LEADERBOARD_COLUMNS)
+    board = pd.DataFrame(rows, columns=LEADERBOARD_COLUMNS)
+    training = board["track"] == "training"
+    # a training row's max |Δp| would compare two different models (the row and its control):
+    # not a fidelity figure, so the training track does not show it
+    board.loc[training, "max_abs_diff"] = np.nan
+    fit = dict(zip(board["backend_id"], board["fit_time"]))
+    board["fit_time_ratio"] = [
+        fit_time_ratio(results, r.backend_id, r.fit_time, fit.get(r.reference, np.nan))
+        if t else np.nan for r, t in zip(board.itertuples(), training)]
+    return board
 
 
 def _labels_in(df: pd.DataFrame) -> list[str]:
@@ -535,13 +572,43 @@ def reference_value(board: pd.DataFrame, row: pd.Series, column: str) -> float:
     return float(hit[column].iloc[0]) if len(hit) and not _nan(hit[column].iloc[0]) else float("nan")
 
 
-def format_epsilon(eps: Any, delta: Any = None) -> str:
+def format_epsilon(eps: Any, delta: Any = None, level: Any = None) -> str:
+    """'2.97 (δ=1.0e-05, patient)': epsilon, its delta and the unit it covers."""
     if _nan(eps):
         return DASH
     text = "∞" if math.isinf(float(eps)) else f"{float(eps):.3g}"
-    if not _nan(delta):
-        text += f" (δ={float(delta):.1e})"
+    qualifiers = ([f"δ={float(delta):.1e}"] if not _nan(delta) else []) + \
+                 ([str(level)] if _present(level) else [])
+    if qualifiers:
+        text += f" ({', '.join(qualifiers)})"
     return text
+
+
+def format_ratio(x: Any) -> str:
+    """'×1.3' for a ratio of two measured times, '–' when unknown."""
+    if _nan(x) or float(x) <= 0:
+        return DASH
+    return f"×{float(x):.2g}" if float(x) < 10 else f"×{float(x):,.0f}"
+
+
+def training_cells(r: pd.Series) -> list[str]:
+    """What a training row costs and guarantees, in the order every training table leads
+    with: training time, × its control's, training bytes, ε (δ, level), rounds."""
+    return [format_seconds(r.get("fit_time")), format_ratio(r.get("fit_time_ratio")),
+            format_bytes(r.get("fit_bytes")) if r.get("fit_bytes") else DASH,
+            format_epsilon(r.get("epsilon"), r.get("dp_delta"), r.get("privacy_level")),
+            format_count(r.get("training_rounds"))]
+
+
+TRAINING_HEADERS = ["time", "× ctrl", "comm", "ε (δ, level)", "rounds"]
+MD_WIDTH = 100     # leaderboard.md prose and footnotes wrap here (tables cannot)
+
+
+def _wrap(text: str, indent: str = "") -> list[str]:
+    import textwrap
+
+    return textwrap.wrap(text, MD_WIDTH, subsequent_indent=indent, break_long_words=False,
+                         break_on_hyphens=False) or [""]
 
 
 def _md_name(r: pd.Series, key: int) -> str:
@@ -565,13 +632,16 @@ def leaderboard_markdown(board: pd.DataFrame, results: pd.DataFrame, run_meta: d
     facts = [f"dataset **{ds.get('name', '?')}** ({format_count(ds.get('n_test'))} test images)",
              f"model **{model.get('name', '?')}**", f"seed {run_meta.get('seed', '?')}",
              f"git {str(run_meta.get('git_sha') or '?')[:12]}"]
-    lines += [", ".join(facts) + ".", ""]
-    lines += ["Macro AUROC and ΔAUROC (vs the row's reference, paired) with 95% CIs on pooled sites; "
-              "p is the smallest per-label paired DeLong p. *(simulated)* marks a backend whose "
-              "protection is simulated, not real. × = multiple of the plaintext reference's latency "
-              "(inference) or of the row's reference's training time (training). "
-              "Bytes in decimal units (1 KB = 1000 B). What each row protects, from whom and on "
-              "which assumptions is in its footnote.", ""]
+    lines += _wrap(", ".join(facts) + ".") + [""]
+    lines += _wrap("Macro AUROC and ΔAUROC (vs the row's reference, paired) with 95% CIs on pooled "
+                   "sites; p is the smallest per-label paired DeLong p. *(simulated)* marks a "
+                   "backend whose protection is simulated, not real. × = multiple of the plaintext "
+                   "reference's latency (inference). Training rows: training time (the fit phase), "
+                   "× ctrl = that over the row's control's (same training budget; ΔAUROC is vs "
+                   "the control too), comm = bytes sent while training, ε (δ, level) = the unit "
+                   "one ε covers (patient, image, site), attack = membership-inference AUROC. Bytes in decimal units "
+                   "(1 KB = 1000 B). What each row protects, from whom and on which assumptions "
+                   "is in its footnote.") + [""]
     keys, notes = guarantee_keys(board, results, run_meta)
     plain = plaintext_latency(board)
     inference, training = split_tracks(board)
@@ -587,19 +657,18 @@ def leaderboard_markdown(board: pd.DataFrame, results: pd.DataFrame, run_meta: d
     if len(training):
         lines += ["## Training track", ""]
         lines += _md_table(
-            ["backend", "ε (δ)", "macro AUROC [95% CI]", "ΔAUROC [95% CI] (p)", "training time", "×",
-             "training comm", "attack AUROC"],
-            [[_md_name(r, keys[r["backend_id"]]), format_epsilon(r["epsilon"], r["dp_delta"]), *_md_auroc(r),
-              format_seconds(r["fit_time"]), times_reference(r["fit_time"], reference_value(board, r, "fit_time")),
-              format_bytes(r["fit_bytes"]) if r["fit_bytes"] else DASH, format_value(r["mia_auroc"], "")]
+            ["backend", *TRAINING_HEADERS, "AUROC [95% CI]", "ΔAUROC (p)", "attack"],
+            [[_md_name(r, keys[r["backend_id"]]), *training_cells(r), *_md_auroc(r),
+              format_value(r["mia_auroc"], "")]
              for _, r in training.iterrows()])
         lines += [""]
 
     failed = board[board["status"] != "ok"]
     if len(failed):
         lines += ["## Not ok", ""]
-        lines += [f"- **{r['backend_id']}** ({r['status']}): {_text(r['error']) or 'no error recorded'}"
-                  for _, r in failed.iterrows()]
+        for _, r in failed.iterrows():
+            lines += _wrap(f"- **{r['backend_id']}** ({r['status']}): "
+                           f"{_text(r['error']) or 'no error recorded'}", indent="  ")
         lines += [""]
 
     order = list(board["backend_id"])
@@ -628,8 +697,8 @@ def leaderboard_markdown(board: pd.DataFrame, results: pd.DataFrame, run_meta: d
     owners: dict[int, list[str]] = {}
     for bid, k in keys.items():
         owners.setdefault(k, []).append(bid)
-    for k, text in notes:
-        lines.append(f"[^{k}]: **{', '.join(owners[k])}** — {text}")
+    for k, text in notes:   # continuation lines indented: they stay in the footnote
+        lines += _wrap(f"[^{k}]: **{', '.join(owners[k])}** — {text}", indent="    ")
     return "\n".join(lines) + "\n"
 
 
@@ -744,20 +813,23 @@ def _print_narrow(df: pd.DataFrame, console, width: int, results: pd.DataFrame |
         tables.append(t)
     if len(training):
         t = Table(title="Training track", header_style="bold", box=box.SIMPLE_HEAD, pad_edge=False)
-        for col, kw in (("backend [note]", {"ratio": 1, "overflow": "fold"}), ("ε", num), ("AUROC", num),
-                        ("ΔAUROC [95% CI]", num), ("time", num), ("comm", num), ("attack", num)):
+        for col, kw in (("backend [note]", {"ratio": 1, "overflow": "fold"}), ("time", num),
+                        ("×ctrl", num), ("comm", num), ("ε (level)", num), ("rounds", num),
+                        ("AUROC", num), ("ΔAUROC vs ctrl", num), ("attack", num)):
             t.add_column(col, **kw)
         for _, r in training.iterrows():
-            t.add_row(name(r), format_epsilon(r.get("epsilon")), _auroc_cell(r, ci=False), _delta_cell(r),
-                      format_seconds(r.get("fit_time")),
+            t.add_row(name(r), format_seconds(r.get("fit_time")), format_ratio(r.get("fit_time_ratio")),
                       format_bytes(r.get("fit_bytes")) if r.get("fit_bytes") else DASH,
+                      format_epsilon(r.get("epsilon"), None, r.get("privacy_level")),
+                      format_count(r.get("training_rounds")), _auroc_cell(r, ci=False), _delta_cell(r),
                       DASH if _nan(r.get("mia_auroc")) else f"{float(r['mia_auroc']):.3f}")
         tables.append(t)
     for t in tables:
         console.print(t, width=width)
     if tables:
         console.print("ΔAUROC vs each row's reference, paired; p = smallest per-label DeLong p; "
-                      "×plain = latency / plaintext's; training: time and bytes (comm) of training, attack = "
+                      "×plain = latency / plaintext's; training: time and bytes (comm) of training, "
+                      "×ctrl = time / its control's, ε (level) = unit one ε covers, attack = "
                       "membership-inference AUROC on the released model.",
                       markup=False, highlight=False, width=width, style="dim")
     for k, text in notes:
@@ -774,7 +846,8 @@ def _print_wide(df: pd.DataFrame, console) -> None:
     num = {"justify": "right", "no_wrap": True}
     columns = [("backend", {"no_wrap": True}), ("track", {}), ("protects", {}),
                ("macro AUROC [95% CI]", num), ("ΔAUROC (p)", num), ("max|Δp|", num), ("latency/img", num),
-               ("WAN (proj.)", num), ("comm/img", num), ("ε", num), ("fit", num), ("training comm", num),
+               ("WAN (proj.)", num), ("comm/img", num), ("ε (level)", num), ("fit (×ctrl)", num),
+               ("training comm", num), ("rounds", num),
                ("guarantee", {"min_width": 12, "ratio": 1})]
     for col, kw in columns:
         table.add_column(col, **kw)
@@ -789,6 +862,9 @@ def _print_wide(df: pd.DataFrame, console) -> None:
             escape(_text(r.get("track"))), escape(_short_protects(r)), _auroc_cell(r, ci=True), delta,
             format_small(r.get("max_abs_diff")), format_seconds(r.get("latency_per_image_p50")),
             format_seconds(r.get("projected_latency_wan")), format_bytes(r.get("bytes_per_image")),
-            format_epsilon(r.get("epsilon")), format_seconds(r.get("fit_time")),
-            format_bytes(r.get("fit_bytes")) if r.get("fit_bytes") else DASH, escape(_text(r.get("guarantee"))))
+            format_epsilon(r.get("epsilon"), None, r.get("privacy_level")),
+            format_seconds(r.get("fit_time")) + ("" if _nan(r.get("fit_time_ratio"))
+                                                 else f" ({format_ratio(r.get('fit_time_ratio'))})"),
+            format_bytes(r.get("fit_bytes")) if r.get("fit_bytes") else DASH,
+            format_count(r.get("training_rounds")), escape(_text(r.get("guarantee"))))
     console.print(table, width=max(console.width, 200))

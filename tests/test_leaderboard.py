@@ -240,3 +240,56 @@ def test_training_and_cpu_columns(results, run_meta):
     assert "2 parties" in board.at["mpc", "cpu_source"]
     assert board.at["tee", "cpu_per_image"] == 0.015 and "wall-clock" in board.at["tee", "cpu_source"]
     assert math.isnan(board.at["he", "cpu_per_image"])
+
+
+def _with_rows(results: pd.DataFrame, rows: list[dict]) -> pd.DataFrame:
+    base = {"site": ALL, "label": NONE, "status": "ok", "dataset": "example-cxr", "track": "training"}
+    return pd.concat([results, pd.DataFrame([{**base, **r} for r in rows])], ignore_index=True)
+
+
+def test_training_rows_lead_with_cost_and_guarantee(results, run_meta):
+    """Training rows: time, its ratio to the control, bytes, ε (δ, level), rounds; no max|Δp|
+    against another model."""
+    dp = "dp[target_epsilon=3.0]"
+    extra = _with_rows(results, [
+        {"backend": "dp", "backend_id": dp, "metric": "n_train_private", "value": 1680, "unit": "patients"},
+        {"backend": "dp", "backend_id": dp, "metric": "fit_time_ratio", "value": 1.25, "unit": "x",
+         "reference": "dp[target_epsilon=inf]"},
+        {"backend": "fl", "backend_id": "fl", "metric": "training_rounds", "value": 12, "unit": "rounds"},
+        {"backend": "fl", "backend_id": "fl", "metric": "epsilon", "value": 40.0, "unit": "epsilon"},
+        {"backend": "fl", "backend_id": "fl", "metric": "epsilon", "value": 9.0, "unit": "epsilon", "round": 1},
+    ])
+    meta = json.loads(json.dumps(run_meta))
+    meta["backends"]["fl"]["threat_model"].update(
+        guarantee_kind="differential_privacy", guarantee="site-level local DP of every update")
+    board = build_leaderboard(extra, meta).set_index("backend_id")
+    assert board.at[dp, "fit_time_ratio"] == 1.25              # the harness's row wins
+    assert board.at[dp, "privacy_level"] == "patient"
+    assert board.at["fl", "privacy_level"] == "site"
+    assert board.at["fl", "training_rounds"] == 12
+    assert board.at["fl", "epsilon"] == 40.0                    # the total, not round 1's
+    assert math.isnan(board.at["dp[target_epsilon=inf]", "fit_time_ratio"])   # the control itself
+    assert math.isnan(board.at["dp[target_epsilon=inf]", "privacy_level"])    # no DP guarantee
+    assert board.loc[board.track == "training", "max_abs_diff"].isna().all()
+    assert board.loc[board.track != "training", "max_abs_diff"].notna().any()
+    # without the harness's row the ratio is the two fit times
+    plain = build_leaderboard(results, run_meta).set_index("backend_id")
+    assert plain.at[dp, "fit_time_ratio"] == pytest.approx(41.0 / plain.at["dp[target_epsilon=inf]", "fit_time"])
+
+
+def test_markdown_training_columns_and_width(run_dir, results, run_meta):
+    dp = "dp[target_epsilon=3.0]"
+    extra = _with_rows(results, [
+        {"backend": "dp", "backend_id": dp, "metric": "n_train_private", "value": 1680, "unit": "patients"}])
+    extra.to_json(run_dir / "results.jsonl", orient="records", lines=True)
+    write_leaderboard(run_dir)
+    md = (run_dir / "leaderboard.md").read_text(encoding="utf-8")
+    training = md.split("## Training track")[1].split("##")[0]
+    header = next(ln for ln in training.splitlines() if ln.startswith("| backend"))
+    cells = [c.strip() for c in header.strip("|").split("|")]
+    assert cells[:6] == ["backend", "time", "× ctrl", "comm", "ε (δ, level)", "rounds"]
+    assert "2.97 (δ=1.0e-05, patient)" in training
+    # prose and footnotes wrap at 100 characters; footnote continuations stay indented
+    prose = [ln for ln in md.splitlines() if not ln.startswith("|")]
+    assert max(map(len, prose)) <= 100
+    assert any(ln.startswith("    ") for ln in md.split("## Threat models")[1].splitlines())

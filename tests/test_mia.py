@@ -95,3 +95,18 @@ def test_overfit_model_leaks_and_private_model_does_not():
             assert s.eps_lower_bound > 1.0      # the audit certifies real leakage
     assert aurocs["none"] > 0.9
     assert abs(aurocs["dp"] - 0.5) < 0.15
+
+
+def test_vectorised_epsilon_limits_equal_the_scalar_ones():
+    """The audit's threshold sweep uses the vectorised Clopper-Pearson bound: it must equal
+    the scalar one on every count, edge counts (0 and n) included."""
+    import numpy as np
+
+    from backends.audits.membership import _eps_from_rates, _eps_from_rates_many
+
+    n_in, n_out = 12, 9
+    tp, fp = np.meshgrid(np.arange(n_in + 1), np.arange(n_out + 1))
+    many = _eps_from_rates_many(tp.ravel(), n_in, fp.ravel(), n_out, 1e-3, 0.05)
+    one = [_eps_from_rates(int(a), n_in, int(b), n_out, 1e-3, 0.05) for a, b in zip(tp.ravel(), fp.ravel())]
+    assert np.allclose(many, one, rtol=0, atol=1e-12)
+    assert max(one) > 0        # the grid reaches counts with a positive bound

@@ -74,6 +74,37 @@ def _eps_from_rates(tp: int, n_in: int, fp: int, n_out: int, delta: float, alpha
     return best
 
 
+def _eps_from_rates_many(tp: np.ndarray, n_in: int, fp: np.ndarray, n_out: int, delta: float,
+                         alpha: float) -> np.ndarray:
+    """`_eps_from_rates` for arrays of counts at once (one vectorised beta.ppf per limit
+    instead of four scalar calls per threshold): the same limits, the same bound."""
+    from scipy.stats import beta
+
+    tp, fp = np.asarray(tp, dtype=float), np.asarray(fp, dtype=float)
+
+    def low(k, n):
+        out = np.zeros_like(k)
+        some = k > 0
+        if n and some.any():
+            out[some] = beta.ppf(alpha / 2, k[some], n - k[some] + 1)
+        return out
+
+    def high(k, n):
+        out = np.ones_like(k)
+        below = k < n
+        if n and below.any():
+            out[below] = beta.ppf(1 - alpha / 2, k[below] + 1, n - k[below])
+        return out
+
+    tpr_low, fpr_high = low(tp, n_in), high(fp, n_out)
+    tnr_low, fnr_high = low(n_out - fp, n_out), high(n_in - tp, n_in)
+    best = np.zeros_like(tp)
+    for num, den in ((tpr_low - delta, fpr_high), (tnr_low - delta, fnr_high)):
+        ok = (num > 0) & (den > 0)
+        best[ok] = np.maximum(best[ok], np.log(num[ok] / den[ok]))
+    return best
+
+
 def _counts_above(scores_in: np.ndarray, scores_out: np.ndarray, thresholds: np.ndarray):
     """For each threshold t: members with score >= t, non-members with score >= t."""
     si, so = np.sort(scores_in), np.sort(scores_out)
@@ -96,8 +127,7 @@ def epsilon_lower_bound(scores_in, scores_out, delta: float, alpha: float = ALPH
     q = np.unique(np.quantile(pooled, np.linspace(0, 1, max_thresholds)))
     thresholds = np.unique(np.r_[q, (q[1:] + q[:-1]) / 2])    # quantiles and the gaps between
     tp, fp = _counts_above(cal_in, cal_out, thresholds)
-    cal = [_eps_from_rates(int(a), len(cal_in), int(b), len(cal_out), delta, alpha)
-           for a, b in zip(tp, fp)]
+    cal = list(_eps_from_rates_many(tp, len(cal_in), fp, len(cal_out), delta, alpha))
     top = max(cal)
     if top <= 0:
         return 0.0

@@ -19,8 +19,11 @@ Which data trained which parameters (`suite.data.roles`):
          on the vendor's own images only, never on a hospital's; it is frozen. The classifier
          head starts from the vendor's head and is trained with DP-SGD on the hospitals'
          pooled training split. Every parameter that saw a hospital image is therefore DP
-         w.r.t. those images: the guarantee holds for the whole released model. About 10-20 s
-         per configuration on the synthetic default (busy two-core box).
+         w.r.t. those images: the guarantee holds for the whole released model. The backbone's
+         features of the training images are extracted once (`prepare_fit`, timed as setup,
+         cached on disk by backbone weights + image bytes, so the sweep's other rows load
+         them); DP-SGD of the head runs in closed form (grad_sample_mode=linear,
+         `backends.dp.linear_head`), so fit_time is the head's training alone.
   scope=full  every parameter of the DenseNet (BatchNorm -> GroupNorm via Opacus'
          ModuleValidator.fix) from random initialisation with DP-SGD on the hospitals' split;
          the vendor's data is not used. suite.training.Recipe's epochs, batch and learning rate
@@ -52,6 +55,7 @@ the model saw outside DP-SGD, so the audit measures the released model as a whol
 from __future__ import annotations
 
 import math
+import os
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
@@ -84,7 +88,7 @@ class DPOptions(BackendOptions):
     batch_size: int | None = None       # expected Poisson batch size of DP-SGD (not predict)
     lr: float | None = None
     scope: str = "head"                 # head | full
-    grad_sample_mode: str = "auto"      # auto (= hooks) | hooks | functorch | ew | ghost
+    grad_sample_mode: str = "auto"      # auto (head: linear, full: ew) | hooks | functorch | ew | ghost | linear
     accountant: str = "rdp"             # rdp | prv
     level: str = "patient"              # privacy unit: patient (one image per patient per batch) | image
     secure_mode: bool = True            # CSPRNG sampling and noise (False: seeded, for tests)
@@ -102,6 +106,8 @@ def _check(o: DPOptions) -> None:
         bad("scope", f"must be one of {', '.join(SCOPES)}, got '{o.scope}'")
     if o.grad_sample_mode not in ("auto", *GRAD_SAMPLE_MODES):
         bad("grad_sample_mode", f"must be auto or one of {', '.join(GRAD_SAMPLE_MODES)}")
+    if o.grad_sample_mode == "linear" and o.scope != "head":
+        bad("grad_sample_mode", "'linear' is the closed form for a linear head: needs scope=head")
     if o.level not in LEVELS:
         bad("level", f"must be one of {', '.join(LEVELS)}, got '{o.level}'")
     if o.accountant not in ACCOUNTANTS:
@@ -297,19 +303,30 @@ class DPBackend(Backend):
         # auto: ew (torch ExpandedWeights) for the whole DenseNet: it computes per-sample
         # gradients instead of, not on top of, the batch gradient, 1.75x the non-private step
         # against 2.0x for hooks (benchmarks/bench_dp.py; convs get contiguous gradients and
-        # empty batches a noise-only step, see backends.dp.training). hooks for the head: a
-        # linear layer, where the modes differ by less than the run-to-run noise.
-        auto = "ew" if o.scope == "full" else "hooks"
+        # empty batches a noise-only step, see backends.dp.training). linear for the head:
+        # per-sample clipping of a linear layer in closed form (backends.dp.linear_head),
+        # 1.2-1.4x the non-private step where Opacus' hooks and ghost modes take 1.9-2.8x.
+        auto = "ew" if o.scope == "full" else "linear"
         self.mode = auto if o.grad_sample_mode == "auto" else o.grad_sample_mode
+
+    def prepare_fit(self, train, ctx: BackendContext) -> None:
+        """scope=head: the frozen vendor backbone's features of the training images, computed
+        once per (backbone weights, images) and kept in the run's cache (`backbone_features`),
+        so every row of the sweep trains its head on the same tensor and fit_time is the
+        head's training alone. The harness counts this as setup: the row that extracts the
+        features has the larger setup_time; the others load them."""
+        if self.options.scope == "head":
+            self._features = backbone_features(ctx.model.net, train.images, ctx.cache_dir)
 
     def _inputs(self, images: np.ndarray):
         """What the trained module consumes: backbone features (head) or images (full)."""
         import torch
 
-        from backends.dp.training import batched
-
         if self.options.scope == "head":
-            return batched(self.ctx.model.net.features2, images, 64)
+            cached = getattr(self, "_features", None)
+            if cached is not None and len(cached) == len(images):
+                return cached
+            return backbone_features(self.ctx.model.net, images, None)
         return torch.from_numpy(np.ascontiguousarray(images))
 
     def _new_module(self, n_in: int, n_labels: int, seed: int):
@@ -540,6 +557,46 @@ class DPBackend(Backend):
         rows.append(_row("final_train_loss", r.losses[-1] if r.losses else None, "", False,
                          "mean loss, last epoch"))
         return rows
+
+
+FEATURES_FORMAT = 1
+
+
+def backbone_features(net, images: np.ndarray, cache_dir=None):
+    """`net.features2` (the frozen backbone: features, ReLU, global pooling) over `images`,
+    in batches of 64. With `cache_dir`, kept as `dp-features/<key>.pt`, the key covering
+    the backbone's weights, the images' bytes and the torch version: the same frozen
+    function of the same pixels, so a cached tensor equals a recomputed one."""
+    import hashlib
+    from pathlib import Path
+
+    import torch
+
+    from backends.dp.training import batched
+    from suite.hashing import cache_key
+
+    if cache_dir is None:
+        return batched(net.features2, images, 64)
+    h = hashlib.sha256()
+    for name, tensor in net.state_dict().items():
+        if not name.startswith("classifier."):
+            h.update(name.encode())
+            h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    pixels = hashlib.sha256(np.ascontiguousarray(images).tobytes()).hexdigest()
+    key = cache_key("dp-backbone-features", FEATURES_FORMAT, h.hexdigest(), pixels,
+                    list(images.shape), torch.__version__)
+    path = Path(cache_dir) / "dp-features" / f"{key}.pt"
+    if path.exists():
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:   # torn file: recompute below
+            path.unlink(missing_ok=True)
+    features = batched(net.features2, images, 64)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    torch.save(features, tmp)
+    tmp.replace(path)
+    return features
 
 
 def check_epsilon(reported: float, independent: float, accountant: str = "rdp") -> None:

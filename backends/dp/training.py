@@ -49,7 +49,7 @@ import torch
 from torch import nn
 
 PRIVACY_REGIMES = ("none", "clip", "dp")
-GRAD_SAMPLE_MODES = ("hooks", "functorch", "ew", "ghost")
+GRAD_SAMPLE_MODES = ("hooks", "functorch", "ew", "ghost", "linear")   # linear: backends.dp.linear_head
 ACCOUNTANTS = ("rdp", "prv")
 
 
@@ -352,6 +352,17 @@ class Prepared:
     steps: int
     sample_rate: float
     expected_batch_size: int
+    fused: object | None = None      # LinearHeadDPSGD (grad_sample_mode="linear"), else None
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        """One training step on the batch (x, y); returns its mean loss."""
+        if self.fused is not None:
+            return self.fused.step(x, y)
+        self.optimizer.zero_grad()         # before the forward: ew refuses stale grad_sample
+        loss = self.loss_fn(self.model(x), y)
+        loss.backward()
+        self.optimizer.step()
+        return float(loss.item())
 
     def close(self) -> None:
         """Remove Opacus' hooks and per-sample gradients from the trained module."""
@@ -383,6 +394,8 @@ def prepare(module: nn.Module, inputs: torch.Tensor, labels: torch.Tensor,
             return summed(logits, y) / expected
 
         return Prepared(module, optimizer, optimizer, loss_fn, loader, None, steps, rate, expected)
+    if cfg.grad_sample_mode == "linear":
+        return _prepare_linear(module, optimizer, loader, cfg, uniforms, steps, rate, expected)
     from opacus import PrivacyEngine
 
     with warnings.catch_warnings():
@@ -405,6 +418,38 @@ def prepare(module: nn.Module, inputs: torch.Tensor, labels: torch.Tensor,
     if cfg.secure:
         with_csprng_noise(dp_optimizer, uniforms)
     return Prepared(model, dp_optimizer, optimizer, loss_fn, loader, engine, steps, rate, expected)
+
+
+class AccountantOnly:
+    """What `train` reads of an Opacus PrivacyEngine (its accountant and epsilon) when the
+    step is not Opacus' DPOptimizer (grad_sample_mode="linear")."""
+
+    def __init__(self, accountant) -> None:
+        self.accountant = accountant
+
+    def get_epsilon(self, delta: float) -> float:
+        return self.accountant.get_epsilon(delta=delta)
+
+
+def _prepare_linear(module, optimizer, loader, cfg: TrainConfig, uniforms: "Uniforms",
+                    steps: int, rate: float, expected: int) -> Prepared:
+    """DP-SGD of a linear head in closed form (backends.dp.linear_head), Opacus' accountant."""
+    from opacus.accountants import create_accountant
+
+    from backends.dp.linear_head import LinearHeadDPSGD
+
+    gen = torch.Generator().manual_seed(cfg.noise_seed)
+    if cfg.secure:
+        def noise(shape, std):
+            return csprng_gaussian(shape, std, uniforms)
+    else:
+        def noise(shape, std):
+            return torch.normal(0.0, std, shape, generator=gen)
+    sigma = cfg.noise_multiplier if cfg.privacy == "dp" else 0.0
+    fused = LinearHeadDPSGD(module, optimizer, PerSampleMaskedBCE("none"), cfg.max_grad_norm, sigma,
+                            expected, rate, noise, create_accountant(mechanism=cfg.accountant))
+    return Prepared(module, optimizer, optimizer, None, loader, AccountantOnly(fused.accountant),
+                    steps, rate, expected, fused=fused)
 
 
 def train(module: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, cfg: TrainConfig,
@@ -441,23 +486,32 @@ def train(module: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, cfg: Tr
         epsilon=epsilon, delta=cfg.delta, accountant=cfg.accountant, losses=losses)
 
 
+def batches(run: Prepared):
+    """The run's Poisson batches. Our own loader (non-private and `linear` runs) is read
+    directly, sampler then `__getitems__`, which is exactly what its DataLoader does (no
+    workers, identity collate) without the DataLoader's per-batch overhead; Opacus' modes
+    iterate the loader make_private returned."""
+    if run.engine is None or run.fused is not None:
+        dataset = run.loader.dataset
+        for indices in run.loader.batch_sampler:
+            yield dataset.__getitems__(indices)
+    else:
+        yield from run.loader
+
+
 def _loop(run: Prepared, cfg: TrainConfig, sched, aug_gen, losses: list[float], on_epoch) -> None:
     for epoch in range(cfg.epochs):
         total, count = 0.0, 0
-        for x, y in run.loader:
+        for x, y in batches(run):
             if cfg.augment:
                 x = _augment(x, aug_gen)
-            if len(x) == 0 and (run.engine is None or cfg.grad_sample_mode != "ghost"):
+            if len(x) == 0 and run.fused is None and (run.engine is None or cfg.grad_sample_mode != "ghost"):
                 if run.engine is not None:
                     noise_only_step(run.optimizer)
                 sched.step()
                 continue
-            run.optimizer.zero_grad()         # before the forward: ew refuses stale grad_sample
-            loss = run.loss_fn(run.model(x), y)
-            loss.backward()
-            run.optimizer.step()
+            value = run.step(x, y)
             sched.step()
-            value = float(loss.item())
             total += value * (run.expected_batch_size if run.engine is None else len(x))
             count += len(x)
         losses.append(total / max(count, 1))
