@@ -125,6 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", help="TOML config file ([dataset], [model])")
     train.add_argument("--seed", type=_integer(0), default=0)
     train.add_argument("--epochs", type=_integer(1))
+    train.add_argument("--architecture", choices=("small-densenet", "densenet121"), default="small-densenet",
+                       help="densenet121: torchxrayvision's DenseNet-121 (the seed study's model; "
+                            "set [dataset] resolution = 224)")
     return parser
 
 

@@ -180,6 +180,6 @@ def cmd_train(args, console) -> int:
     if args.epochs is not None:
         cfg.model.epochs = args.epochs
     cfg.seed = args.seed
-    path = train_checkpoint(cfg, Path(args.out), console)
+    path = train_checkpoint(cfg, Path(args.out), console, getattr(args, "architecture", "small-densenet"))
     console.print(f"checkpoint: {path}")
     return 0
