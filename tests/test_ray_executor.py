@@ -9,6 +9,8 @@ which would stop other people's Ray processes too).
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import textwrap
 
 import numpy as np
@@ -18,7 +20,6 @@ import pytest
 pytest.importorskip("ray")
 pytestmark = pytest.mark.slow   # two Ray nodes and two MPC parties per shard: ~1 min quiet, more under load
 
-from suite.cli import main  # noqa: E402
 from suite.executors.local_cluster import LocalRayCluster  # noqa: E402
 from suite.run_folder import RunFolder  # noqa: E402
 
@@ -37,6 +38,18 @@ n_test_per_site = 1
 [model]
 epochs = 1
 """
+
+
+def main(argv: list[str]) -> int:
+    """`python -m suite ARGV` in its own process (Ray's driver state never enters pytest's)."""
+    proc = subprocess.run([sys.executable, "-m", "suite", *argv], capture_output=True, text=True,
+                          timeout=900)
+    OUTPUT.append(proc.stdout + proc.stderr)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.returncode
+
+
+OUTPUT: list[str] = []
 
 
 @pytest.fixture(scope="module")
@@ -83,6 +96,13 @@ def test_one_run_folder_same_as_local(ray_run, config, tmp_path):
         assert (rows[(rows.backend_id == bid)].metric == "wall_time").sum() == 1
         n = rows[(rows.backend_id == bid) & (rows.metric == "n_images")].value.item()
         assert n == local_plain.image_id.nunique()
+
+
+def test_progress_streamed_to_the_driver(ray_run):
+    import re
+
+    # images done as the workers' harness reported them (a plain line: output is not a terminal)
+    assert any(re.search(r"mpc: shards \d/2 done, [1-9]\d*/\d+ images", out) for out in OUTPUT)
 
 
 def test_node_recorded_per_shard(ray_run):

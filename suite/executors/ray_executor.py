@@ -11,6 +11,7 @@ which shard is kept in the shard parts and in run.json.
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,7 +55,6 @@ class Unit:
 
 
 def connect(spec: ExecutorSpec):
-    import os
 
     try:
         import ray
@@ -106,14 +106,14 @@ def run_on_ray(pending: list, state, run_dir: Path, cfg, data_path: Path, data, 
         console.print(f"ray: {len(nodes)} nodes, {n_slots} measured slots "
                       f"({escape(spec.slot_resource or 'CPU')})")
         remote = ray.remote(run_shard).options(**task_options(spec, cfg.threads), max_retries=2)
-        board = ray.remote(num_cpus=0)(ProgressBoard).remote()
+        board = ray.remote(num_cpus=0, max_restarts=-1)(ProgressBoard).remote()
         dataset_ref = ray.put(Path(data_path).read_bytes())
         model_refs: dict[str, Any] = {}
         test_rows = np.flatnonzero(data.splits == "test")
         order_rank = {int(test_rows[i]): rank for rank, i in enumerate(order)}
         units = [Unit(p) for p in pending]
         by_id = {u.plan.backend_id: u for u in units}
-        env = runner.worker_env(cfg)
+        env = {**runner.worker_env(cfg), "SUITE_DRIVER_NICE": str(os.nice(0))}
 
         def submit(unit: Unit) -> None:
             plan = unit.plan
@@ -159,8 +159,9 @@ def run_on_ray(pending: list, state, run_dir: Path, cfg, data_path: Path, data, 
                     submit(unit)                     # a composition: its trainer is scored now
                 while not unit.done and not unit.finished():
                     collect(ray, units, folder, cfg, timeout_s=1.0)
-                    shown.show(units, ray.get(board.snapshot.remote()))
+                    shown.show(units, board_snapshot(ray, board))
                 if not unit.done:
+                    shown.show([unit], board_snapshot(ray, board), final=True)
                     shown.pause()
                     finish(unit, state, run_dir, cfg, writer, console, n_slots)
                     shown.resume()
@@ -172,6 +173,15 @@ def run_on_ray(pending: list, state, run_dir: Path, cfg, data_path: Path, data, 
             state.data["executor"]["wall_s"] = time.perf_counter() - started
             state.save()
         ray.shutdown()
+
+
+def board_snapshot(ray, board) -> dict:
+    """Progress so far; {} when the board is unreachable (progress is for the person
+    watching, never a reason to fail a run)."""
+    try:
+        return ray.get(board.snapshot.remote(), timeout=10)
+    except Exception:  # noqa: BLE001 - a restarting or lost actor
+        return {}
 
 
 def shard_plan(folder: RunFolder, plan, test_index: list[int], order_rank: dict[int, int],
@@ -322,10 +332,10 @@ class ProgressBoardView:
             self.live.stop()
             self.live = None
 
-    def show(self, units: list[Unit], board: dict[str, tuple[int, int, float]]) -> None:
+    def show(self, units: list[Unit], board: dict[str, tuple[int, int, float]], final: bool = False) -> None:
         lines = []
         for u in units:
-            if not u.submitted or u.done or not u.shards:
+            if not u.submitted or u.done or not u.shards or (u.finished() and not final):
                 continue
             keys = [f"{u.plan.backend_id}#{k}" for k in range(len(u.shards))]
             seen = [board[key] for key in keys if key in board]
@@ -344,7 +354,7 @@ class ProgressBoardView:
                     self.tasks[bid] = self.live.add_task(escape(bid), total=total)
                 self.live.update(self.tasks[bid], completed=done, total=total,
                                  description=f"{escape(bid)}: {text}")
-        elif lines and (self.last_plain is None
+        elif lines and (final or self.last_plain is None
                         or time.monotonic() - self.last_plain >= PLAIN_PROGRESS_EVERY_S):
             self.last_plain = time.monotonic()
             for bid, text, _, _ in lines:
