@@ -31,11 +31,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def ray_cli() -> str:
-    path = Path(sys.executable).with_name("ray")
-    return str(path) if path.exists() else "ray"
-
-
 def _node_process(cores: list[int] | None) -> None:
     """In the `ray start` child: its cores, and normal priority where allowed, because Ray
     gives a raylet a fixed 30 s to register and a niced one on a loaded host misses it. The
@@ -64,7 +59,7 @@ class LocalRayCluster:
     RESTARTS = 3   # `ray start` gives a raylet 30 s to register (fixed in Ray): a loaded host misses it
 
     def _start_node(self, i: int, head: bool) -> None:
-        cmd = [ray_cli(), "start", "--block", "--num-cpus", str(self.cpus), "--num-gpus", "0",
+        cmd = [sys.executable, "-m", "suite.executors.ray_node_launcher", "start", "--block", "--num-cpus", str(self.cpus), "--num-gpus", "0",
                "--resources", json.dumps({self.slot_resource: 1}),
                "--object-store-memory", str(self.object_store), "--disable-usage-stats",
                "--node-ip-address", "127.0.0.1", "--temp-dir", str(self.root / f"n{i}")]
