@@ -91,6 +91,17 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--timeout", type=positive_seconds,
                      help=f"seconds per backend configuration, > 0 (default {run_d.timeout_s:g})")
     run.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run")
+    run.add_argument("--executor", choices=("local", "ray"), default="local",
+                     help="local: one configuration after another on this machine (default); ray: "
+                          "configurations and image shards on a Ray cluster (docs/scale-out.md)")
+    run.add_argument("--ray-address", metavar="HOST:PORT",
+                     help="the Ray cluster to use (default: RAY_ADDRESS, else a cluster started on this host)")
+    run.add_argument("--shards", type=_integer(1),
+                     help="ray: shards per inference configuration (default: one per measured slot)")
+    run.add_argument("--ray-slot-resource", default="suite_slot", metavar="NAME",
+                     help="ray: custom resource each node offers once, so a node runs one measured "
+                          "job at a time (default suite_slot); 'none': schedule by CPUs (timings "
+                          "then share cores)")
     run.add_argument("--wide", action="store_true",
                      help="print every leaderboard column, guarantees included (default: fits the terminal)")
     run.add_argument("--no-report", action="store_true", help="skip the HTML report")
@@ -114,6 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", help="TOML config file ([dataset], [model])")
     train.add_argument("--seed", type=_integer(0), default=0)
     train.add_argument("--epochs", type=_integer(1))
+    train.add_argument("--architecture", choices=("small-densenet", "densenet121"), default="small-densenet",
+                       help="densenet121: torchxrayvision's DenseNet-121 (the seed study's model; "
+                            "set [dataset] resolution = 224)")
     return parser
 
 

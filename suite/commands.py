@@ -66,7 +66,7 @@ def cmd_run(args, console) -> int:
     else:
         cfg = _apply_run_flags(load_config(args.config), args)
     run_dir = run(cfg, console, resume=Path(args.resume) if args.resume else None,
-                  overwrite=args.overwrite)
+                  overwrite=args.overwrite, executor=_executor(args))
     board = write_leaderboard(run_dir)
     print_leaderboard(board, console, wide=getattr(args, "wide", False))
     if not args.no_report:
@@ -82,6 +82,16 @@ def cmd_run(args, console) -> int:
               f"their errors are in {run_dir / 'run.json'}", file=sys.stderr)
         return EXIT_BACKEND_FAILED
     return 0
+
+
+def _executor(args):
+    """Where the run executes (command line only: it does not change what is measured)."""
+    from suite.executors import ExecutorSpec
+
+    slot = getattr(args, "ray_slot_resource", "suite_slot")
+    return ExecutorSpec(kind=getattr(args, "executor", "local") or "local",
+                        address=getattr(args, "ray_address", None), shards=getattr(args, "shards", None),
+                        slot_resource=None if (slot or "").lower() == "none" else slot)
 
 
 def cmd_list(args, console) -> int:
@@ -170,6 +180,6 @@ def cmd_train(args, console) -> int:
     if args.epochs is not None:
         cfg.model.epochs = args.epochs
     cfg.seed = args.seed
-    path = train_checkpoint(cfg, Path(args.out), console)
+    path = train_checkpoint(cfg, Path(args.out), console, getattr(args, "architecture", "small-densenet"))
     console.print(f"checkpoint: {path}")
     return 0

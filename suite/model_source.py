@@ -34,7 +34,7 @@ def recipe_for(cfg: ModelConfig, seed: int, quick: bool) -> Recipe:
 
 
 def train_small_densenet(data: ImageSet, recipe: Recipe, progress=None,
-                         role: str | None = None) -> ModelBundle:
+                         role: str | None = None, architecture: dict | None = None) -> ModelBundle:
     """The suite's own plaintext model: same recipe as `suite train` and the training controls.
     It trains on `data`'s 'train' images; their ids and pixel hashes go into the bundle so any
     later run can check it never saw that run's hospital images."""
@@ -44,8 +44,9 @@ def train_small_densenet(data: ImageSet, recipe: Recipe, progress=None,
     import torch
 
     torch.manual_seed(recipe.seed)      # the initial weights are part of the recipe
-    net = build_densenet(SMALL_DENSENET, len(data.label_names)).train()
-    bundle = ModelBundle(net=net, name="small-densenet", architecture=SMALL_DENSENET,
+    arch = architecture or SMALL_DENSENET     # `suite train --architecture densenet121`: the study's
+    net = build_densenet(arch, len(data.label_names)).train()
+    bundle = ModelBundle(net=net, name="small-densenet", architecture=arch,
                          pathologies=list(data.label_names), resolution=data.resolution,
                          source="trained-on-the-fly", data_fingerprint=data.fingerprint(),
                          extra={"dataset": data.name, "data_role": role,

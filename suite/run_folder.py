@@ -11,6 +11,8 @@ is part of the results' contract, so no other module spells a file name of it.
   parts/<id>.progress.json  images predicted so far, rewritten by the harness after every batch
   parts/<id>.job.json   the job the worker ran (plain JSON, so it can run on another host)
   parts/<id>.released.pt  the model a training configuration released (compositions serve it)
+  parts/<id>.shards/<k>.{job.json,parquet,json}  one shard of a configuration the Ray executor
+                        fanned out (the .json is written last: a shard is complete or absent)
   work/<id>/            the backend's private scratch folder
   work/<id>/artifacts/  files an audit produced that the report shows (referenced by rows)
   leaderboard.csv, leaderboard.md, report.html
@@ -77,6 +79,19 @@ class RunFolder:
     def progress(self, backend_id: str) -> Path:
         """Where the worker's harness reports images done of total (the parent shows it)."""
         return self.parts_dir / f"{safe_name(backend_id)}.progress.json"
+
+    def shards_dir(self, backend_id: str) -> Path:
+        """The shard parts of a configuration the Ray executor split over its nodes."""
+        return self.parts_dir / f"{safe_name(backend_id)}.shards"
+
+    def shard_meta(self, backend_id: str, shard: int) -> Path:
+        return self.shards_dir(backend_id) / f"{shard}.json"
+
+    def shard_predictions(self, backend_id: str, shard: int) -> Path:
+        return self.shards_dir(backend_id) / f"{shard}.parquet"
+
+    def shard_job(self, backend_id: str, shard: int) -> Path:
+        return self.shards_dir(backend_id) / f"{shard}.job.json"
 
     def workdir(self, backend_id: str) -> Path:
         return self.root / "work" / backend_id

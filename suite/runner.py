@@ -25,6 +25,7 @@ from suite.data.catalog import load_dataset
 from suite.data.imageset import ImageSet
 from suite.data.roles import describe as describe_roles
 from suite.errors import Interrupted, SuiteError
+from suite.executors import ExecutorSpec
 from suite.evaluate import accuracy_rows, cost_rows, paired_rows
 from suite.harness import Job, part_paths
 from suite.model_source import check_vendor_disjoint, resolve_model, vendor_description
@@ -235,45 +236,72 @@ def repair_torn_tail(results_path: Path) -> None:
         rewrite_results(results_path, [line for line, _ in lines])
 
 
+def chosen_images(plan: Planned, data: ImageSet, order: np.ndarray) -> list[int]:
+    """The dataset rows a configuration scores: its prefix of the stratified test order."""
+    test_rows = np.flatnonzero(data.splits == "test")
+    chosen = order if not plan.max_images else order[: plan.max_images]
+    return sorted(int(test_rows[i]) for i in chosen)
+
+
+def serving_model(plan: Planned, state: RunState, run_dir: Path, model_ref: dict,
+                  writer: ResultWriter, console) -> dict | None:
+    """The model a configuration serves; a composition whose trainer released none is
+    recorded as failed here and gets None."""
+    if not plan.model_from:
+        return model_ref
+    released = RunFolder(run_dir).released_model(plan.model_from)
+    if state.backend(plan.model_from)["status"] == "ok" and released.exists():
+        return {"kind": "checkpoint", "path": str(released)}
+    error = (f"composition: {plan.model_from} released no model"
+             + ("" if state.backend(plan.model_from)["status"] == "ok" else " (it failed)"))
+    record_failure(plan, state, writer, console, error)
+    return None
+
+
+def record_failure(plan: Planned, state: RunState, writer: ResultWriter, console, error: str) -> None:
+    state.backend(plan.backend_id).update(status="failed", error=error)
+    writer.write([ResultRow(**base_fields(state, plan.backend_id), metric="status", value=None,
+                            unit="", higher_is_better=None, status="failed", error=error)])
+    state.save()
+    console.print(f"  [red]failed[/red] {escape(plan.backend_id)}: {escape(error)}")
+
+
+def make_job(plan: Planned, run_dir: Path, cfg: RunConfig, data_path: Path, test_index: list[int],
+             model_ref: dict) -> Job:
+    return Job(run_dir=str(run_dir), backend_id=plan.backend_id, backend=plan.name, options=plan.options,
+               track=plan.track, dataset_path=str(data_path), test_index=test_index, model_ref=model_ref,
+               seed=cfg.seed, threads=cfg.threads, quick=cfg.quick, cache_dir=str(cache_dir()))
+
+
+def worker_env(cfg: RunConfig) -> dict[str, str]:
+    # PASSIVE: idle OpenMP threads sleep instead of spinning; with spinning, a busy 2-core
+    # machine made one forward/backward 100x slower and skewed every comparison.
+    return {"OMP_NUM_THREADS": str(cfg.threads), "OMP_WAIT_POLICY": "PASSIVE", "PYTHONUNBUFFERED": "1"}
+
+
 def execute_backend(plan: Planned, state: RunState, run_dir: Path, cfg: RunConfig,
                     data_path: Path, data: ImageSet, order: np.ndarray, model_ref: dict,
                     writer: ResultWriter, console) -> None:
+    """The local executor: one watched worker process on this machine."""
     entry = state.backend(plan.backend_id)
-    test_rows = np.flatnonzero(data.splits == "test")
-    chosen = order if not plan.max_images else order[: plan.max_images]
-    test_index = sorted(int(test_rows[i]) for i in chosen)
-    if plan.model_from:                   # a composition serves what its trainer released
-        released = RunFolder(run_dir).released_model(plan.model_from)
-        if state.backend(plan.model_from)["status"] != "ok" or not released.exists():
-            error = (f"composition: {plan.model_from} released no model"
-                     + ("" if state.backend(plan.model_from)["status"] == "ok" else " (it failed)"))
-            entry.update(status="failed", error=error)
-            writer.write([ResultRow(**base_fields(state, plan.backend_id), metric="status", value=None,
-                                    unit="", higher_is_better=None, status="failed", error=error)])
-            state.save()
-            console.print(f"  [red]failed[/red] {escape(plan.backend_id)}: {escape(error)}")
-            return
-        model_ref = {"kind": "checkpoint", "path": str(released)}
-    job = Job(run_dir=str(run_dir), backend_id=plan.backend_id, backend=plan.name, options=plan.options,
-              track=plan.track, dataset_path=str(data_path), test_index=test_index, model_ref=model_ref,
-              seed=cfg.seed, threads=cfg.threads, quick=cfg.quick, cache_dir=str(cache_dir()))
+    test_index = chosen_images(plan, data, order)
+    model_ref = serving_model(plan, state, run_dir, model_ref, writer, console)
+    if model_ref is None:
+        return
+    job = make_job(plan, run_dir, cfg, data_path, test_index, model_ref)
     meta_path, pred_path = part_paths(run_dir, plan.backend_id)
     meta_path.unlink(missing_ok=True)
     job_path = meta_path.with_suffix(".job.json")
     job.save(job_path)
     entry.update(status="running", n_images=len(test_index))
     state.save()
-    # PASSIVE: idle OpenMP threads sleep instead of spinning; with spinning, a busy 2-core
-    # machine made one forward/backward 100x slower and skewed every comparison.
-    env = {**os.environ, "OMP_NUM_THREADS": str(cfg.threads), "OMP_WAIT_POLICY": "PASSIVE",
-           "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, **worker_env(cfg)}
     progress_path = RunFolder(run_dir).progress(plan.backend_id)
     progress_path.unlink(missing_ok=True)
     with ProgressLine(console, progress_path, plan.backend_id) as shown:
         proc = run_watched([sys.executable, "-m", "suite.worker", str(job_path)], cfg.timeout_s, env,
                            log_path=meta_path.with_suffix(".log"), on_poll=shown.poll)
     part = json.loads(meta_path.read_text()) if meta_path.exists() else None
-    base = base_fields(state, plan.backend_id)
     if proc.timed_out:
         error = f"timed out after {cfg.timeout_s:.0f} s (limit timeout_s)"
     elif part is None:
@@ -283,13 +311,20 @@ def execute_backend(plan: Planned, state: RunState, run_dir: Path, cfg: RunConfi
     else:
         error = None
     if error:
-        entry.update(status="failed", error=error)
-        writer.write([ResultRow(**base, metric="status", value=None, unit="", higher_is_better=None,
-                                status="failed", error=error)])
-        state.save()
-        console.print(f"  [red]failed[/red] {escape(plan.backend_id)}: {escape(error)}")
+        record_failure(plan, state, writer, console, error)
         return
+    score_part(plan, state, run_dir, cfg, part, proc.__dict__, writer, console)
+
+
+def score_part(plan: Planned, state: RunState, run_dir: Path, cfg: RunConfig, part: dict,
+               proc: dict, writer: ResultWriter, console, annotate=None) -> None:
+    """Rows of a finished configuration from its part (one worker's, or its shards' merged):
+    accuracy on its predictions, the paired comparison with its reference, costs.
+    `annotate(rows)` lets an executor qualify rows whose meaning it changes."""
+    entry = state.backend(plan.backend_id)
+    _, pred_path = part_paths(run_dir, plan.backend_id)
     preds = pd.read_parquet(pred_path)
+    base = base_fields(state, plan.backend_id)
     labels = state.data["dataset"]["label_names"]
     rows = accuracy_rows(base, preds, labels, cfg.seed)
     ref = plan.reference
@@ -298,15 +333,18 @@ def execute_backend(plan: Planned, state: RunState, run_dir: Path, cfg: RunConfi
         rows += [_with_reference(r, ref) for r in
                  paired_rows(base, preds, pd.read_parquet(ref_pred_path), labels, cfg.seed)]
         rows += fit_ratio_rows(base, part, run_dir, ref)
-    rows += cost_rows(base, part, proc.__dict__)
+    rows += cost_rows(base, part, proc)
     if plan.track == "training" and ref and state.backend(ref)["status"] == "ok":
         ref_part = json.loads(part_paths(run_dir, ref)[0].read_text())
         rows += fit_time_ratio_rows(base, part, ref_part, ref)
+    if annotate is not None:
+        rows = annotate(rows)
     writer.write(rows)
     entry.update(status="ok", error=None, versions=part.get("versions", {}))
     state.save()
-    console.print(f"  [green]ok[/green] {escape(plan.backend_id)}: {len(test_index)} images, "
-                  f"{proc.wall_s:.1f} s wall, peak {proc.peak_rss / 2**20:.0f} MiB")
+    n_images = part.get("n_images") or 0
+    console.print(f"  [green]ok[/green] {escape(plan.backend_id)}: {n_images} images, "
+                  f"{proc['wall_s']:.1f} s wall, peak {proc['peak_rss'] / 2**20:.0f} MiB")
 
 
 PLAIN_PROGRESS_EVERY_S = 30.0   # not a terminal (CI logs, files): a plain line at most this often
@@ -460,19 +498,21 @@ def load_resume(resume: Path) -> tuple[dict[str, Any], RunConfig]:
     return saved, cfg
 
 
-def run(cfg: RunConfig, console, resume: Path | None = None, overwrite: bool = False) -> Path:
+def run(cfg: RunConfig, console, resume: Path | None = None, overwrite: bool = False,
+        executor: ExecutorSpec | None = None) -> Path:
     """The whole `suite run`; returns the run folder. Interrupted (Ctrl-C, SIGTERM, SIGHUP),
     it raises `Interrupted` naming the folder to resume, or none when nothing was written."""
     where: list[Path] = []
     try:
-        return _run(cfg, console, resume, overwrite, where)
+        return _run(cfg, console, resume, overwrite, where, executor or ExecutorSpec())
     except (KeyboardInterrupt, Interrupted) as exc:
         name = exc.signame if isinstance(exc, Interrupted) else "SIGINT"
         written = where and RunFolder(where[0]).run_json.exists()
         raise Interrupted(name, where[0] if written else None) from None
 
 
-def _run(cfg: RunConfig, console, resume: Path | None, overwrite: bool, where: list[Path]) -> Path:
+def _run(cfg: RunConfig, console, resume: Path | None, overwrite: bool, where: list[Path],
+         executor: ExecutorSpec) -> Path:
     from rich.progress import Progress
 
     if resume is not None:
@@ -518,7 +558,7 @@ def _run(cfg: RunConfig, console, resume: Path | None, overwrite: bool, where: l
         state.data["data_roles"] = data_roles
         create_run_dir(run_dir, overwrite)
     state.save()
-    run_pending(plans, state, run_dir, cfg, data_path, data, model_ref, console)
+    run_pending(plans, state, run_dir, cfg, data_path, data, model_ref, console, executor)
     return run_dir
 
 
@@ -552,14 +592,21 @@ def check_resume_matches(state: RunState, data: ImageSet, plans: list[Planned], 
 
 
 def run_pending(plans: list[Planned], state: RunState, run_dir: Path, cfg: RunConfig, data_path: Path,
-                data: ImageSet, model_ref: dict, console) -> None:
+                data: ImageSet, model_ref: dict, console, executor: ExecutorSpec | None = None) -> None:
     writer = ResultWriter(RunFolder(run_dir).results)
     order = stratified_order(data.split("test"), cfg.seed)
     pending = [p for p in plans if state.backend(p.backend_id)["status"] not in FINAL]
-    for i, plan in enumerate(pending, 1):
-        console.print(f"[{i}/{len(pending)}] {escape(plan.backend_id)} ({plan.track})")
-        drop_rows(writer.path, plan.backend_id)
-        execute_backend(plan, state, run_dir, cfg, data_path, data, order, model_ref, writer, console)
+    if executor is not None and executor.kind == "ray":
+        from suite.executors.ray_executor import run_on_ray
+
+        if pending:
+            run_on_ray(pending, state, run_dir, cfg, data_path, data, order, model_ref, writer,
+                       console, executor)
+    else:
+        for i, plan in enumerate(pending, 1):
+            console.print(f"[{i}/{len(pending)}] {escape(plan.backend_id)} ({plan.track})")
+            drop_rows(writer.path, plan.backend_id)
+            execute_backend(plan, state, run_dir, cfg, data_path, data, order, model_ref, writer, console)
     recorded = set(read_results(writer.path)["backend_id"].dropna())
     for p in plans:
         if p.unavailable and p.backend_id not in recorded:
