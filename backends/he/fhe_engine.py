@@ -55,11 +55,33 @@ def _row(metric: str, value, unit: str, higher_is_better=None, note: str | None 
     return out
 
 
-def _program(ctx: BackendContext, slots: int):
+def relu_stages(options: HEOptions) -> tuple[str, ...]:
+    from backends.he.fhe_program import STAGES
+
+    stages = tuple(s for s in str(options.fhe_relu_stages).split("-") if s)
+    bad = [s for s in stages if s not in STAGES]
+    if not stages or bad:
+        raise SuiteError(f"he fhe_relu_stages={options.fhe_relu_stages!r}: use stage names from "
+                         f"{sorted(STAGES)} joined by '-', e.g. g3-g3-f3")
+    return stages
+
+
+def fhe_resolution(ctx: BackendContext, options: HEOptions) -> int:
+    """The input side the program is compiled for: the model's, or a smaller twin's (the same
+    weights on a downsampled image; DenseNet's global pool makes that well defined)."""
+    model_res = int(getattr(ctx.model, "resolution", 64))
+    res = int(options.fhe_resolution) or model_res
+    if res < 32 or res > model_res or res % 2:
+        raise SuiteError(f"he fhe_resolution={res}: use an even side between 32 (the small DenseNet's "
+                         f"three transitions need it) and the model's {model_res}")
+    return res
+
+
+def _program(ctx: BackendContext, options: HEOptions, slots: int):
     from backends.he.fhe_compile import compile_densenet
 
-    res = int(getattr(ctx.model, "resolution", 64))
-    return compile_densenet(ctx.model.net, res, slots)
+    return compile_densenet(ctx.model.net, fhe_resolution(ctx, options), slots,
+                            relu_stages=relu_stages(options))
 
 
 def _fit_resolution(images: np.ndarray, resolution: int) -> np.ndarray:
@@ -102,8 +124,8 @@ class FHEPlaintextControl(Backend):
 
     def setup(self, ctx: BackendContext) -> None:
         self.ctx = ctx
-        self.resolution = int(getattr(ctx.model, "resolution", 64))
-        self.program = _program(ctx, DESILO_RING_DEGREE // 2)
+        self.resolution = fhe_resolution(ctx, self.options)
+        self.program = _program(ctx, self.options, DESILO_RING_DEGREE // 2)
 
     def _packed(self, images: np.ndarray) -> list[np.ndarray]:
         from backends.he.fhe_compile import pack_image
