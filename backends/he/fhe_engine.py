@@ -151,6 +151,10 @@ class FHEPlaintextControl(Backend):
                  "public synthetic calibration images"),
             _row("protected_mac_fraction", 0.0, "fraction", True,
                  "control row: nothing runs under protection"),
+            _row("fhe_input_resolution", self.resolution, "px", None,
+                 "side of the image the program runs on"
+                 + ("" if self.resolution == int(getattr(self.ctx.model, "resolution", self.resolution))
+                    else " (a smaller twin: the model's weights on the downsampled image)")),
         ]
 
 
@@ -159,13 +163,14 @@ def measured_op_costs(images: list[dict]):
     from backends.he.fhe_estimate import OpCosts
 
     tot = {k: sum(im.get(k, 0) for im in images) for k in
-           ("rotations", "rotation_s", "plain_mults", "plain_mult_s", "relus", "relu_s", "bootstraps",
-            "bootstrap_s")}
+           ("rotations", "rotation_s", "plain_mults", "plain_mult_s", "relus", "poly_s", "ct_mult_s",
+            "bootstraps", "bootstrap_s")}
     if not (tot["rotations"] and tot["plain_mults"] and tot["relus"] and tot["bootstraps"]):
         return None
     return OpCosts(rotation_s=tot["rotation_s"] / tot["rotations"],
                    plain_mult_s=tot["plain_mult_s"] / tot["plain_mults"],
-                   relu_s=tot["relu_s"] / tot["relus"], bootstrap_s=tot["bootstrap_s"] / tot["bootstraps"],
+                   relu_s=(tot["poly_s"] + tot["ct_mult_s"]) / tot["relus"],
+                   bootstrap_s=tot["bootstrap_s"] / tot["bootstraps"],
                    bootstraps_per_relu=tot["bootstraps"] / tot["relus"])
 
 
@@ -354,6 +359,13 @@ class FHEBackend(FHEPlaintextControl):
             _row("fhe_party_peak_rss", info.get("peak_rss"), "bytes", False,
                  "both parties' child process (.venv-fhe), VmHWM"),
         ]
+        plan = info.get("plan") or {}
+        if "bootstraps" in plan:
+            rows += [_row("fhe_bootstraps_per_image", plan["bootstraps"], "bootstraps", False,
+                          "the model owner's level plan (backends/he/fhe_eval.py level model)",
+                          estimate="projected"),
+                     _row("fhe_input_level", plan["input_level"], "levels", None,
+                          "level the data owner encrypts at (lowest one needing no extra bootstrap)")]
         rows += self._projection_rows()
         for key, size in (info.get("keys") or {}).items():
             rows.append(_row(f"{key}_key_bytes", size, "bytes", False,

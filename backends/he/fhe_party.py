@@ -25,9 +25,10 @@ import numpy as np
 
 from backends.he.fhe_eval import Evaluator, predict_counts
 
-#: levels a ciphertext has after desilofhe's bootstrap (Engine(bootstrap=True), measured by
-#: backends.he.fhe_primitives; the evaluator checks it at every bootstrap)
-BOOTSTRAP_LEVEL = 0
+#: levels a ciphertext has after desilofhe's bootstrap (Engine(bootstrap=True)), measured by
+#: backends.he.fhe_primitives (`level_after_bootstrap`); None until measured: then the data
+#: owner encrypts at the max level and no pass is planned ahead
+BOOTSTRAP_LEVEL: int | None = None
 from backends.he.fhe_program import Program
 
 
@@ -179,7 +180,9 @@ def serve(conn, settings: dict[str, Any]) -> None:
     t2 = time.perf_counter()
     server = ModelOwner(program, workdir / "keys", threads, stderr_progress)
     t3 = time.perf_counter()
-    plan = predict_counts(program, owner.engine.max_level, BOOTSTRAP_LEVEL)
+    plan = {"input_level": None}
+    if BOOTSTRAP_LEVEL is not None:
+        plan = predict_counts(program, owner.engine.max_level, BOOTSTRAP_LEVEL)
     send(conn, {"ok": True, "keys": key_sizes, "engine_s": t1 - t0, "keygen_s": t2 - t1,
                 "load_s": t3 - t2, "slots": owner.engine.slot_count, "max_level": owner.engine.max_level,
                 "version": engine_version(), "peak_rss": _peak_rss(), "plan": plan})
