@@ -147,3 +147,19 @@ def test_parties_on_a_small_program_match_the_control_and_keep_the_secret_key():
     assert res["max_abs_diff"] < 1e-3, res
     assert res["secret_key_files_for_model_owner"] == []
     assert res["control_secret_key_detected"]
+
+
+def test_engine_options_refuse_bad_values_in_one_line():
+    from types import SimpleNamespace
+
+    from backends.he.fhe_engine import fhe_resolution, relu_stages
+    from backends.he.options import HEOptions
+    from suite.errors import SuiteError
+
+    assert relu_stages(HEOptions(fhe_relu_stages="g3-f3")) == ("g3", "f3")
+    with pytest.raises(SuiteError, match="fhe_relu_stages='g3-x7'"):
+        relu_stages(HEOptions(fhe_relu_stages="g3-x7"))
+    ctx = SimpleNamespace(model=SimpleNamespace(resolution=64))
+    assert fhe_resolution(ctx, HEOptions()) == 64 and fhe_resolution(ctx, HEOptions(fhe_resolution=32)) == 32
+    with pytest.raises(SuiteError, match="fhe_resolution=16"):
+        fhe_resolution(ctx, HEOptions(fhe_resolution=16))
