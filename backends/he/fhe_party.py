@@ -25,10 +25,10 @@ import numpy as np
 
 from backends.he.fhe_eval import Evaluator, predict_counts
 
-#: levels a ciphertext has after desilofhe's bootstrap (Engine(bootstrap=True)), measured by
+#: levels a ciphertext has after desilofhe's bootstrap (Engine(bootstrap=True)): 17 = its max level, measured by
 #: backends.he.fhe_primitives (`level_after_bootstrap`); None until measured: then the data
 #: owner encrypts at the max level and no pass is planned ahead
-BOOTSTRAP_LEVEL: int | None = None
+BOOTSTRAP_LEVEL: int | None = 17
 from backends.he.fhe_program import Program
 
 
