@@ -289,6 +289,129 @@ class HEWholeNetworkCompile:
     track_polynomial_relus.unit = "ops"
 
 
+class HEWholeNetworkPlan:
+    """The encrypted pass of the small DenseNet (64 px) as the engine's level model predicts it
+    (backends/he/fhe_eval.py: the evaluator's own code on level numbers): bootstraps, rotations,
+    plaintext products, polynomial stages per image, per ReLU composition. Counts, not times.
+    The bootstrap output level is desilofhe's (measured by HEWholeNetworkPrimitives)."""
+
+    params = ["g3-g3-f3", "g3-g3-g3-f3-f3"]
+    param_names = ["relu_stages"]
+    number = 1
+    repeat = 1
+    timeout = 900
+    MAX_LEVEL = 17          # desilofhe Engine(bootstrap=True).max_level
+    BOOT_LEVEL_ENV = "FHE_BOOTSTRAP_LEVEL"
+
+    def setup(self, stages):
+        from backends.he.fhe_compile import compile_densenet
+        from backends.he.fhe_eval import predict_counts
+        from backends.he.fhe_party import BOOTSTRAP_LEVEL
+
+        boot = os.environ.get(self.BOOT_LEVEL_ENV) or BOOTSTRAP_LEVEL
+        if boot is None:
+            raise NotImplementedError(f"bootstrap output level not measured yet: set {self.BOOT_LEVEL_ENV}")
+        prog = compile_densenet(small_model(["a", "b"]).net, 64, 32768, relu_stages=tuple(stages.split("-")))
+        self.counts = predict_counts(prog, self.MAX_LEVEL, int(boot))
+
+    def track_bootstraps(self, stages):
+        return self.counts["bootstraps"]
+
+    track_bootstraps.unit = "bootstraps"
+
+    def track_rotations(self, stages):
+        return self.counts["rotations"]
+
+    track_rotations.unit = "rotations"
+
+    def track_plaintext_mults(self, stages):
+        return self.counts["plain_mults"]
+
+    track_plaintext_mults.unit = "ops"
+
+    def track_polynomial_stages(self, stages):
+        return self.counts["polys"]
+
+    track_polynomial_stages.unit = "ops"
+
+    def track_input_level(self, stages):
+        return self.counts["input_level"]
+
+    track_input_level.unit = "levels"
+
+
+class HEWholeNetworkPrimitives:
+    """Seconds per CKKS primitive at the engine's preset (desilofhe N=2^16, 2 threads), each
+    timed once by backends/he/fhe_primitives.py in .venv-fhe, and the small DenseNet's pass
+    time ESTIMATED from them (level model counts x seconds scaled by level). The general roll
+    key (minutes) and the bootstrap only with FHE_BENCH_WHOLE=1."""
+
+    number = 1
+    repeat = 1
+    timeout = 3600
+
+    def setup(self):
+        import json
+        import subprocess
+        from pathlib import Path
+
+        from backends.he.fhe_engine import ROOT, fhe_available, fhe_venv
+
+        if not fhe_available():
+            raise NotImplementedError(".venv-fhe missing: bash scripts/setup.sh")
+        out = Path(tempfile.mkdtemp()) / "primitives.json"
+        cmd = [str(fhe_venv() / "bin" / "python"), "-m", "backends.he.fhe_primitives", "--repeat", "1",
+               "--json", str(out)]
+        if os.environ.get("FHE_BENCH_WHOLE") != "1":
+            cmd.append("--no-roll-key")
+        subprocess.run(cmd, check=True, cwd=str(ROOT), env={**os.environ, "PYTHONPATH": str(ROOT)},
+                       capture_output=True, timeout=self.timeout)
+        self.prim = json.loads(out.read_text())
+
+    def _get(self, key):
+        if key not in self.prim:
+            raise NotImplementedError(f"{key} not measured (FHE_BENCH_WHOLE=1 measures it)")
+        return self.prim[key]
+
+    def track_encrypt_seconds(self):
+        return self._get("encrypt_s")
+
+    def track_plaintext_mult_seconds(self):
+        return self._get("plain_mult_array_s")
+
+    def track_relinearised_mult_seconds(self):
+        return self._get("ct_mult_relin_s")
+
+    def track_degree7_polynomial_seconds(self):
+        return self._get("poly7_s")
+
+    def track_fixed_rotation_seconds(self):
+        return self._get("fixed_roll_s")
+
+    def track_rotation_seconds(self):
+        return self._get("roll_general_s")
+
+    def track_bootstrap_seconds(self):
+        return self._get("bootstrap_s")
+
+    def track_rotation_keygen_seconds(self):
+        return self._get("keygen_fixed_roll_s")
+
+    def track_estimated_seconds_per_image(self):
+        """ESTIMATE: the level model's counts for the small DenseNet x these primitive seconds."""
+        from backends.he.fhe_compile import compile_densenet
+        from backends.he.fhe_eval import predict_counts, predict_seconds
+
+        prog = compile_densenet(small_model(["a", "b"]).net, 64, self.prim["slots"])
+        counts = predict_counts(prog, self.prim["max_level"], self._get("level_after_bootstrap"))
+        return predict_seconds(counts, self.prim)["total"]
+
+    for _name in list(locals()):
+        if _name.startswith("track_"):
+            locals()[_name].unit = "s"
+    del _name
+
+
 def _quick_table() -> None:
     """One pass over every benchmark, printed: a cheap look without asv."""
     for cls in (HEHeadPacking, HEHeadBackend, HECNNPerImage, HEKeySetup, HEWholeNetworkCompile):

@@ -270,8 +270,7 @@ def _trace(prog: Program, x: np.ndarray, peak: dict[str, float]) -> None:
     for op in prog.ops:
         kind = op["op"]
         if kind == "linear":
-            y = np.zeros(prog.slots)
-            np.add.at(y, op["rows"], op["vals"] * regs[op["src"]][op["cols"]])
+            y = np.bincount(op["rows"], op["vals"] * regs[op["src"]][op["cols"]], minlength=prog.slots)
             y[: len(op["bias"])] += op["bias"]
             if op.get("acc"):
                 y += regs[op["dst"]]

@@ -55,11 +55,33 @@ def _row(metric: str, value, unit: str, higher_is_better=None, note: str | None 
     return out
 
 
-def _program(ctx: BackendContext, slots: int):
+def relu_stages(options: HEOptions) -> tuple[str, ...]:
+    from backends.he.fhe_program import STAGES
+
+    stages = tuple(s for s in str(options.fhe_relu_stages).split("-") if s)
+    bad = [s for s in stages if s not in STAGES]
+    if not stages or bad:
+        raise SuiteError(f"he fhe_relu_stages={options.fhe_relu_stages!r}: use stage names from "
+                         f"{sorted(STAGES)} joined by '-', e.g. g3-g3-f3")
+    return stages
+
+
+def fhe_resolution(ctx: BackendContext, options: HEOptions) -> int:
+    """The input side the program is compiled for: the model's, or a smaller twin's (the same
+    weights on a downsampled image; DenseNet's global pool makes that well defined)."""
+    model_res = int(getattr(ctx.model, "resolution", 64))
+    res = int(options.fhe_resolution) or model_res
+    if res < 32 or res > model_res or res % 2:
+        raise SuiteError(f"he fhe_resolution={res}: use an even side between 32 (the small DenseNet's "
+                         f"three transitions need it) and the model's {model_res}")
+    return res
+
+
+def _program(ctx: BackendContext, options: HEOptions, slots: int):
     from backends.he.fhe_compile import compile_densenet
 
-    res = int(getattr(ctx.model, "resolution", 64))
-    return compile_densenet(ctx.model.net, res, slots)
+    return compile_densenet(ctx.model.net, fhe_resolution(ctx, options), slots,
+                            relu_stages=relu_stages(options))
 
 
 def _fit_resolution(images: np.ndarray, resolution: int) -> np.ndarray:
@@ -102,8 +124,8 @@ class FHEPlaintextControl(Backend):
 
     def setup(self, ctx: BackendContext) -> None:
         self.ctx = ctx
-        self.resolution = int(getattr(ctx.model, "resolution", 64))
-        self.program = _program(ctx, DESILO_RING_DEGREE // 2)
+        self.resolution = fhe_resolution(ctx, self.options)
+        self.program = _program(ctx, self.options, DESILO_RING_DEGREE // 2)
 
     def _packed(self, images: np.ndarray) -> list[np.ndarray]:
         from backends.he.fhe_compile import pack_image
@@ -129,6 +151,10 @@ class FHEPlaintextControl(Backend):
                  "public synthetic calibration images"),
             _row("protected_mac_fraction", 0.0, "fraction", True,
                  "control row: nothing runs under protection"),
+            _row("fhe_input_resolution", self.resolution, "px", None,
+                 "side of the image the program runs on"
+                 + ("" if self.resolution == int(getattr(self.ctx.model, "resolution", self.resolution))
+                    else " (a smaller twin: the model's weights on the downsampled image)")),
         ]
 
 
@@ -137,13 +163,14 @@ def measured_op_costs(images: list[dict]):
     from backends.he.fhe_estimate import OpCosts
 
     tot = {k: sum(im.get(k, 0) for im in images) for k in
-           ("rotations", "rotation_s", "plain_mults", "plain_mult_s", "relus", "relu_s", "bootstraps",
-            "bootstrap_s")}
+           ("rotations", "rotation_s", "plain_mults", "plain_mult_s", "relus", "poly_s", "ct_mult_s",
+            "bootstraps", "bootstrap_s")}
     if not (tot["rotations"] and tot["plain_mults"] and tot["relus"] and tot["bootstraps"]):
         return None
     return OpCosts(rotation_s=tot["rotation_s"] / tot["rotations"],
                    plain_mult_s=tot["plain_mult_s"] / tot["plain_mults"],
-                   relu_s=tot["relu_s"] / tot["relus"], bootstrap_s=tot["bootstrap_s"] / tot["bootstraps"],
+                   relu_s=(tot["poly_s"] + tot["ct_mult_s"]) / tot["relus"],
+                   bootstrap_s=tot["bootstrap_s"] / tot["bootstraps"],
                    bootstraps_per_relu=tot["bootstraps"] / tot["relus"])
 
 
@@ -332,6 +359,13 @@ class FHEBackend(FHEPlaintextControl):
             _row("fhe_party_peak_rss", info.get("peak_rss"), "bytes", False,
                  "both parties' child process (.venv-fhe), VmHWM"),
         ]
+        plan = info.get("plan") or {}
+        if "bootstraps" in plan:
+            rows += [_row("fhe_bootstraps_per_image", plan["bootstraps"], "bootstraps", False,
+                          "the model owner's level plan (backends/he/fhe_eval.py level model)",
+                          estimate="projected"),
+                     _row("fhe_input_level", plan["input_level"], "levels", None,
+                          "level the data owner encrypts at (lowest one needing no extra bootstrap)")]
         rows += self._projection_rows()
         for key, size in (info.get("keys") or {}).items():
             rows.append(_row(f"{key}_key_bytes", size, "bytes", False,

@@ -98,3 +98,54 @@ def estimate(layers: list[dict], costs: OpCosts, slots: int) -> list[dict]:
                    + ops["relu_cts"] * (costs.relu_s + costs.bootstraps_per_relu * costs.bootstrap_s))
         out.append({"name": layer["name"], **ops, "seconds": seconds})
     return out
+
+
+def op_costs_from_pass(counts: dict, seconds: dict, bootstrap_s: float) -> OpCosts:
+    """Per-op costs for `estimate` from a (predicted) pass of the small DenseNet: its
+    level-aware seconds per category (`fhe_eval.predict_seconds`) over its op counts, so
+    each op is priced at the levels the engine runs it at; a ReLU is its polynomial stages
+    plus its x * sign product, and its share of the pass's bootstraps."""
+    relus = max(1, counts["relus"])
+    return OpCosts(rotation_s=seconds["rotations"] / max(1, counts["rotations"]),
+                   plain_mult_s=seconds["plain_mults"] / max(1, counts["plain_mults"]),
+                   relu_s=(seconds["polys"] + seconds["ct_mults"]) / relus,
+                   bootstrap_s=bootstrap_s, bootstraps_per_relu=counts["bootstraps"] / relus)
+
+
+def main(argv: list[str]) -> int:
+    """python -m backends.he.fhe_estimate PRIMITIVES.json [RESOLUTION]: the small DenseNet's
+    predicted encrypted pass and the DenseNet-121 224 px per-layer projection, from the
+    per-primitive seconds `backends.he.fhe_primitives` measured (both ESTIMATES)."""
+    import json
+    from pathlib import Path
+
+    from backends.he.fhe_compile import compile_densenet
+    from backends.he.fhe_eval import predict_counts, predict_seconds
+    from suite.models import DENSENET121, random_small_densenet
+
+    prim = json.loads(Path(argv[0]).read_text())
+    res = int(argv[1]) if len(argv) > 1 else 64
+    if "bootstrap_s" not in prim or "level_after_bootstrap" not in prim:
+        raise SystemExit(f"{argv[0]} has no bootstrap measurement: run fhe_primitives without --no-roll-key")
+    slots = prim["slots"]
+    prog = compile_densenet(random_small_densenet(["a", "b", "c"], res, seed=0).net, res, slots)
+    counts = predict_counts(prog, prim["max_level"], prim["level_after_bootstrap"])
+    secs = predict_seconds(counts, prim)
+    print(json.dumps({"estimate": "projected from measured per-primitive seconds", "resolution": res,
+                      "relu_stages": list(prog.relu_stages), "counts": counts, "seconds": secs}, indent=1))
+    costs = op_costs_from_pass(counts, secs, prim["bootstrap_s"])
+    a = DENSENET121
+    layers = estimate(densenet_layers(a["growth_rate"], tuple(a["block_config"]), a["num_init_features"],
+                                      a["bn_size"], 224), costs, slots)
+    total = sum(x["seconds"] for x in layers)
+    print(f"DenseNet-121 224 px (projected): {total:.0f} s per image; per-op costs {costs}")
+    for x in layers:
+        print(f"  {x['name']:<24} {x['seconds']:10.1f} s  rot {x['rotations']:8.0f}  pmul {x['plain_mults']:9.0f}"
+              f"  relu cts {x['relu_cts']:5.0f}")
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main(sys.argv[1:]))

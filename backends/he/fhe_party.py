@@ -23,10 +23,13 @@ from typing import Any
 
 import numpy as np
 
-from backends.he.fhe_program import STAGES, Program, choose_giant_step, diagonal_offsets
+from backends.he.fhe_eval import Evaluator, predict_counts
 
-#: levels desilofhe's evaluate_polynomial consumes for one degree-7 stage (measured: 4)
-STAGE_LEVELS = 4
+#: levels a ciphertext has after desilofhe's bootstrap (Engine(bootstrap=True)): 17 = its max level, measured by
+#: backends.he.fhe_primitives (`level_after_bootstrap`); None until measured: then the data
+#: owner encrypts at the max level and no pass is planned ahead
+BOOTSTRAP_LEVEL: int | None = 17
+from backends.he.fhe_program import Program
 
 
 def engine_version() -> str:
@@ -66,162 +69,94 @@ class DataOwner:
             del key
         return sizes
 
-    def encrypt(self, vector: np.ndarray) -> bytes:
+    def encrypt(self, vector: np.ndarray, level: int | None = None) -> bytes:
+        """A fresh ciphertext of `vector`, at `level` when given (the model owner's public
+        choice: the lowest level its first layers need, a smaller upload)."""
         v = np.zeros(self.engine.slot_count)
         v[: len(vector)] = vector
-        return bytes(self.engine.serialize_ciphertext(self.engine.encrypt(v, self.public_key)))
+        e = self.engine
+        ct = e.encrypt(v, self.public_key) if level is None else e.encrypt(v, self.public_key, int(level))
+        return bytes(e.serialize_ciphertext(ct))
 
     def decrypt(self, blob: bytes, n: int) -> np.ndarray:
         ct = self.engine.deserialize_ciphertext(blob)
         return np.asarray(self.engine.decrypt(ct, self.secret_key))[:n].copy()
 
 
-class ModelOwner:
-    """Evaluates the program on ciphertexts with evaluation keys only."""
+class DesiloCKKS:
+    """desilofhe behind the evaluator's `CKKS` interface, with evaluation keys only."""
 
-    def __init__(self, program: Program, key_folder: Path, threads: int) -> None:
+    def __init__(self, engine, relinearization_key, conjugation_key, roll_key, small_bootstrap_key) -> None:
+        self.e, self.rk, self.ck, self.roll, self.sbk = (engine, relinearization_key, conjugation_key,
+                                                         roll_key, small_bootstrap_key)
+        self.slots = engine.slot_count
+
+    def level(self, ct) -> int:
+        return ct.level
+
+    def rotate_many(self, ct, shifts):
+        # desilofhe's roll moves slot i to i + shift; the evaluator wants slot i <- slot i + d
+        return self.e.roll_many(ct, self.roll, [(-d) % self.slots for d in shifts])
+
+    def rotate(self, ct, shift):
+        return self.e.roll(ct, self.roll, (-shift) % self.slots)
+
+    def mul_plain(self, ct, vector):
+        return self.e.multiply(ct, vector)
+
+    def mul_const(self, ct, c):
+        return self.e.multiply(ct, c)
+
+    def mul(self, a, b):
+        return self.e.multiply(a, b, self.rk)
+
+    def add(self, a, b):
+        return self.e.add(a, b)
+
+    def sub(self, a, b):
+        return self.e.subtract(a, b)
+
+    def add_plain(self, ct, vector):
+        return self.e.add(ct, vector)
+
+    def level_down(self, ct, level):
+        return self.e.level_down(ct, level)
+
+    def poly(self, ct, coeffs):
+        # products with plaintexts leave ciphertexts in NTT form, which these calls refuse
+        return self.e.evaluate_polynomial(self.e.intt(ct), coeffs, self.rk)
+
+    def bootstrap(self, ct):
+        return self.e.bootstrap(self.e.intt(ct), self.rk, self.ck, self.roll, self.sbk)
+
+
+class ModelOwner:
+    """Evaluates the program on ciphertexts with evaluation keys only (`backends.he.fhe_eval`)."""
+
+    def __init__(self, program: Program, key_folder: Path, threads: int, progress=None) -> None:
         import desilofhe
 
-        self.engine = desilofhe.Engine(mode="cpu", bootstrap=True, thread_count=threads)
-        e = self.engine
-        if program.slots != e.slot_count:
-            raise ValueError(f"program compiled for {program.slots} slots, engine has {e.slot_count}")
+        self.engine = e = desilofhe.Engine(mode="cpu", bootstrap=True, thread_count=threads)
+        ckks = DesiloCKKS(e, e.read_relinearization_key(str(key_folder / "relinearization.key")),
+                          e.read_conjugation_key(str(key_folder / "conjugation.key")),
+                          e.read_roll_key(str(key_folder / "rotation.key")),
+                          e.read_small_bootstrap_key(str(key_folder / "bootstrap.key")))
         self.program = program
-        self.rk = e.read_relinearization_key(str(key_folder / "relinearization.key"))
-        self.ck = e.read_conjugation_key(str(key_folder / "conjugation.key"))
-        self.roll = e.read_roll_key(str(key_folder / "rotation.key"))
-        self.sbk = e.read_small_bootstrap_key(str(key_folder / "bootstrap.key"))
-        self.slots = e.slot_count
-        self.plans = [self._plan(op) if op["op"] == "linear" else None for op in program.ops]
-        self.stats: dict[str, Any] = {}
+        self.evaluator = Evaluator(program, ckks, progress)
 
-    # ------------------------------------------------------------------ compilation
-
-    def _plan(self, op: dict[str, Any]) -> dict[str, Any]:
-        """Diagonals of one linear op grouped for baby-step giant-step, pre-rotated."""
-        S = self.slots
-        off = diagonal_offsets(op, S)
-        G, _, _ = choose_giant_step(off, S)
-        groups: dict[int, dict[int, np.ndarray]] = {}
-        order = np.argsort(off, kind="stable")
-        off_s, rows_s, vals_s = off[order], op["rows"][order], op["vals"][order]
-        bounds = np.flatnonzero(np.diff(off_s)) + 1
-        for lo, hi in zip(np.r_[0, bounds], np.r_[bounds, len(off_s)]):
-            d = int(off_s[lo])
-            diag = np.zeros(S)
-            np.add.at(diag, rows_s[lo:hi], vals_s[lo:hi])
-            g, b = divmod(d, G)
-            # rot(p * rot(x, b), g*G) = diag_d * rot(x, d) with p = rot(diag_d, -g*G)
-            groups.setdefault(g * G, {})[b] = np.roll(diag, g * G)
-        bias = np.zeros(S)
-        bias[: len(op["bias"])] = op["bias"]
-        return {"groups": groups, "babies": sorted({b for grp in groups.values() for b in grp}),
-                "bias": bias if len(op["bias"]) else None}
-
-    # ------------------------------------------------------------------ evaluation
+    @property
+    def stats(self) -> dict[str, Any]:
+        return self.evaluator.stats
 
     def handle(self, request: bytes) -> bytes:
         e = self.engine
-        self.stats = {"bootstraps": 0, "rotations": 0, "plain_mults": 0, "ct_mults": 0, "relus": 0,
-                      "op_s": {}, "bootstrap_s": 0.0, "rotation_s": 0.0, "plain_mult_s": 0.0,
-                      "relu_s": 0.0}
-        regs = {"x": e.deserialize_ciphertext(request)}
-        for op, plan in zip(self.program.ops, self.plans):
-            start = time.perf_counter()
-            kind = op["op"]
-            if kind == "linear":
-                y = self._linear(self._ready(regs[op["src"]], 1), plan)
-                if op.get("acc"):
-                    y = self._add(y, regs[op["dst"]])
-                regs[op["dst"]] = y
-            elif kind == "relu":
-                boot = self.stats["bootstrap_s"]
-                regs[op["dst"]] = self._relu(regs[op["src"]], float(op["k"]))
-                self.stats["relus"] += 1
-                self.stats["relu_s"] += time.perf_counter() - start - (self.stats["bootstrap_s"] - boot)
-            elif kind == "add":
-                regs[op["dst"]] = self._add(regs[op["a"]], regs[op["b"]])
-            elif kind == "sub":
-                a, b = self._align(regs[op["a"]], regs[op["b"]])
-                regs[op["dst"]] = e.subtract(a, b)
-            key = f"{kind}:{op['dst']}"
-            self.stats["op_s"][key] = self.stats["op_s"].get(key, 0.0) + time.perf_counter() - start
-        return bytes(e.serialize_ciphertext(regs["logits"]))
+        return bytes(e.serialize_ciphertext(self.evaluator.run(e.deserialize_ciphertext(request))))
 
-    def _ready(self, ct, levels: int):
-        """ct with at least `levels` levels left: bootstrapped when it has fewer."""
-        if ct.level >= levels:
-            return ct
-        start = time.perf_counter()
-        # products with plaintexts leave ciphertexts in NTT form, which these calls refuse
-        out = self.engine.bootstrap(self.engine.intt(ct), self.rk, self.ck, self.roll, self.sbk)
-        self.stats["bootstraps"] += 1
-        self.stats["bootstrap_s"] += time.perf_counter() - start
-        if out.level < levels:
-            raise RuntimeError(f"a bootstrap leaves {out.level} levels, {levels} needed")
-        return out
 
-    def _align(self, a, b):
-        e = self.engine
-        if a.level > b.level:
-            a = e.level_down(a, b.level)
-        elif b.level > a.level:
-            b = e.level_down(b, a.level)
-        return a, b
-
-    def _add(self, a, b):
-        a, b = self._align(a, b)
-        return self.engine.add(a, b)
-
-    def _rotate(self, ct, d: int):
-        """Slot i of the result = slot (i + d) mod S of ct."""
-        d %= self.slots
-        if d == 0:
-            return ct
-        self.stats["rotations"] += 1
-        start = time.perf_counter()
-        out = self.engine.roll(ct, self.roll, (-d) % self.slots)
-        self.stats["rotation_s"] += time.perf_counter() - start
-        return out
-
-    def _linear(self, x, plan):
-        e = self.engine
-        baby = {b: self._rotate(x, b) for b in plan["babies"]}
-        out = None
-        for gG, group in plan["groups"].items():
-            acc = None
-            for b, p in group.items():
-                start = time.perf_counter()
-                term = e.multiply(baby[b], p)
-                self.stats["plain_mult_s"] += time.perf_counter() - start
-                self.stats["plain_mults"] += 1
-                acc = term if acc is None else e.add(acc, term)
-            acc = self._rotate(acc, gG)
-            out = acc if out is None else self._add(out, acc)
-        if plan["bias"] is not None:
-            out = e.add(out, plan["bias"])
-        return out
-
-    def _relu(self, x, k: float):
-        """k * relu(x) = (k/2) * (x + x * sign(x)), sign a composition of odd stages."""
-        e = self.engine
-        stages = list(self.program.relu_stages)
-        x = self._ready(x, STAGE_LEVELS)      # x itself is used again at the end (x * s, k/2 * x)
-        s = x
-        for i, name in enumerate(stages):
-            coeffs = list(STAGES[name])
-            if i == len(stages) - 1:
-                coeffs = [c * k / 2 for c in coeffs]
-            power = [0.0] * (2 * len(coeffs))
-            power[1::2] = coeffs
-            s = self._ready(s, STAGE_LEVELS + (1 if i == len(stages) - 1 else 0))
-            s = e.evaluate_polynomial(e.intt(s), power, self.rk)
-            self.stats["ct_mults"] += 4
-        xs, s = self._align(x, s)
-        prod = e.multiply(xs, s, self.rk)
-        self.stats["ct_mults"] += 1
-        half = e.multiply(x, k / 2)
-        return self._add(prod, half)
+def stderr_progress(step: int, total: int, name: str, took: float, stats: dict[str, Any]) -> None:
+    """One line per op on stderr (the worker's log): an encrypted pass takes many minutes."""
+    print(f"fhe model owner: op {step}/{total} {name} {took:.1f} s (bootstraps so far "
+          f"{stats.get('bootstraps', 0)})", file=sys.stderr, flush=True)
 
 
 # --------------------------------------------------------------------------- process
@@ -243,11 +178,14 @@ def serve(conn, settings: dict[str, Any]) -> None:
     t1 = time.perf_counter()
     key_sizes = owner.write_evaluation_keys(workdir / "keys")
     t2 = time.perf_counter()
-    server = ModelOwner(program, workdir / "keys", threads)
+    server = ModelOwner(program, workdir / "keys", threads, stderr_progress)
     t3 = time.perf_counter()
+    plan = {"input_level": None}
+    if BOOTSTRAP_LEVEL is not None:
+        plan = predict_counts(program, owner.engine.max_level, BOOTSTRAP_LEVEL)
     send(conn, {"ok": True, "keys": key_sizes, "engine_s": t1 - t0, "keygen_s": t2 - t1,
                 "load_s": t3 - t2, "slots": owner.engine.slot_count, "max_level": owner.engine.max_level,
-                "version": engine_version(), "peak_rss": _peak_rss()})
+                "version": engine_version(), "peak_rss": _peak_rss(), "plan": plan})
     while True:
         msg = recv(conn)
         if msg[0] == "stop":
@@ -257,7 +195,7 @@ def serve(conn, settings: dict[str, Any]) -> None:
             out = []
             for vec in msg[1]:
                 a = time.perf_counter()
-                request = owner.encrypt(np.asarray(vec, np.float64))
+                request = owner.encrypt(np.asarray(vec, np.float64), plan["input_level"])
                 b = time.perf_counter()
                 response = server.handle(request)
                 c = time.perf_counter()

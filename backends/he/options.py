@@ -21,3 +21,5 @@ class HEOptions(BackendOptions):
     cnn_channels: int = 8
     cnn_pool: int = 1                  # average pooling window after the square (1, 2, 4, 8)
     cnn_epochs: int = 20
+    fhe_relu_stages: str = "g3-g3-g3-f3-f3"  # engine=desilo: sign composition, left to right
+    fhe_resolution: int = 0            # engine=desilo: 0 = the model's; a smaller twin (>= 32) is labelled
