@@ -27,8 +27,13 @@ Options (`--backends mpc:KEY=VALUE:KEY=VALUE` or `[backends.mpc]` in the run con
                   runs the folded plan in plaintext on public synthetic images at the model's
                   resolution (mpc_plan.calibrate) and takes the most bits, at most 24, that
                   keep 2^8 headroom between the largest product's encoding (|y| * 2^(2p)) and
-                  the 64-bit ring; the data owner learns only the number. The default model
-                  gets 24, the untrained small DenseNet 21, a random DenseNet-121 19. The
+                  the 64-bit ring; the data owner learns only the number. With the default
+                  scaling=channels every model here gets 24 (without it: the untrained small
+                  DenseNet 21, a random DenseNet-121 at 224 px 19). The model owner then runs
+                  its plan in a plaintext emulation of that fixed point on two calibration
+                  images (mpc_plan.FixedPointOps, row fixed_point_logit_error) and, with
+                  automatic precision, refuses a model whose logits it moves by more than
+                  4e-3 (|dp| up to 1e-3, the bar every MPC row is held to). The
                   ring is 64-bit whatever the precision, so fewer bits cost nothing less. On
                   the default model fidelity (max |dp| <= 1e-3) breaks at 13 bits and below
                   (exact truncation); the untrained small DenseNet on the NIH sample needs 20
