@@ -11,6 +11,8 @@ Always on (a tiny DenseNet; ~1 min in all, most of it starting parties):
                      (SPU counts messages, not rounds); SPU rows skip without .venv-spu/
 
 Only when asked (minutes each; set MPC_BENCH_DENSENET121=1):
+  MPCRandomness224   the CSPRNG's cost at full size: DenseNet-121 at 224 px, rng=csprng vs
+                     rng=torch in the same run (batch MPC_BENCH_BATCH, default 2)
   MPCDenseNet121     random-weight DenseNet-121 at 64x64, batch 1 and 8 (the 27.4 s/image
                      baseline of CrypTen's own operators); MPC_BENCH_RESOLUTION=224 for the
                      full size (~20 s per image, ~1.1 GB per party here);
@@ -271,6 +273,65 @@ class MPCRandomness:
     track_cpu_seconds_per_image.unit = "seconds"
 
 
+class MPCRandomness224:
+    """The CSPRNG's cost at full size (only with MPC_BENCH_DENSENET121=1; ~1 min of party
+    start-up and ~12 s per image per row on 2 quiet cores): random DenseNet-121 at 224 px,
+    one batch of MPC_BENCH_BATCH images (default 2), dealer triples, rng=csprng against
+    rng=torch in the same `setup_cache`. Wall time per image, CPU time of the busier party per
+    image, bytes sent by it per image and rounds per image. Without the variable the cache is
+    empty and every method is skipped, so `asv run --quick` stays fast.
+    """
+
+    params = (["csprng", "torch"],)
+    param_names = ["rng"]
+    timeout = 3600
+    number = 1
+    repeat = 1
+    warmup_time = 0
+
+    def setup_cache(self):
+        import time
+
+        if os.environ.get("MPC_BENCH_DENSENET121") != "1":
+            return None
+        from suite.models import DENSENET121
+
+        n = int(os.environ.get("MPC_BENCH_BATCH", "2"))
+        results = {}
+        for rng in self.params[0]:
+            r = _Running()
+            r.start(_bundle(DENSENET121, 224), _images(n, 224), triples="ttp", rng=rng)
+            try:
+                start = time.perf_counter()
+                r.run()
+                sent, rounds = r.traffic()
+                results[rng] = {"seconds": (time.perf_counter() - start) / n, "cpu": r.cpu_per_image(),
+                                "bytes": sent, "rounds": rounds / n}
+            finally:
+                r.stop()
+        return results
+
+    def setup(self, *args):          # asv passes the params (and, for track_*, the cache)
+        if os.environ.get("MPC_BENCH_DENSENET121") != "1":
+            raise NotImplementedError("set MPC_BENCH_DENSENET121=1 to run (minutes)")
+
+    def track_seconds_per_image(self, results, rng):
+        return results[rng]["seconds"]
+    track_seconds_per_image.unit = "seconds"
+
+    def track_cpu_seconds_per_image(self, results, rng):
+        return results[rng]["cpu"]
+    track_cpu_seconds_per_image.unit = "seconds"
+
+    def track_bytes_per_image(self, results, rng):
+        return results[rng]["bytes"]
+    track_bytes_per_image.unit = "bytes"
+
+    def track_rounds_per_image(self, results, rng):
+        return results[rng]["rounds"]
+    track_rounds_per_image.unit = "rounds"
+
+
 class MPCPackedReLU:
     """The packed MSB circuit on 2^16 elements, both parties simulated in one process."""
 
@@ -363,6 +424,13 @@ def main() -> None:
               f"{r['cpu'] * 1e3:7.1f} ms CPU/image (busier party), {r['bytes'] / 1e6:6.2f} MB/image sent, "
               f"{r['messages']:.0f} messages/image (busier party)", flush=True)
     if os.environ.get("MPC_BENCH_DENSENET121") == "1":
+        full = MPCRandomness224().setup_cache()
+        for name, r in full.items():
+            print(f"DenseNet-121 224 px rng={name:6s}: {r['seconds']:6.2f} s/image wall, {r['cpu']:6.2f} s "
+                  f"CPU/image (busier party), {r['bytes'] / 1e9:5.2f} GB/image sent, "
+                  f"{r['rounds']:.0f} rounds/image", flush=True)
+        print(f"CSPRNG added latency at 224 px: {full['csprng']['seconds'] / full['torch']['seconds'] - 1:+.1%} "
+              f"wall, {full['csprng']['cpu'] / full['torch']['cpu'] - 1:+.1%} CPU", flush=True)
         batches = [int(b) for b in os.environ.get("MPC_BENCH_BATCHES", "1,8").split(",")]
         for engine in MPCDenseNet121.params[0]:
             for batch in batches:

@@ -168,11 +168,13 @@ def test_model_owner_never_receives_the_image(recorded_run):
 
 
 def test_data_owner_never_receives_the_weights(recorded_run, bundle):
-    from backends.mpc.plan import build_plan
+    from backends.mpc.plan import build_plan, model_owner_fixed_point
 
     record = torch.load(recorded_run["dir"] / "data_owner_batch0.pt", weights_only=False)
-    _, params = build_plan(bundle.net)
-    weights = list(params.values()) + [p.detach() for p in bundle.net.parameters()]
+    plan, params = build_plan(bundle.net)
+    # what party 0 shares: the folded weights rescaled per channel (scaling=channels)
+    _, shared, _, _ = model_owner_fixed_point(plan, params, SIZE, 0, "exact")
+    weights = list(params.values()) + list(shared.values()) + [p.detach() for p in bundle.net.parameters()]
     report = leak_report(record, weights, _run_bits(recorded_run))
     assert report["elements"] > 10_000, report
     assert report["equal"] == 0, report

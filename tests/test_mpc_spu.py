@@ -393,8 +393,11 @@ def test_data_owner_never_receives_the_weights(recorded_run, bundle):
 # ------------------------------------------------------------------ robustness
 
 @needs_spu
-@pytest.mark.parametrize("victim", [0, 1])
+@pytest.mark.parametrize("victim", [1])
 def test_killing_a_party_mid_run_fails_fast_and_cleanly(victim, bundle, tmp_path):
+    """SPU parties die like CrypTen's: one victim here (the data owner); the orchestrator's
+    handling of each victim (model owner, data owner, dealer) is PartyBackend's, shared with
+    CrypTen and covered for all three in tests/test_mpc.py (saves one SPU start, ~15 s)."""
     from backends.mpc import MPCPartyError
 
     backend, ctx = _backend(tmp_path, bundle, batch_size=2, timeout_s=60)

@@ -27,8 +27,13 @@ Options (`--backends mpc:KEY=VALUE:KEY=VALUE` or `[backends.mpc]` in the run con
                   runs the folded plan in plaintext on public synthetic images at the model's
                   resolution (mpc_plan.calibrate) and takes the most bits, at most 24, that
                   keep 2^8 headroom between the largest product's encoding (|y| * 2^(2p)) and
-                  the 64-bit ring; the data owner learns only the number. The default model
-                  gets 24, the untrained small DenseNet 21, a random DenseNet-121 19. The
+                  the 64-bit ring; the data owner learns only the number. With the default
+                  scaling=channels every model here gets 24 (without it: the untrained small
+                  DenseNet 21, a random DenseNet-121 at 224 px 19). The model owner then runs
+                  its plan in a plaintext emulation of that fixed point on two calibration
+                  images (mpc_plan.FixedPointOps, row fixed_point_logit_error) and, with
+                  automatic precision, refuses a model whose logits it moves by more than
+                  4e-3 (|dp| up to 1e-3, the bar every MPC row is held to). The
                   ring is 64-bit whatever the precision, so fewer bits cost nothing less. On
                   the default model fidelity (max |dp| <= 1e-3) breaks at 13 bits and below
                   (exact truncation); the untrained small DenseNet on the NIH sample needs 20
@@ -38,6 +43,14 @@ Options (`--backends mpc:KEY=VALUE:KEY=VALUE` or `[backends.mpc]` in the run con
                   them: faster, but then the model owner holds the triples' randomness and is
                   TRUSTED not to use it (with it, the masked values it receives reveal the
                   image), so images are protected from it by trust, not cryptography
+  scaling         "channels" (default): before sharing, the model owner rescales every
+                  feature channel by a power of two so its largest value on the calibration
+                  images is ~1, and the classifier by a public power of two (the logits are
+                  multiplied back by it, exactly): the float64 network is unchanged bit for bit,
+                  but the largest product shrinks, so more fractional bits fit
+                  (mpc_plan.balance_channels; random DenseNet-121 at 224 px: 24 bits instead
+                  of 19, max |dlogit| ~1e-3 instead of ~3e-2); "none": the folded weights as
+                  they are
   pre_mode        "split" (default) or "mul": how the pre-activation BatchNorms are made
                   exact without (split) or with (mul) a secure multiplication; see mpc_plan
   relu            "packed" (default): backends.mpc.protocol's two-party ReLU (carry-only MSB
@@ -120,6 +133,8 @@ class CrypTenBackend(PartyBackend):
             raise SuiteError(f"mpc option relu must be 'packed' or 'crypten', got '{o.relu}'")
         if o.truncation not in ("exact", "local"):
             raise SuiteError(f"mpc option truncation must be 'exact' or 'local', got '{o.truncation}'")
+        if o.scaling not in ("channels", "none"):
+            raise SuiteError(f"mpc option scaling must be 'channels' or 'none', got '{o.scaling}'")
         if o.rng not in ("csprng", "torch"):
             raise SuiteError(f"mpc option rng must be 'csprng' or 'torch', got '{o.rng}'")
         if o.dealer_host not in ("third_party", "model_owner", "data_owner"):
@@ -184,7 +199,9 @@ class CrypTenBackend(PartyBackend):
             protected_scope="entire DenseNet (all convolutions, BN (folded), ReLU, pooling, "
                             "concatenation, classifier)",
             simulated=False,
-            notes=(f"BatchNorm folded by the model owner (pre-activation BN: {o.pre_mode}); ReLU "
+            notes=(f"BatchNorm folded by the model owner (pre-activation BN: {o.pre_mode}"
+                   + ("; feature channels rescaled by powers of two, logits unchanged" if o.scaling == "channels"
+                      else "") + "); ReLU "
                    f"protocol: {o.relu}; "
                    + ("all parties on one host over loopback; " if o.local_parties == "all" else "")
                    + "WAN/LAN latency rows are projections; "
@@ -207,7 +224,10 @@ class CrypTenBackend(PartyBackend):
         return super()._leaks() + (
             "the fixed-point precision (fractional bits) to the data owner: chosen by the model owner "
             "from its calibration, it bounds the model's largest activation (rows "
-            "fixed_point_precision_bits and fixed_point_headroom_bits give both figures)",)
+            "fixed_point_precision_bits and fixed_point_headroom_bits give both figures)",) + (
+            ("the classifier's output scale to the data owner (scaling=channels: a power of two near "
+             "the largest logit on the model owner's public calibration images)",)
+            if self.options.scaling == "channels" else ())
 
     def _randomness_text(self) -> str:
         if self.options.rng == "torch":
@@ -240,14 +260,14 @@ class CrypTenBackend(PartyBackend):
     # ------------------------------------------------------------------ lifecycle
 
     def setup(self, ctx: BackendContext) -> None:
-        from backends.mpc.plan import model_owner_precision
+        from backends.mpc.plan import model_owner_fixed_point
 
         o = self.options
         plan, params = self._model_owner_plan(ctx)
         if o.local_parties == "all":     # this worker plays the model owner too
             try:
-                self._calibration, self._precision = model_owner_precision(
-                    plan, params, ctx.model.resolution, o.precision_bits, o.truncation)
+                plan, params, self._calibration, self._precision = model_owner_fixed_point(
+                    plan, params, ctx.model.resolution, o.precision_bits, o.truncation, o.scaling)
             except ValueError as exc:
                 raise SuiteError(f"mpc: {exc}") from None
         else:                             # the remote model owner chooses; 0 adopts its choice
@@ -307,6 +327,8 @@ class CrypTenBackend(PartyBackend):
     # ------------------------------------------------------------------ extra figures
 
     def _precision_rows(self) -> list[dict]:
+        from backends.mpc.plan import EMULATED_IMAGES
+
         cal = getattr(self, "_calibration", None)
         if cal is None:
             return []
@@ -321,6 +343,13 @@ class CrypTenBackend(PartyBackend):
                  "unit": "bits", "higher_is_better": True,
                  "note": f"log2(2^63 / (largest product * 2^(2p))) on {source}: how much larger the data "
                          f"owner's activations may be before the ring overflows"}]
+        if cal.logit_error is not None:
+            rows.append({"metric": "fixed_point_logit_error", "value": cal.logit_error, "unit": "",
+                         "higher_is_better": False, "estimate": "simulated",
+                         "note": f"largest |logit change| fixed point causes at {self._precision} bits on "
+                                 f"{min(cal.images, EMULATED_IMAGES)} of the calibration images, by the "
+                                 f"model owner's plaintext emulation (mpc_plan.FixedPointOps); "
+                                 f"|dp| <= a quarter of it"})
         if self.options.truncation == "local":
             rows.append({"metric": "expected_truncation_failures_per_image",
                          "value": cal.local_failures_per_image(self._precision), "unit": "",

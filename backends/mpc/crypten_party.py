@@ -493,6 +493,8 @@ def _standalone(argv: list[str]) -> int:
     p.add_argument("--pre-mode", choices=("split", "mul"), default="split")
     p.add_argument("--relu", choices=("packed", "crypten"), default="packed")
     p.add_argument("--truncation", choices=("exact", "local"), default="exact")
+    p.add_argument("--scaling", choices=("channels", "none"), default="channels",
+                   help="per-channel power-of-two rescaling before sharing (more fractional bits fit)")
     p.add_argument("--reveal-to", choices=("data_owner", "both"), default="data_owner")
     p.add_argument("--rng", choices=("csprng", "torch"), default="csprng",
                    help="randomness: csprng (AES-256-CTR keyed from os.urandom, default) or torch "
@@ -510,13 +512,13 @@ def _standalone(argv: list[str]) -> int:
         return 0
     if not a.checkpoint or not a.labels:
         p.error("model-owner needs --checkpoint and --labels")
-    from backends.mpc.plan import build_plan, model_owner_precision
+    from backends.mpc.plan import build_plan, model_owner_fixed_point
     from suite.models import load_checkpoint
 
     bundle = load_checkpoint(Path(a.checkpoint)).restricted([x for x in a.labels.split(",") if x])
     plan, params = build_plan(bundle.net, a.pre_mode)
-    cal, settings["precision_bits"] = model_owner_precision(plan, params, bundle.resolution,
-                                                           a.precision_bits, a.truncation)
+    plan, params, cal, settings["precision_bits"] = model_owner_fixed_point(
+        plan, params, bundle.resolution, a.precision_bits, a.truncation, a.scaling)
     print(f"[model owner] fixed point: {settings['precision_bits']} fractional bits "
           f"({cal.headroom_bits(settings['precision_bits']):.1f} bits of headroom on calibration)",
           file=sys.stderr, flush=True)

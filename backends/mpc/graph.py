@@ -64,6 +64,10 @@ class Plan:
     # model owner divides conv0's weights by it: both exact, and it balances fixed-point
     # precision between the [-1024, 1024] pixels and conv0's (BN-folded, hence tiny) weights
     input_scale: float = INPUT_SCALE
+    # the classifier's weights are divided by this public power of two (>= 1) so that its
+    # products stay as small as every other layer's (`mpc_plan.balance_channels`); the
+    # logits are multiplied back by it, an exact multiplication by a public integer
+    output_scale: int = 1
 
     def n_params(self) -> int:
         n = 0
@@ -96,7 +100,8 @@ def run_plan(plan: Plan, params: dict[str, Any], x: Any, ops: Any) -> Any:
             h = ops.conv(a, params[t.conv.w], params[t.conv.b], 1, 0)
     a = pre_activation(h, plan.final, params, ops)
     a = ops.global_avg(a)
-    return ops.linear(a, params[plan.fc_w], params[plan.fc_b])
+    logits = ops.linear(a, params[plan.fc_w], params[plan.fc_b])
+    return logits if plan.output_scale == 1 else logits * int(plan.output_scale)
 
 
 def pre_activation(x: Any, pre: Pre, params: dict[str, Any], ops: Any) -> Any:
@@ -157,4 +162,5 @@ def plan_from_dict(d: dict[str, Any]) -> Plan:
                 blocks=[[layer(l) for l in block] for block in d["blocks"]],
                 transitions=[Transition(pre(t["pre"]), Conv(**t["conv"])) for t in d["transitions"]],
                 final=pre(d["final"]), fc_w=d["fc_w"], fc_b=d["fc_b"], pre_mode=d["pre_mode"],
-                shapes={k: tuple(v) for k, v in d["shapes"].items()}, input_scale=d["input_scale"])
+                shapes={k: tuple(v) for k, v in d["shapes"].items()}, input_scale=d["input_scale"],
+                output_scale=int(d.get("output_scale", 1)))

@@ -16,6 +16,7 @@ class MPCOptions(BackendOptions):
     pre_mode: str = "split"
     relu: str = "packed"
     truncation: str = "exact"
+    scaling: str = "channels"          # crypten: channels (per-channel power-of-two rescaling) | none
     threads: int = 0
     reveal_to: str = "data_owner"
     master_addr: str = ""
