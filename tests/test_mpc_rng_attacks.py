@@ -209,3 +209,5 @@ def test_every_row_says_which_channel_it_had():
     remote = " ".join(MPCBackend(MPCOptions(local_parties="data_owner")).threat_model().trust_assumptions)
     assert "channels: loopback" in local
     assert "channels: PLAIN TCP between hosts" in remote
+    tunnelled = MPCBackend(MPCOptions(local_parties="data_owner", channel="tls-vpn")).threat_model()
+    assert "channels: ENCRYPTED between hosts" in " ".join(tunnelled.trust_assumptions)

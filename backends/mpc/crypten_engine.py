@@ -211,15 +211,6 @@ class CrypTenBackend(PartyBackend):
                       "with probability ~|x| * 2^(2p-64) per product")),
         )
 
-    def _channel_text(self) -> str:
-        if self.options.local_parties == "all":
-            return ("channels: loopback on one host (plain TCP through CrypTen's gloo transport, "
-                    "which has no TLS; nothing leaves the machine)")
-        return ("channels: PLAIN TCP between hosts (CrypTen's gloo transport has no TLS and the suite "
-                "starts no tunnel): anyone who can watch the links reads the dealer's keys, the triple "
-                "shares and the openings, hence both inputs; the hosts' network must authenticate and "
-                "encrypt them (IPsec or WireGuard between the hosts)")
-
     def _leaks(self) -> tuple[str, ...]:
         return super()._leaks() + (
             "the fixed-point precision (fractional bits) to the data owner: chosen by the model owner "
