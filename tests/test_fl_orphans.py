@@ -1,7 +1,7 @@
 """Nothing the FL engine starts outlives the process that started it.
 
 A child Python process starts the deployment engine's processes (SuperLink, its SuperExec,
-SuperNodes and site runners) the way the backend does, reports that they are up, and is
+a SuperNode and its site runner) the way the backend does, reports that they are up, and is
 SIGKILLed: no handler runs, so only the parent-death watch (PR_SET_PDEATHSIG, set in
 `backends.fl.engine.popen_watched`) and Flower's own `--parent-pid` monitors can stop them.
 The positive control starts the same engine with the watch disabled and finds its SuperLink
@@ -85,10 +85,10 @@ def test_killing_the_parent_leaves_no_engine_process(tmp_path):
     from backends.fl.engine import stop_by_home
 
     try:
-        up, left = _start_and_kill(tmp_path, sites=2, watch=True)
+        up, left = _start_and_kill(tmp_path, sites=1, watch=True)
         names = " ".join(up)
         assert "flower-superlink" in names and "flower-superexec" in names
-        assert names.count("backends.fl.supernode") == 2 and names.count("backends.fl.site_runner") == 2
+        assert "backends.fl.supernode" in names and "backends.fl.site_runner" in names
         assert not left, f"left running: {[p.cmdline()[:3] for p in left]}"
     finally:
         stop_by_home(tmp_path / "flwr-home", grace=2)
