@@ -62,7 +62,8 @@ def _flower_processes():
     for p in psutil.process_iter(["cmdline"]):
         cmd = " ".join(p.info.get("cmdline") or [])
         if any(name in cmd for name in ("flower-superlink", "flower-supernode", "flower-superexec",
-                                        "flwr-serverapp", "flwr-clientapp", "raylet", "gcs_server")):
+                                        "flwr-serverapp", "flwr-clientapp", "raylet", "gcs_server",
+                                        "backends.fl.supernode", "backends.fl.site_runner")):
             out.append(p)
     return out
 
