@@ -327,13 +327,15 @@ def stop_tree(procs: list[subprocess.Popen], grace: float = 5.0) -> None:
 
 
 RAY_START_FAILED = "timed out during startup"   # Ray's fixed 30 s raylet wait, on a loaded host
+RAY_RETRIES = 2       # a loaded 2-core host (load average 40) failed two Ray starts in a row
 
 
 def run_engine(workdir: Path, job: FLJob, job_path: Path, engine: str) -> EngineReport:
     """Start the federation's processes, run the job with `flwr run`, stop everything.
 
-    A simulation whose Ray node failed to start (Ray waits a fixed 30 s for its raylet) is
-    started once more from scratch; the report says so (`retries`)."""
+    A simulation whose Ray node failed to start (Ray waits a fixed 30 s for its raylet,
+    ray/_private/node.py, no setting) is started again from scratch, up to RAY_RETRIES
+    times; the report says so (`retries`)."""
     retries = 0
     while True:
         dep = Deployment(workdir / (f"retry-{retries}" if retries else ""), job, job_path,
@@ -345,7 +347,7 @@ def run_engine(workdir: Path, job: FLJob, job_path: Path, engine: str) -> Engine
         except EngineError:
             log = dep.logs / "flwr-run.log"
             said = log.read_text(errors="replace") if log.exists() else ""
-            if engine != "simulation" or retries >= 1 or RAY_START_FAILED not in said:
+            if engine != "simulation" or retries >= RAY_RETRIES or RAY_START_FAILED not in said:
                 raise
             retries += 1
         finally:
