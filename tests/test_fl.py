@@ -557,3 +557,33 @@ def test_local_mode_scores_each_image_with_its_own_sites_model(tmp_path, tiny_da
     other = backend.predict_proba(x, BatchMeta(tuple(f"i{i}" for i in range(4)), ("elsewhere",) * 4))
     assert np.allclose(other, np.mean([predict(n, x) for n in backend.site_nets.values()], axis=0))
     assert _rows(backend, "local_routed_fraction")[0]["value"] == 0.5
+
+
+# -------------------------------------------------------------------------------------------
+# the deployment engine's SuperNode poll (a patch of Flower: it must hit exactly its target)
+# -------------------------------------------------------------------------------------------
+
+def test_supernode_patch_shortens_only_flowers_two_polls(monkeypatch):
+    import inspect
+    import time
+
+    from flwr.supernode import start_client_internal as loop
+
+    from backends.fl.supernode import FlowerChanged, patch_supernode_poll
+
+    monkeypatch.setattr(loop, "time", time)       # restored after the test
+    assert loop.time.sleep is time.sleep           # control: unpatched, Flower's real 3 s sleep
+    patch_supernode_poll(idle_s=0.01, reply_s=0.01)
+    assert loop.time is not time and time.sleep is not loop.time.sleep   # nothing else changes
+    start = time.perf_counter()
+    loop.time.sleep(3)
+    loop.time.sleep(0.5)
+    assert time.perf_counter() - start < 1.0
+    start = time.perf_counter()
+    loop.time.sleep(0.2)                            # any other sleep is left as it is
+    assert time.perf_counter() - start >= 0.19
+    assert loop.time.monotonic is time.monotonic
+    # a Flower whose loop changed is refused, not patched blindly
+    monkeypatch.setattr(inspect, "getsource", lambda _m: "while True: pass")
+    with pytest.raises(FlowerChanged):
+        patch_supernode_poll()

@@ -16,6 +16,12 @@ the same number of examples processed (emitted once per row as `train_budget_epo
                        names each image's site in `BatchMeta.sites`), so the per-site AUROC is
                        "site k's model on site k's patients".
 
+BatchNorm (`bn`): the federated row is FedBN by default (`auto` = `local` without privacy):
+every BatchNorm layer stays at its site, and each test image is scored by its own site's
+model (global weights + that site's BatchNorm; site from `BatchMeta.sites`), as the
+local-only control scores it. With privacy (dp, ldp, secagg) BatchNorm is averaged
+(`shared`): their guarantee covers one released global model.
+
 Every mode holds out the same `val_fraction` of each site's partition: the federated
 evaluation after each round runs there (`round_val_auroc`), and no mode trains on it.
 
