@@ -62,7 +62,8 @@ def _flower_processes():
     for p in psutil.process_iter(["cmdline"]):
         cmd = " ".join(p.info.get("cmdline") or [])
         if any(name in cmd for name in ("flower-superlink", "flower-supernode", "flower-superexec",
-                                        "flwr-serverapp", "flwr-clientapp", "raylet", "gcs_server")):
+                                        "flwr-serverapp", "flwr-clientapp", "raylet", "gcs_server",
+                                        "backends.fl.supernode", "backends.fl.site_runner")):
             out.append(p)
     return out
 
@@ -241,6 +242,46 @@ def test_fedprox_differs_from_fedavg(tmp_path, tiny_data, tiny_model):
     assert _distance(prox_final, init) < _distance(avg_final, init)
 
 
+def test_fedbn_keeps_each_sites_batchnorm_at_the_site(tmp_path, tiny_data, tiny_model):
+    """bn=local (FedBN): a site computes with its own BatchNorm layers, never the server's;
+    control: bn=shared loads everything from the server and keeps nothing local."""
+    from backends.fl.app import (batchnorm_keys, load_local_layers, local_layers_path,
+                                 site_model_arrays)
+
+    job = _inline_job(tmp_path / "bn", tiny_data, tiny_model, rounds=2, bn="local")
+    summary, final = _run_inline(job)
+    keys = batchnorm_keys(job)
+    assert keys and all(k in final for k in keys) and any(k.endswith("running_var") for k in keys)
+    own = {site: load_local_layers(local_layers_path(job.data_dir, site)) for site in job.sites}
+    assert all(v is not None and set(v) == set(keys) for v in own.values())
+    var = next(k for k in keys if k.endswith("running_mean"))
+    assert not np.allclose(own["site-1"][var], own["site-7"][var])       # each site its own
+    # the server still averages what the sites upload (their BatchNorm included) ...
+    n = np.array([r for r in (len(np.load(f"{job.data_dir}/{s}.npz")["images"]) for s in job.sites)], float)
+    mean = sum(w * own[s][var] for w, s in zip(n / n.sum(), job.sites))
+    assert np.allclose(final[var], mean, atol=1e-5)
+    # ... but a site never computes with it: global weights + its own BatchNorm layers
+    mixed = site_model_arrays(job, "site-1", final)
+    assert np.array_equal(mixed[var], own["site-1"][var])
+    other = next(k for k in final if k not in keys)
+    assert np.array_equal(mixed[other], final[other])
+    # control: shared BatchNorm keeps nothing at the site and computes with the server's
+    shared = _inline_job(tmp_path / "shared", tiny_data, tiny_model, rounds=1, bn="shared")
+    _, final_shared = _run_inline(shared)
+    assert not any(local_layers_path(shared.data_dir, s).exists() for s in shared.sites)
+    assert site_model_arrays(shared, "site-1", final_shared) is final_shared
+
+
+def test_fedbn_is_refused_where_a_privacy_guarantee_covers_the_global_model():
+    from suite.errors import SuiteError
+
+    with pytest.raises(SuiteError, match="bn=local"):
+        _backend(privacy="dp", bn="local")
+    assert _backend(privacy="dp").batchnorm() == "shared"
+    assert _backend().batchnorm() == "local"
+    assert _backend(mode="centralised").batchnorm() == "shared"
+
+
 def test_dropout_round_completes_with_the_remaining_sites(tmp_path, tiny_data, tiny_model):
     summary, _ = _run_inline(_inline_job(tmp_path, tiny_data, tiny_model, rounds=2,
                                          drop_site="site-3", drop_round=2))
@@ -321,6 +362,9 @@ def test_simulation_engine_end_to_end(tmp_path, tiny_data, tiny_model):
     sites_sent = sum(t.bytes_sent for (ph, party), t in snap.items() if party.startswith("site-"))
     assert sites_sent == server.bytes_received
     assert _rows(backend, "engine_startup_time")[0]["value"] > 0
+    # FedBN (the default): every test image was scored by its own site's model
+    assert set(backend.site_nets) == set(tiny_data.site_names())
+    assert _rows(backend, "local_routed_fraction")[0]["value"] == 1.0
     # Ray and every worker are gone
     import ray
 
@@ -513,3 +557,33 @@ def test_local_mode_scores_each_image_with_its_own_sites_model(tmp_path, tiny_da
     other = backend.predict_proba(x, BatchMeta(tuple(f"i{i}" for i in range(4)), ("elsewhere",) * 4))
     assert np.allclose(other, np.mean([predict(n, x) for n in backend.site_nets.values()], axis=0))
     assert _rows(backend, "local_routed_fraction")[0]["value"] == 0.5
+
+
+# -------------------------------------------------------------------------------------------
+# the deployment engine's SuperNode poll (a patch of Flower: it must hit exactly its target)
+# -------------------------------------------------------------------------------------------
+
+def test_supernode_patch_shortens_only_flowers_two_polls(monkeypatch):
+    import inspect
+    import time
+
+    from flwr.supernode import start_client_internal as loop
+
+    from backends.fl.supernode import FlowerChanged, patch_supernode_poll
+
+    monkeypatch.setattr(loop, "time", time)       # restored after the test
+    assert loop.time.sleep is time.sleep           # control: unpatched, Flower's real 3 s sleep
+    patch_supernode_poll(idle_s=0.01, reply_s=0.01)
+    assert loop.time is not time and time.sleep is not loop.time.sleep   # nothing else changes
+    start = time.perf_counter()
+    loop.time.sleep(3)
+    loop.time.sleep(0.5)
+    assert time.perf_counter() - start < 1.0
+    start = time.perf_counter()
+    loop.time.sleep(0.2)                            # any other sleep is left as it is
+    assert time.perf_counter() - start >= 0.19
+    assert loop.time.monotonic is time.monotonic
+    # a Flower whose loop changed is refused, not patched blindly
+    monkeypatch.setattr(inspect, "getsource", lambda _m: "while True: pass")
+    with pytest.raises(FlowerChanged):
+        patch_supernode_poll()

@@ -72,6 +72,7 @@ class FLJob:
     dp_delta: float = 1e-3
     ldp_epsilon: float = 10.0
     ldp_delta: float = 1e-5
+    bn: str = "shared"               # shared (FedAvg averages BatchNorm too) | local (FedBN)
     drop_site: str = ""
     drop_round: int = 0
     round_eval: bool = True
@@ -233,6 +234,46 @@ def set_arrays(net, arrays: dict[str, np.ndarray]) -> None:
 
 def site_path(data_dir: str | Path, site: str) -> Path:
     return Path(data_dir) / f"{site}.npz"
+
+
+# ---------------------------------------------------------------------------------------
+# FedBN: BatchNorm layers that stay at their site
+# ---------------------------------------------------------------------------------------
+
+_BN_KEYS: dict[str, list[str]] = {}
+
+
+def batchnorm_keys(job: "FLJob") -> list[str]:
+    """The arrays FedBN keeps local: every BatchNorm layer's affine weight and bias and its
+    running mean and variance."""
+    import torch
+
+    key = json.dumps([job.architecture, job.n_labels], sort_keys=True, default=str)
+    if key not in _BN_KEYS:
+        net = _build(job)
+        _BN_KEYS[key] = [f"{name}.{part}" for name, m in net.named_modules()
+                         if isinstance(m, torch.nn.BatchNorm2d)
+                         for part in ("weight", "bias", "running_mean", "running_var")]
+    return _BN_KEYS[key]
+
+
+def local_layers_path(data_dir: str | Path, site: str, data_path: str | None = None) -> Path:
+    """Where a site keeps its own BatchNorm layers (FedBN): beside its data, on its disk."""
+    data = Path(data_path or site_path(data_dir, site))
+    return data.with_name(data.stem + ".local-bn.npz")
+
+
+def load_local_layers(path: Path) -> dict[str, np.ndarray] | None:
+    if not path.exists():
+        return None
+    with np.load(path) as z:
+        return {k: z[k] for k in z.files}
+
+
+def save_local_layers(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(tmp, **arrays)
+    tmp.replace(path)
 
 
 def save_site(data_dir: Path, site: str, images: np.ndarray, labels: np.ndarray,
@@ -408,22 +449,37 @@ def _crash_point(job: FLJob, site: str, server_round: int) -> int | None:
     return None
 
 
+def site_model_arrays(job: FLJob, site: str, arrays: dict[str, np.ndarray],
+                      data_path: str | None = None) -> dict[str, np.ndarray]:
+    """What a site computes with: the global arrays, with its own BatchNorm layers under
+    FedBN (bn=local) once it has trained (before that, the global model's)."""
+    if job.bn != "local":
+        return arrays
+    own = load_local_layers(local_layers_path(job.data_dir, site, data_path))
+    return {**arrays, **own} if own else arrays
+
+
 def client_train(job: FLJob, site_index: int, arrays: dict[str, np.ndarray], server_round: int,
                  proximal_mu: float, data_path: str | None = None) -> tuple[dict[str, np.ndarray], int, float]:
     site = job.sites[site_index]
     data = load_site(job.data_dir, site, data_path)
     net = _build(job)
-    set_arrays(net, arrays)
+    set_arrays(net, site_model_arrays(job, site, arrays, data_path))
     loss = train_local(net, data, job.local_epochs, job, round_seed(job, server_round, site_index),
                        proximal_mu, crash_after_batches=_crash_point(job, site, server_round))
-    return get_arrays(net), len(data), loss
+    new = get_arrays(net)
+    if job.bn == "local":
+        save_local_layers(local_layers_path(job.data_dir, site, data_path),
+                          {k: new[k] for k in batchnorm_keys(job)})
+    return new, len(data), loss
 
 
 def client_evaluate(job: FLJob, site_index: int, arrays: dict[str, np.ndarray],
                     data_path: str | None = None) -> tuple[int, float, float]:
-    data = load_site(job.data_dir, job.sites[site_index], data_path, part="val")
+    site = job.sites[site_index]
+    data = load_site(job.data_dir, site, data_path, part="val")
     net = _build(job)
-    set_arrays(net, arrays)
+    set_arrays(net, site_model_arrays(job, site, arrays, data_path))
     loss, auroc = evaluate_local(net, data)
     return len(data), loss, auroc
 

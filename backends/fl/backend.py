@@ -16,6 +16,12 @@ the same number of examples processed (emitted once per row as `train_budget_epo
                        names each image's site in `BatchMeta.sites`), so the per-site AUROC is
                        "site k's model on site k's patients".
 
+BatchNorm (`bn`): the federated row is FedBN by default (`auto` = `local` without privacy):
+every BatchNorm layer stays at its site, and each test image is scored by its own site's
+model (global weights + that site's BatchNorm; site from `BatchMeta.sites`), as the
+local-only control scores it. With privacy (dp, ldp, secagg) BatchNorm is averaged
+(`shared`): their guarantee covers one released global model.
+
 Every mode holds out the same `val_fraction` of each site's partition: the federated
 evaluation after each round runs there (`round_val_auroc`), and no mode trains on it.
 
@@ -56,6 +62,7 @@ ENGINES = ("simulation", "deployment")
 PRIVACY = ("none", "dp", "ldp", "secagg")
 PARTITIONS = ("sites", "dirichlet")
 STARTS = ("model", "scratch")
+BATCHNORM = ("auto", "local", "shared")
 
 
 @dataclass
@@ -72,6 +79,8 @@ class FLOptions(BackendOptions):
     min_clients: int = 2            # a round aggregates only with at least this many results
     engine: str = "simulation"      # simulation (Ray) | deployment (SuperLink + SuperNodes)
     privacy: str = "none"           # none | dp (central) | ldp (local) | secagg (SecAgg+)
+    bn: str = "auto"                # BatchNorm: local (FedBN) | shared (averaged) | auto: local
+                                    # without privacy, shared with it (one released global model)
     clip: float = 1.0               # DP clipping norm of a site's update (dp, ldp)
     noise_multiplier: float = 1.0   # central DP noise, in units of clip (dp)
     dp_delta: float = 1e-3          # delta the central-DP epsilon is reported at (site level)
@@ -118,7 +127,8 @@ class FLBackend(Backend):
         super().__init__(options)
         o = self.options
         for name, allowed in (("mode", MODES), ("strategy", STRATEGIES), ("engine", ENGINES),
-                              ("privacy", PRIVACY), ("partition", PARTITIONS), ("start", STARTS)):
+                              ("privacy", PRIVACY), ("partition", PARTITIONS), ("start", STARTS),
+                              ("bn", BATCHNORM)):
             if getattr(o, name) not in allowed:
                 raise SuiteError(f"backend 'fl' option {name}='{getattr(o, name)}' is not one of "
                                  f"{', '.join(allowed)}")
@@ -130,6 +140,9 @@ class FLBackend(Backend):
             raise SuiteError("backend 'fl' option val_fraction must be in [0, 0.5)")
         if not 0 < o.fraction <= 1:
             raise SuiteError("backend 'fl' option fraction must be in (0, 1]")
+        if o.bn == "local" and o.privacy != "none":
+            raise SuiteError("backend 'fl': bn=local (FedBN) keeps per-site layers outside the "
+                             f"released global model that privacy={o.privacy} covers; use bn=shared")
         if o.privacy == "secagg" and o.strategy != "fedavg":
             raise SuiteError("backend 'fl': privacy=secagg runs SecAgg+ with FedAvg only")
         if o.privacy in ("dp", "ldp") and o.clip <= 0:
@@ -156,6 +169,22 @@ class FLBackend(Backend):
             return None
         return FLBackend(control_options(self.options, "centralised"))
 
+    def batchnorm(self) -> str:
+        """local (FedBN) or shared: what `bn` means for this configuration."""
+        if self.options.mode != "federated":
+            return "shared"
+        if self.options.bn == "auto":
+            return "local" if self.options.privacy == "none" else "shared"
+        return self.options.bn
+
+    def batchnorm_text(self) -> str:
+        if self.batchnorm() == "local":
+            return ("FedBN: every BatchNorm layer (affine weight, bias and running statistics) "
+                    "stays at its site and is never loaded from the server; the other weights "
+                    "are FedAvg-averaged; each test image is scored by its own site's model "
+                    "(global weights + that site's BatchNorm layers)")
+        return "BatchNorm layers are averaged with the other weights (one global model)"
+
     def budget_epochs(self) -> int:
         return self.options.rounds * self.options.local_epochs
 
@@ -166,9 +195,11 @@ class FLBackend(Backend):
                   else f"{self.budget_epochs()} epochs")
         budget += "; " + self.start_text()
         sim = o.engine == "simulation" and o.mode == "federated"
+        from backends.fl.supernode import PATCHED
+
         where = ("sites simulated as Ray actors on one host (Flower Simulation Engine)" if sim else
-                 "SuperLink and SuperNodes as separate processes on loopback, TLS off" if o.mode == "federated"
-                 else "one host")
+                 "SuperLink and SuperNodes as separate processes on loopback, TLS off; "
+                 + PATCHED if o.mode == "federated" else "one host")
         if o.mode == "centralised":
             return ThreatModel(
                 protects=(), from_whom="nobody: control configuration",
@@ -193,7 +224,7 @@ class FLBackend(Backend):
         base_trust = ("the server runs the agreed strategy and sends every site the same model",
                       "sites train honestly on their own data",
                       "in deployment, channels are TLS-protected (this benchmark's loopback runs insecure)")
-        strategy = f"{o.strategy} ({budget})"
+        strategy = f"{o.strategy} ({budget}); {self.batchnorm_text()}"
         if o.privacy == "dp":
             eps = _central_dp_epsilon(o.noise_multiplier, o.rounds, self._n_sites_hint(), o.dp_delta)
             eps_text = f"epsilon={eps:.3g}" if eps is not None else "epsilon from Flower's RDP accountant"
@@ -354,7 +385,8 @@ class FLBackend(Backend):
             self.site_nets[site] = net
 
     def _fit_federated(self, train, images, clients, val, ctx) -> None:
-        from backends.fl.app import FINAL, INITIAL, SUMMARY, FLJob, get_arrays, save_site, set_arrays
+        from backends.fl.app import (FINAL, INITIAL, SUMMARY, FLJob, get_arrays, load_local_layers,
+                                     local_layers_path, save_site, set_arrays)
         from backends.fl.engine import run_engine
 
         o = self.options
@@ -364,6 +396,7 @@ class FLBackend(Backend):
         for site, index in clients.items():
             save_site(data_dir, site, images[index], train.labels[index],
                       images[val[site]], train.labels[val[site]])
+            local_layers_path(data_dir, site).unlink(missing_ok=True)   # never a stale FedBN
         if o.drop_site and o.drop_site not in clients:
             raise SuiteError(f"backend 'fl': drop_site '{o.drop_site}' is not one of {list(clients)}")
         init = self._initial()
@@ -374,7 +407,8 @@ class FLBackend(Backend):
                     rounds=o.rounds, local_epochs=o.local_epochs, fraction=o.fraction,
                     min_clients=o.min_clients, privacy=o.privacy, clip=o.clip,
                     noise_multiplier=o.noise_multiplier, dp_delta=o.dp_delta,
-                    ldp_epsilon=o.ldp_epsilon, ldp_delta=o.ldp_delta, drop_site=o.drop_site,
+                    ldp_epsilon=o.ldp_epsilon, ldp_delta=o.ldp_delta, bn=self.batchnorm(),
+                    drop_site=o.drop_site,
                     drop_round=o.drop_round, round_eval=o.round_eval, round_timeout=o.round_timeout,
                     seed=ctx.seed, threads=self._site_threads(len(clients)),
                     max_site_examples=max(len(i) for i in clients.values()),
@@ -389,8 +423,15 @@ class FLBackend(Backend):
         self.net = self._initial()
         set_arrays(self.net, arrays)
         self.net.eval()
+        if job.bn == "local":   # FedBN: each site's model = global weights + its own BatchNorm
+            for site in clients:
+                own = load_local_layers(local_layers_path(data_dir, site))
+                if own is not None:
+                    self.site_nets[site] = self._initial()
+                    set_arrays(self.site_nets[site], {**arrays, **own})
+                    self.site_nets[site].eval()
         self._meter(ctx)
-        self.rows = federation_rows(self.summary, o)
+        self.rows = federation_rows(self.summary, o, job.bn)
         # what the audit phase attacks: round 1's global model and each site's first images
         self._audit_inputs = {"init": init, "images": images, "labels": train.labels,
                               "clients": clients}
@@ -469,7 +510,7 @@ class FLBackend(Backend):
         from backends.audits.gradient_inversion import downsample
 
         x = downsample(images, self.resolution)
-        if self.options.mode != "local":
+        if not self.site_nets:
             return predict(self.net, x)
         out = np.zeros((len(images), len(self.labels)))
         sites = np.array(meta.sites if meta is not None else [""] * len(images), dtype=object)
@@ -478,7 +519,9 @@ class FLBackend(Backend):
             if len(rows):
                 out[rows] = predict(net, x[rows])
         unknown = np.flatnonzero(~np.isin(sites, list(self.site_nets)))
-        if len(unknown):   # a site without its own model: the mean of all site models (reported)
+        if len(unknown) and self.net is not None:   # a site without its own layers (reported):
+            out[unknown] = predict(self.net, x[unknown])   # FedBN: the server's global model
+        elif len(unknown):   # local-only: the mean of all site models (reported)
             out[unknown] = np.mean([predict(n, x[unknown]) for n in self.site_nets.values()], axis=0)
         self._routed[0] += len(images) - len(unknown)
         self._routed[1] += len(images)
@@ -494,12 +537,14 @@ class FLBackend(Backend):
 
     def extra_rows(self) -> list[dict]:
         rows = list(self.rows)
-        if self.options.mode == "local":
+        if self.site_nets:
             routed, total = self._routed
+            rest = ("the server's global model (averaged BatchNorm)" if self.options.mode == "federated"
+                    else "the mean of all site models")
             rows.append(_row("local_routed_fraction", routed / total if total else None, "fraction",
                              True, "test images scored by their own site's model (site from the "
                                    "harness's BatchMeta); the rest (a site without a training "
-                                   "partition) get the mean of all site models"))
+                                   f"partition) get {rest}"))
         return rows
 
 
@@ -610,13 +655,19 @@ def budget_rows(options: FLOptions, clients: dict[str, np.ndarray], batch_size: 
     return rows
 
 
-def federation_rows(summary: dict[str, Any], options: FLOptions) -> list[dict]:
+def federation_rows(summary: dict[str, Any], options: FLOptions, bn: str = "shared") -> list[dict]:
     """Convergence, communication and fault rows from the ServerApp's summary."""
     rows: list[dict] = []
     rounds = summary.get("rounds", [])
-    val_how = (f"global model after this round, federated evaluation on each site's held-out "
+    model = ("each site's model after this round (global weights + its own BatchNorm, FedBN)"
+             if bn == "local" else "global model after this round")
+    val_how = (f"{model}, federated evaluation on each site's held-out "
                f"validation slice ({options.val_fraction:g} of its partition, never trained on), "
                f"weighted by examples")
+    if options.engine == "deployment":
+        from backends.fl.supernode import PATCHED
+
+        val_how += "; deployment engine: " + PATCHED
     for r in rounds:
         tr, ev = r.get("train", {}), r.get("evaluate", {})
         if "train-loss" in tr:
@@ -684,6 +735,10 @@ def federation_rows(summary: dict[str, Any], options: FLOptions) -> list[dict]:
                      "run, in round 1" if options.engine == "simulation"
                      else "SuperLink + all SuperNodes (and their site runners) up and registered "
                           "(Deployment Engine)")
+        if options.engine == "deployment":
+            from backends.fl.supernode import PATCHED
+
+            how_start += "; " + PATCHED
         rows.append(_row("engine_startup_time", start, "s", False, how_start))
     if summary.get("engine_retries"):
         rows.append(_row("engine_retries", summary["engine_retries"], "runs", False,

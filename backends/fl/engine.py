@@ -11,11 +11,16 @@ deployment  Flower's Deployment Engine as separate processes on loopback: one Su
             (backends/fl/site_runner.py), so a site imports torch and loads its data once per
             run, not once per message (Flower's `subprocess` isolation starts a process for
             every message; used only where the site runner's Runtime API calls are missing).
+            The SuperNode is `flower-supernode` started through backends/fl/supernode.py,
+            which shortens its fixed 3 s idle poll (a monkeypatch: Flower 1.42 has no
+            setting for it; every deployment row says so in its notes).
 
 Both submit the run against a Flower config in the run's work folder (FLWR_HOME), so the
 user's ~/.flwr is never touched; the job travels inline in the run config (`job='b64:...'`)
 and each SuperNode is pointed at its own data file (`data-path`). Every process started (and
-every descendant: SuperExec, ServerApp, simulation, Ray and ClientApp processes) is stopped.
+every descendant: SuperExec, ServerApp, simulation, Ray and ClientApp processes) is stopped,
+and every process started here dies with its starter (`popen_watched`: PR_SET_PDEATHSIG),
+so a killed worker or test leaves no SuperLink or SuperExec behind.
 Both return an `EngineReport` (start-up seconds, where the logs are).
 """
 
@@ -31,6 +36,15 @@ from pathlib import Path
 
 from backends.fl.app import JOB_KEY, SUMMARY, FLJob
 from suite.procwatch import terminate_then_kill
+
+try:   # resolved here, not in the forked child: a preexec_fn must not import or allocate
+    import ctypes
+    import signal
+
+    _PRCTL = ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
+except (OSError, AttributeError):
+    _PRCTL = None
+PR_SET_PDEATHSIG = 1
 
 QUIET_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "RAY_USAGE_STATS_ENABLED": "0",
              "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "PYTHONUNBUFFERED": "1",
@@ -96,6 +110,22 @@ client_app = fl_app.{client_factory}()
 """
 
 
+def die_with_parent() -> None:
+    """preexec_fn of every process the engine starts: the kernel sends it SIGTERM when the
+    process that started it (the backend's worker, or a test's pytest) dies, even by
+    SIGKILL. Flower's own children watch their parents (`--parent-pid`: SuperExec,
+    ServerApp, ClientApp processes) and Ray shares fate with its driver, so the whole
+    federation goes with it instead of being left running."""
+    if _PRCTL is not None:
+        _PRCTL(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+
+
+def popen_watched(args: list[str], **kw) -> subprocess.Popen:
+    """subprocess.Popen with the parent-death watch (and its own session, so a stop can
+    signal the whole group)."""
+    return subprocess.Popen(args, preexec_fn=die_with_parent, start_new_session=True, **kw)
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -136,6 +166,7 @@ class Deployment:
         self.app = self.workdir / "flwr-app"
         self.logs = self.workdir / "logs"
         self.procs: list[subprocess.Popen] = []
+        self.names: dict[int, str] = {}
         self.port = 0
         from suite.paths import REPO_ROOT
 
@@ -146,10 +177,11 @@ class Deployment:
 
     def _spawn(self, name: str, args: list[str]) -> subprocess.Popen:
         log = open(self.logs / f"{name}.log", "w")
-        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=self.env,
-                                cwd=self.workdir, start_new_session=True)
+        proc = popen_watched(args, stdout=log, stderr=subprocess.STDOUT, env=self.env,
+                             cwd=self.workdir)
         log.close()
         self.procs.append(proc)
+        self.names[proc.pid] = name
         return proc
 
     def start(self) -> float:
@@ -171,7 +203,7 @@ class Deployment:
         for k in range(n):
             runtime_port = free_port()
             self._spawn(f"supernode-{k}", [
-                _bin("flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{self.port}",
+                sys.executable, "-m", "backends.fl.supernode", "--insecure", "--superlink", f"127.0.0.1:{self.port}",
                 "--port", str(runtime_port),
                 "--node-config",
                 f'partition-id={k} num-partitions={n} data-path="{self._site_file(k)}"']
@@ -197,7 +229,7 @@ class Deployment:
     def _check_alive(self) -> None:
         for p in self.procs:
             if p.poll() is not None:
-                name = Path(p.args[0]).name
+                name = self.names.get(p.pid, Path(p.args[0]).name)
                 raise EngineError(f"{name} exited with code {p.returncode}; see {self.logs}")
 
     def _wait_supernodes(self, deadline: float, n: int) -> None:
@@ -226,11 +258,10 @@ class Deployment:
                           f"init-args-num-gpus=0 init-args-logging-level='ERROR' "
                           f"init-args-log-to-driver=false"]
         with open(self.logs / "flwr-run.log", "w") as log:
-            cli = subprocess.Popen(
+            cli = popen_watched(
                 [_bin("flwr"), "run", str(self.app), "suite", "--stream",
                  "--run-config", f"{JOB_KEY}='{self.job.to_ref()}'"] + federation,
-                stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=self.workdir,
-                start_new_session=True)
+                stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=self.workdir)
             self.procs.append(cli)
             deadline = time.monotonic() + timeout
             while not summary.exists():
@@ -245,7 +276,7 @@ class Deployment:
                                       f"logs in {self.logs}")
                 for p in self.procs[:-1]:
                     if p.poll() is not None:
-                        raise EngineError(f"{Path(p.args[0]).name} died during the run; logs in {self.logs}")
+                        raise EngineError(f"{self.names.get(p.pid, Path(p.args[0]).name)} died during the run; logs in {self.logs}")
                 time.sleep(0.5)
         if not summary.exists():
             tail = (self.logs / "flwr-run.log").read_text(errors="replace")[-2000:]
@@ -296,13 +327,15 @@ def stop_tree(procs: list[subprocess.Popen], grace: float = 5.0) -> None:
 
 
 RAY_START_FAILED = "timed out during startup"   # Ray's fixed 30 s raylet wait, on a loaded host
+RAY_RETRIES = 2       # a loaded 2-core host (load average 40) failed two Ray starts in a row
 
 
 def run_engine(workdir: Path, job: FLJob, job_path: Path, engine: str) -> EngineReport:
     """Start the federation's processes, run the job with `flwr run`, stop everything.
 
-    A simulation whose Ray node failed to start (Ray waits a fixed 30 s for its raylet) is
-    started once more from scratch; the report says so (`retries`)."""
+    A simulation whose Ray node failed to start (Ray waits a fixed 30 s for its raylet,
+    ray/_private/node.py, no setting) is started again from scratch, up to RAY_RETRIES
+    times; the report says so (`retries`)."""
     retries = 0
     while True:
         dep = Deployment(workdir / (f"retry-{retries}" if retries else ""), job, job_path,
@@ -314,7 +347,7 @@ def run_engine(workdir: Path, job: FLJob, job_path: Path, engine: str) -> Engine
         except EngineError:
             log = dep.logs / "flwr-run.log"
             said = log.read_text(errors="replace") if log.exists() else ""
-            if engine != "simulation" or retries >= 1 or RAY_START_FAILED not in said:
+            if engine != "simulation" or retries >= RAY_RETRIES or RAY_START_FAILED not in said:
                 raise
             retries += 1
         finally:

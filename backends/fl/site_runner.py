@@ -11,7 +11,8 @@ runs each message in-process, so imports, the loaded ClientApp and the site's da
 warm for the whole run.
 
 Run: `python -m backends.fl.site_runner --runtime-api 127.0.0.1:<supernode --port>
-[--parent-pid PID]`. It exits when its parent (the backend's worker) dies or on SIGTERM.
+[--parent-pid PID]`. It exits when its parent (the backend's worker) dies or on SIGTERM
+(the engine starts it with PR_SET_PDEATHSIG = SIGTERM).
 """
 
 from __future__ import annotations
@@ -102,12 +103,17 @@ def _parent_alive(pid: int | None) -> bool:
     return True
 
 
+def _exit_now(signum, _frame) -> None:
+    raise SystemExit(128 + signum)
+
+
 def serve(address: str, parent_pid: int | None = None) -> None:
     from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=E0611
     from flwr.supercore.constant import TaskType
 
-    stop = {"now": False}
-    signal.signal(signal.SIGTERM, lambda *_: stop.__setitem__("now", True))
+    # SIGTERM (a stop, or the parent-death signal) ends the runner at once: a flag checked
+    # by the loop would wait out the Runtime API client's retries once the SuperNode is gone
+    signal.signal(signal.SIGTERM, _exit_now)
     # warm: torch, the model code and the apps load before the run starts, not in round 1
     import torch  # noqa: F401
 
@@ -119,7 +125,7 @@ def serve(address: str, parent_pid: int | None = None) -> None:
     apps = AppCache()
     served = 0
     try:
-        while not stop["now"] and _parent_alive(parent_pid):
+        while _parent_alive(parent_pid):
             try:
                 res = client.AcquireTask(AcquireTaskRequest(
                     supported_task_types=[TaskType.CLIENT_APP.value], agentapp_fab_hashes=[]))
