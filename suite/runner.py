@@ -302,18 +302,22 @@ def execute_backend(plan: Planned, state: RunState, run_dir: Path, cfg: RunConfi
         proc = run_watched([sys.executable, "-m", "suite.worker", str(job_path)], cfg.timeout_s, env,
                            log_path=meta_path.with_suffix(".log"), on_poll=shown.poll)
     part = json.loads(meta_path.read_text()) if meta_path.exists() else None
-    if proc.timed_out:
-        error = f"timed out after {cfg.timeout_s:.0f} s (limit timeout_s)"
-    elif part is None:
-        error = f"worker died with exit code {proc.returncode} before reporting"
-    elif part["status"] != "ok":
-        error = part["error"]
-    else:
-        error = None
+    error = worker_error(proc.timed_out, proc.returncode, part, cfg.timeout_s)
     if error:
         record_failure(plan, state, writer, console, error)
         return
     score_part(plan, state, run_dir, cfg, part, proc.__dict__, writer, console)
+
+
+def worker_error(timed_out: bool, returncode, part: dict | None, timeout_s: float) -> str | None:
+    """Why a worker's job failed (None when it reported ok): one wording for local and Ray runs."""
+    if timed_out:
+        return f"timed out after {timeout_s:.0f} s (limit timeout_s)"
+    if part is None:
+        return f"worker died with exit code {returncode} before reporting"
+    if part["status"] != "ok":
+        return part["error"]
+    return None
 
 
 def score_part(plan: Planned, state: RunState, run_dir: Path, cfg: RunConfig, part: dict,

@@ -225,18 +225,12 @@ def collect(ray, units: list[Unit], folder: RunFolder, cfg, timeout_s: float) ->
 
 
 def store_shard(folder: RunFolder, unit: Unit, k: int, result: dict, cfg) -> dict:
+    from suite.runner import worker_error
+
     backend_id = unit.plan.backend_id
     meta, proc = result.get("meta"), result.get("proc") or {}
-    if result.get("error"):
-        error = result["error"]
-    elif proc.get("timed_out"):
-        error = f"timed out after {cfg.timeout_s:.0f} s (limit timeout_s)"
-    elif meta is None:
-        error = f"worker died with exit code {proc.get('returncode')} before reporting"
-    elif meta["status"] != "ok":
-        error = meta["error"]
-    else:
-        error = None
+    error = result.get("error") or worker_error(bool(proc.get("timed_out")), proc.get("returncode"),
+                                                meta, cfg.timeout_s)
     record = {**(meta or {"backend_id": backend_id, "backend": unit.plan.name}),
               "shard": k, "of": len(unit.shards), "test_index": unit.shards[k],
               "node": result.get("node"), "started_at": result.get("started_at"),
