@@ -114,7 +114,7 @@ def main_small(out: Path) -> None:
     e = desilofhe.Engine(max_level=8, mode="cpu", thread_count=2)
     sk = e.create_secret_key()
     pk = e.create_public_key(sk)
-    ckks = DesiloCKKS(e, e.create_relinearization_key(sk), None, e.create_roll_key(sk), None)
+    ckks = DesiloCKKS(e, e.create_relinearization_key(sk), None, e.create_roll_key(sk))
     prog = tiny_program(e.slot_count)
     ev = Evaluator(prog, ckks)
     x = np.random.default_rng(1).uniform(-1, 1, prog.input_size)

@@ -152,7 +152,7 @@ def test_parties_on_a_small_program_match_the_control_and_keep_the_secret_key():
 def test_engine_options_refuse_bad_values_in_one_line():
     from types import SimpleNamespace
 
-    from backends.he.fhe_engine import fhe_resolution, relu_stages
+    from backends.he.fhe_engine import fhe_keys, fhe_resolution, relu_stages
     from backends.he.options import HEOptions
     from suite.errors import SuiteError
 
@@ -163,3 +163,6 @@ def test_engine_options_refuse_bad_values_in_one_line():
     assert fhe_resolution(ctx, HEOptions()) == 64 and fhe_resolution(ctx, HEOptions(fhe_resolution=32)) == 32
     with pytest.raises(SuiteError, match="fhe_resolution=16"):
         fhe_resolution(ctx, HEOptions(fhe_resolution=16))
+    assert fhe_keys(HEOptions()) == "small+roll" and fhe_keys(HEOptions(fhe_keys="full-medium")) == "full-medium"
+    with pytest.raises(SuiteError, match="fhe_keys='huge'"):
+        fhe_keys(HEOptions(fhe_keys="huge"))

@@ -77,6 +77,15 @@ def fhe_resolution(ctx: BackendContext, options: HEOptions) -> int:
     return res
 
 
+def fhe_keys(options: HEOptions) -> str:
+    """The bootstrap / rotation key option (backends/he/fhe_party.py KEY_OPTIONS)."""
+    from backends.he.fhe_party import KEY_OPTIONS
+
+    if options.fhe_keys not in KEY_OPTIONS:
+        raise SuiteError(f"he fhe_keys={options.fhe_keys!r}: use one of {', '.join(KEY_OPTIONS)}")
+    return options.fhe_keys
+
+
 def _program(ctx: BackendContext, options: HEOptions, slots: int):
     from backends.he.fhe_compile import compile_densenet
 
@@ -185,6 +194,7 @@ class FHEBackend(FHEPlaintextControl):
             raise BackendUnavailable(
                 f"he engine=desilo needs desilofhe {DESILO_VERSION} in its own environment {fhe_venv()}/, "
                 "which is missing: create it with `bash scripts/setup.sh` (needs python3.12)")
+        fhe_keys(self.options)
         self._proc = self._conn = None
         self.images: list[dict] = []
         self.setup_info: dict[str, Any] = {}
@@ -205,7 +215,7 @@ class FHEBackend(FHEPlaintextControl):
             trust_assumptions=(
                 "both parties follow the protocol: CKKS gives no integrity",
                 "the secret key stays with the data owner; the model owner reads evaluation keys only "
-                "(public, relinearisation, conjugation, rotation, small bootstrapping key)",
+                f"(public, relinearisation, conjugation and {self._key_words()})",
                 "RLWE is hard at desilofhe's bootstrappable preset (ring degree 2^16); its 128-bit "
                 "level is the library's claim: desilofhe does not expose the modulus chain, so the "
                 "suite cannot check it against the HomomorphicEncryption.org table itself",
@@ -235,6 +245,12 @@ class FHEBackend(FHEPlaintextControl):
                    "serialised keys and ciphertexts only"),
         )
 
+    def _key_words(self) -> str:
+        if self.options.fhe_keys == "small+roll":
+            return "the general roll key with the small bootstrapping key"
+        return (f"desilofhe's full bootstrapping key, size {self.options.fhe_keys.split('-', 1)[1]} (its fixed "
+                "rotation keys also serve the program's rotations)")
+
     def versions(self) -> dict[str, str]:
         return {"desilofhe": self.setup_info.get("version", DESILO_VERSION) + " (.venv-fhe)"}
 
@@ -250,7 +266,8 @@ class FHEBackend(FHEPlaintextControl):
         program_path.write_bytes(self.program.to_bytes())   # stays with the model owner
         env = {k: v for k, v in os.environ.items() if k not in ("PYTHONHOME", "VIRTUAL_ENV")}
         env.update({"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(ctx.threads), "PYTHONNOUSERSITE": "1"})
-        settings = {"program": str(program_path), "workdir": str(work), "threads": int(ctx.threads)}
+        settings = {"program": str(program_path), "workdir": str(work), "threads": int(ctx.threads),
+                    "keys": fhe_keys(self.options)}
         self._proc, self._conn = start_party(str(fhe_venv() / "bin" / "python"), "backends.he.fhe_party",
                                              0, env, settings)
         reply = self._reply(recv, "setup (key generation)")

@@ -21,8 +21,11 @@ import numpy as np
 
 from backends.he.fhe_program import STAGES, Program, choose_giant_step, diagonal_offsets
 
-#: levels one degree-7 polynomial stage consumes in desilofhe (measured: 4)
-STAGE_LEVELS = 4
+#: levels one degree-7 odd polynomial stage consumes: 3, the least a degree-7 polynomial can
+#: take (x^2, x^4 and the coefficient products in a depth-3 tree, `CKKS.odd_poly`); desilofhe's
+#: own evaluate_polynomial takes 4, which made the 5-stage ReLU 21 levels (two bootstraps per
+#: ReLU at 17 levels per bootstrap) instead of 16 (one)
+STAGE_LEVELS = 3
 #: primitive categories whose seconds the evaluator accumulates (stats[f"{kind}_s"])
 KINDS = ("rotation", "plain_mult", "poly", "ct_mult", "bootstrap", "add")
 
@@ -42,7 +45,7 @@ class CKKS(Protocol):
     def sub(self, a, b): ...
     def add_plain(self, ct, vector: np.ndarray): ...
     def level_down(self, ct, level: int): ...
-    def poly(self, ct, coeffs: list[float]): ...                      # power basis, STAGE_LEVELS
+    def odd_poly(self, ct, coeffs: list[float]): ...                  # c1 x + c3 x^3 + c5 x^5 + c7 x^7, STAGE_LEVELS
     def bootstrap(self, ct): ...
 
 
@@ -194,11 +197,9 @@ class Evaluator:
             last = i == len(stages) - 1
             if last:
                 coeffs = [v * k / 2 for v in coeffs]
-            power = [0.0] * (2 * len(coeffs))
-            power[1::2] = coeffs
             s = self._ready(s, STAGE_LEVELS + (1 if last else 0))
             t = time.perf_counter()
-            s = c.poly(s, power)
+            s = c.odd_poly(s, coeffs)
             self._count("poly", 1, t)
         if c.level(x) < 1:
             x = self._ready(x, 1)
@@ -259,7 +260,7 @@ class LevelModel:
     def level_down(self, ct, level):
         return level
 
-    def poly(self, ct, coeffs):
+    def odd_poly(self, ct, coeffs):
         self._at("polys", ct)
         return ct - STAGE_LEVELS
 

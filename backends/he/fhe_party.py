@@ -38,30 +38,43 @@ def engine_version() -> str:
     return version("desilofhe")
 
 
+#: how the model owner bootstraps and rotates (`fhe_bootstrap_keys` measured each option):
+#:   full-SIZE   desilofhe's full bootstrap key (its fixed rotation keys, stages pre-encoded),
+#:               SIZE medium | large (2.0.0 refuses "small"); the program's rotations use it too
+#:   small+roll  the small bootstrap key with the general roll key (rotations with the roll key)
+KEY_OPTIONS = ("small+roll", "full-medium", "full-large")
+DEFAULT_KEYS = "small+roll"
+
+
 class DataOwner:
     """Holds the secret key; everything it hands out is public or evaluation key material."""
 
-    def __init__(self, threads: int) -> None:
+    def __init__(self, threads: int, mode: str = "cpu") -> None:
         import desilofhe
 
-        self.engine = desilofhe.Engine(mode="cpu", bootstrap=True, thread_count=threads)
+        self.engine = desilofhe.Engine(mode=mode, bootstrap=True, thread_count=threads)
         e = self.engine
         self.secret_key = e.create_secret_key()           # desilofhe samples it from its CSPRNG
         self.public_key = e.create_public_key(self.secret_key)
 
-    def write_evaluation_keys(self, folder: Path) -> dict[str, int]:
-        """Create the evaluation keys, write them for the model owner, drop our copies.
-        Returns bytes per key file (what crosses to the model owner at setup)."""
+    def write_evaluation_keys(self, folder: Path, keys: str = DEFAULT_KEYS) -> dict[str, int]:
+        """Create the evaluation keys `keys` names, write them for the model owner, drop our
+        copies. Returns bytes per key file (what crosses to the model owner at setup)."""
+        if keys not in KEY_OPTIONS:
+            raise ValueError(f"fhe keys {keys!r}: use one of {KEY_OPTIONS}")
         e, sk = self.engine, self.secret_key
         folder.mkdir(parents=True, exist_ok=True)
+        makers = [("public", lambda: self.public_key, e.write_public_key),
+                  ("relinearization", lambda: e.create_relinearization_key(sk), e.write_relinearization_key),
+                  ("conjugation", lambda: e.create_conjugation_key(sk), e.write_conjugation_key)]
+        if keys == "small+roll":
+            makers += [("rotation", lambda: e.create_roll_key(sk), e.write_roll_key),
+                       ("small_bootstrap", lambda: e.create_small_bootstrap_key(sk), e.write_small_bootstrap_key)]
+        else:
+            size = keys.split("-", 1)[1]
+            makers += [("bootstrap", lambda: e.create_bootstrap_key(sk, size=size), e.write_bootstrap_key)]
         sizes = {}
-        for name, make, write in (
-            ("public", lambda: self.public_key, e.write_public_key),
-            ("relinearization", lambda: e.create_relinearization_key(sk), e.write_relinearization_key),
-            ("conjugation", lambda: e.create_conjugation_key(sk), e.write_conjugation_key),
-            ("rotation", lambda: e.create_roll_key(sk), e.write_roll_key),
-            ("bootstrap", lambda: e.create_small_bootstrap_key(sk), e.write_small_bootstrap_key),
-        ):
+        for name, make, write in makers:
             key = make()
             path = folder / f"{name}.key"
             write(key, str(path))
@@ -84,11 +97,14 @@ class DataOwner:
 
 
 class DesiloCKKS:
-    """desilofhe behind the evaluator's `CKKS` interface, with evaluation keys only."""
+    """desilofhe behind the evaluator's `CKKS` interface, with evaluation keys only.
+    rotation_key: a RollKey or the BootstrapKey (desilofhe rolls by any shift with either);
+    bootstrap_keys: what `Engine.bootstrap` takes after the relinearisation and conjugation
+    keys, (bootstrap_key,) or (roll_key, small_bootstrap_key)."""
 
-    def __init__(self, engine, relinearization_key, conjugation_key, roll_key, small_bootstrap_key) -> None:
-        self.e, self.rk, self.ck, self.roll, self.sbk = (engine, relinearization_key, conjugation_key,
-                                                         roll_key, small_bootstrap_key)
+    def __init__(self, engine, relinearization_key, conjugation_key, rotation_key, bootstrap_keys=()) -> None:
+        self.e, self.rk, self.ck, self.roll = engine, relinearization_key, conjugation_key, rotation_key
+        self.boot_keys = tuple(bootstrap_keys)
         self.slots = engine.slot_count
 
     def level(self, ct) -> int:
@@ -122,25 +138,37 @@ class DesiloCKKS:
     def level_down(self, ct, level):
         return self.e.level_down(ct, level)
 
-    def poly(self, ct, coeffs):
-        # products with plaintexts leave ciphertexts in NTT form, which these calls refuse
-        return self.e.evaluate_polynomial(self.e.intt(ct), coeffs, self.rk)
+    def odd_poly(self, x, coeffs):
+        """c1 x + c3 x^3 + c5 x^5 + c7 x^7 in 3 levels: (c1 x + c3 x * x^2) + (c5 x + c7 x * x^2) * x^4,
+        every product's operands one level apart at most (evaluate_polynomial takes 4)."""
+        e, rk = self.e, self.rk
+        c1, c3, c5, c7 = coeffs
+        x2 = e.multiply(x, x, rk)                                   # L-1
+        x4 = e.multiply(x2, x2, rk)                                 # L-2
+        lo = e.add(e.level_down(e.multiply(x, c1), x4.level), e.multiply(e.multiply(x, c3), x2, rk))
+        hi = e.add(e.level_down(e.multiply(x, c5), x4.level), e.multiply(e.multiply(x, c7), x2, rk))
+        return e.add(e.level_down(lo, x4.level - 1), e.multiply(hi, x4, rk))   # L-3
 
     def bootstrap(self, ct):
-        return self.e.bootstrap(self.e.intt(ct), self.rk, self.ck, self.roll, self.sbk)
+        return self.e.bootstrap(self.e.intt(ct), self.rk, self.ck, *self.boot_keys)
 
 
 class ModelOwner:
     """Evaluates the program on ciphertexts with evaluation keys only (`backends.he.fhe_eval`)."""
 
-    def __init__(self, program: Program, key_folder: Path, threads: int, progress=None) -> None:
+    def __init__(self, program: Program, key_folder: Path, threads: int, progress=None,
+                 mode: str = "cpu", keys: str = DEFAULT_KEYS) -> None:
         import desilofhe
 
-        self.engine = e = desilofhe.Engine(mode="cpu", bootstrap=True, thread_count=threads)
-        ckks = DesiloCKKS(e, e.read_relinearization_key(str(key_folder / "relinearization.key")),
-                          e.read_conjugation_key(str(key_folder / "conjugation.key")),
-                          e.read_roll_key(str(key_folder / "rotation.key")),
-                          e.read_small_bootstrap_key(str(key_folder / "bootstrap.key")))
+        self.engine = e = desilofhe.Engine(mode=mode, bootstrap=True, thread_count=threads)
+        rk = e.read_relinearization_key(str(key_folder / "relinearization.key"))
+        ck = e.read_conjugation_key(str(key_folder / "conjugation.key"))
+        if keys != "small+roll":
+            bk = e.read_bootstrap_key(str(key_folder / "bootstrap.key"))
+            ckks = DesiloCKKS(e, rk, ck, bk, (bk,))
+        else:
+            roll = e.read_roll_key(str(key_folder / "rotation.key"))
+            ckks = DesiloCKKS(e, rk, ck, roll, (roll, e.read_small_bootstrap_key(str(key_folder / "small_bootstrap.key"))))
         self.program = program
         self.evaluator = Evaluator(program, ckks, progress)
 
@@ -171,14 +199,15 @@ def serve(conn, settings: dict[str, Any]) -> None:
     from backends.mpc.party_process import recv, send
 
     threads = int(settings.get("threads", 2))
+    mode, keys = settings.get("mode", "cpu"), settings.get("keys", DEFAULT_KEYS)
     workdir = Path(settings["workdir"])
     program = Program.from_bytes(Path(settings["program"]).read_bytes())
     t0 = time.perf_counter()
-    owner = DataOwner(threads)
+    owner = DataOwner(threads, mode)
     t1 = time.perf_counter()
-    key_sizes = owner.write_evaluation_keys(workdir / "keys")
+    key_sizes = owner.write_evaluation_keys(workdir / "keys", keys)
     t2 = time.perf_counter()
-    server = ModelOwner(program, workdir / "keys", threads, stderr_progress)
+    server = ModelOwner(program, workdir / "keys", threads, stderr_progress, mode, keys)
     t3 = time.perf_counter()
     plan = {"input_level": None}
     if BOOTSTRAP_LEVEL is not None:

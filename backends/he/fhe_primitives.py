@@ -4,8 +4,9 @@ Run from `.venv-fhe/` (desilofhe, no torch):
     .venv-fhe/bin/python -m backends.he.fhe_primitives [--threads 2] [--json out.json]
 It times one of each primitive the whole-network engine uses (key generation per key,
 encrypt, plaintext-ciphertext products with and without a pre-encoded plaintext, rescale,
-rotation with the general roll key and with a fixed one-shift key, relinearised product,
-one degree-7 polynomial, one bootstrap), the key and ciphertext sizes, and the levels.
+rotation with the engine's rotation key (`--keys`: the full bootstrap key, or the general
+roll key) and with a fixed one-shift key, relinearised product, one degree-7 polynomial stage
+as the engine evaluates it, one bootstrap), the key and ciphertext sizes, and the levels.
 `backends.he.fhe_estimate.predict_pass` multiplies these by a compiled program's op
 counts: the result is an estimate (labelled so), not a measured pass.
 """
@@ -52,8 +53,14 @@ def measure_bootstrap(threads: int = 2, log=print) -> dict:
     return dict(res)
 
 
-def measure(threads: int = 2, repeat: int = 3, full_roll_key: bool = True, log=print) -> dict:
+def measure(threads: int = 2, repeat: int = 3, full_roll_key: bool = True, log=print,
+            keys: str = "small+roll") -> dict:
+    """full_roll_key: also the rotation key the engine's `keys` option rotates with (the
+    bootstrap key, or the general roll key for small+roll), its rotations and one bootstrap."""
     import desilofhe
+
+    from backends.he.fhe_party import DesiloCKKS
+    from backends.he.fhe_program import F3
 
     res = _Logged(log)
     res.update({"threads": threads, "estimate": "measured per primitive"})
@@ -88,20 +95,29 @@ def measure(threads: int = 2, repeat: int = 3, full_roll_key: bool = True, log=p
     _, res["intt_s"] = _timed(lambda: e.intt(prod), repeat)
     _, res["fixed_roll_s"] = _timed(lambda: e.roll(ct, fk), repeat)
     _, res["ct_mult_relin_s"] = _timed(lambda: e.multiply(ct, ct, rk), repeat)
-    coeffs = [0.0, 35 / 16, 0.0, -35 / 16, 0.0, 21 / 16, 0.0, -5 / 16]
-    poly, res["poly7_s"] = _timed(lambda: e.evaluate_polynomial(ct, coeffs, rk), 1)
-    res["poly7_levels"] = ct.level - poly.level
+    poly, res["poly7_s"] = _timed(lambda: DesiloCKKS(e, rk, ck, None).odd_poly(ct, list(F3)), 1)
+    res["poly7_levels"] = ct.level - poly.level          # the engine's depth-3 stage
+    coeffs = [0.0, F3[0], 0.0, F3[1], 0.0, F3[2], 0.0, F3[3]]
+    poly, res["poly7_library_s"] = _timed(lambda: e.evaluate_polynomial(ct, coeffs, rk), 1)
+    res["poly7_library_levels"] = ct.level - poly.level
     low = e.level_down(ct, 3)
     res["ciphertext_bytes_level3"] = len(bytes(e.serialize_ciphertext(low)))
     if full_roll_key:
-        roll, res["keygen_roll_s"] = _timed(lambda: e.create_roll_key(sk))
+        res["keys"] = keys
+        if keys == "small+roll":
+            roll, res["keygen_roll_s"] = _timed(lambda: e.create_roll_key(sk))
+            boot_keys = (roll, sbk)
+        else:
+            roll, res["keygen_bootstrap_s"] = _timed(lambda: e.create_bootstrap_key(sk, size=keys.split("-", 1)[1]))
+            boot_keys = (roll,)
+        res["rotation_key_bytes"] = int(roll.serialized_nbytes)
         _, res["roll_general_s"] = _timed(lambda: e.roll(ct, roll, 37), repeat)
         _, res["roll_general_pow2_s"] = _timed(lambda: e.roll(ct, roll, 64), repeat)
         _, res["roll_general_low_level_s"] = _timed(lambda: e.roll(low, roll, 37), repeat)
         shifts = [1, 2, 3, 5, 7, 11, 13, 37]
         _, t = _timed(lambda: e.roll_many(ct, roll, shifts), 1)
         res["roll_many_per_shift_s"] = t / len(shifts)
-        boot, res["bootstrap_s"] = _timed(lambda: e.bootstrap(low, rk, ck, roll, sbk), 1)
+        boot, res["bootstrap_s"] = _timed(lambda: e.bootstrap(low, rk, ck, *boot_keys), 1)
         res["level_after_bootstrap"] = boot.level
         err = np.abs(np.asarray(e.decrypt(boot, sk)) - v).max()
         res["bootstrap_max_abs_err"] = float(err)
@@ -126,10 +142,11 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--no-roll-key", action="store_true", help="skip the general roll key and the bootstrap")
     ap.add_argument("--bootstrap-only", action="store_true", help="only the keys a bootstrap needs and one bootstrap")
+    ap.add_argument("--keys", default="small+roll", help="bootstrap / rotation keys (fhe_party.KEY_OPTIONS)")
     ap.add_argument("--json", type=Path)
     a = ap.parse_args(argv)
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
-    res = measure_bootstrap(a.threads, log) if a.bootstrap_only else measure(a.threads, a.repeat, not a.no_roll_key, log)
+    res = measure_bootstrap(a.threads, log) if a.bootstrap_only else measure(a.threads, a.repeat, not a.no_roll_key, log, a.keys)
     text = json.dumps(res, indent=1)
     if a.json:
         a.json.write_text(text)

@@ -156,8 +156,8 @@ class Program:
 
 
 def relu_depth(stages: tuple[str, ...] = SIGN_STAGES) -> int:
-    """Levels the polynomial ReLU consumes in desilofhe: 4 per degree-7 stage, +1 for x * sign."""
-    return 4 * len(stages) + 1
+    """Levels the polynomial ReLU consumes: 3 per degree-7 stage (`fhe_eval.STAGE_LEVELS`), +1 for x * sign."""
+    return 3 * len(stages) + 1
 
 
 def log2_ceil(n: int) -> int:

@@ -23,3 +23,4 @@ class HEOptions(BackendOptions):
     cnn_epochs: int = 20
     fhe_relu_stages: str = "g3-g3-g3-f3-f3"  # engine=desilo: sign composition, left to right
     fhe_resolution: int = 0            # engine=desilo: 0 = the model's; a smaller twin (>= 32) is labelled
+    fhe_keys: str = "small+roll"        # engine=desilo: small+roll|full-medium|full-large (bootstrap keys)
