@@ -12,6 +12,38 @@ ciphertexts, bootstrapping when a ciphertext runs out of levels.
 The control row runs the same compiled program in float64 with the same polynomial ReLU:
 its ΔAUROC / max |Δp| against `plaintext` is the cost of HE-friendliness, the encrypted
 row's against the control is the cost of encryption alone.
+
+Bootstrap key options (option `fhe_keys`), one bootstrap each, desilofhe 2.0.0 CPU, N = 2^16,
+measured on the shared 2-core / 23 GB machine UNDER LOAD (load average 8-18) unless marked
+quiet; `backends/he/fhe_bootstrap_keys.py` (killed above a resident-memory cap so other jobs
+keep their memory) and `backends/he/fhe_openfhe_bootstrap.py`:
+
+  option              key bytes                         one bootstrap             notes
+  small+roll          roll 3.85 GB + small bootstrap    250 s wall quiet (283 s   the default: the only option
+  (default)           264 MB (+ relin 257 MB, conj      user+sys for the whole    that fits here; max err 3.2e-5,
+                      257 MB); ~5.8 GB resident         process: one core);       17 levels after; thread_count=2
+                                                        976 s under heavy load    not honoured (mode="cpu": 1 core)
+  full-small          -                                 -                         refused by 2.0.0: "Create Bootstrap
+                                                                                  Key: invalid size" (medium | large)
+  full-medium         > 14 GB resident while the key    not reached               killed by the 14 GB cap after 579 s
+                      is generated (1.x docs: 12.3 GB)                            wall / 143 s CPU, key unfinished
+  full-large,         larger than full-medium (1.x      not run                   cannot fit next to other jobs in
+  evaluation-medium   docs: 15.2 GB; the evaluation                               23 GB
+                      key holds a bootstrap key)
+  OpenFHE 1.6.1       > 11.9 GB resident while keys     not reached               N = 2^16, HEStd_128_classic, level
+  (comparison)        are generated                                               budget [3, 3], 10 levels after, 40-bit
+                                                                                  primes; stopped at 11.9 GB after 255 s
+                                                                                  wall / 75 s CPU, keys unfinished
+
+So on this machine every faster bootstrap needs more memory than it has to spare, and the
+pass runs with small+roll. The pass (64 px, default g3-g3-g3-f3-f3 ReLU) as the level model
+plans it (the evaluator's own code on level numbers): 28 bootstraps (39 before the depth-3
+polynomial stages), 695 rotations, 5,175 plaintext products, 125 polynomial stages; ESTIMATED
+39.5 ks per image from per-primitive seconds measured under heavy load (bootstraps 27.3 ks of
+it); the bootstraps alone at the quiet 250 s are 7.0 ks, 12x the 600 s target. The target
+needs bootstraps of at most ~15 s each (600 s / 28, less the linear ops); candidates, not
+measured here: desilofhe's full bootstrap key on a machine with memory to spare (>= 32 GB),
+OpenFHE's bootstrap likewise, or a GPU.
 """
 
 from __future__ import annotations

@@ -25,10 +25,12 @@ import numpy as np
 
 from backends.he.fhe_eval import Evaluator, predict_counts
 
-#: levels a ciphertext has after desilofhe's bootstrap (Engine(bootstrap=True)): 17 = its max level, measured by
-#: backends.he.fhe_primitives (`level_after_bootstrap`); None until measured: then the data
-#: owner encrypts at the max level and no pass is planned ahead
-BOOTSTRAP_LEVEL: int | None = 17
+#: levels a ciphertext has after desilofhe's bootstrap (Engine(bootstrap=True)), per key option:
+#: 17 (its max level) with small+roll, measured by backends.he.fhe_primitives
+#: (`level_after_bootstrap`); an option not listed is unmeasured: the data owner then encrypts
+#: at the max level and no pass is planned ahead
+BOOTSTRAP_LEVELS: dict[str, int] = {"small+roll": 17}
+BOOTSTRAP_LEVEL: int | None = BOOTSTRAP_LEVELS["small+roll"]
 from backends.he.fhe_program import Program
 
 
@@ -210,8 +212,8 @@ def serve(conn, settings: dict[str, Any]) -> None:
     server = ModelOwner(program, workdir / "keys", threads, stderr_progress, mode, keys)
     t3 = time.perf_counter()
     plan = {"input_level": None}
-    if BOOTSTRAP_LEVEL is not None:
-        plan = predict_counts(program, owner.engine.max_level, BOOTSTRAP_LEVEL)
+    if keys in BOOTSTRAP_LEVELS:
+        plan = predict_counts(program, owner.engine.max_level, BOOTSTRAP_LEVELS[keys])
     send(conn, {"ok": True, "keys": key_sizes, "engine_s": t1 - t0, "keygen_s": t2 - t1,
                 "load_s": t3 - t2, "slots": owner.engine.slot_count, "max_level": owner.engine.max_level,
                 "version": engine_version(), "peak_rss": _peak_rss(), "plan": plan})
