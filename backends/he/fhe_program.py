@@ -36,10 +36,10 @@ import numpy as np
 #: Stage polynomials in x (coefficients of x, x^3, x^5, x^7): Cheon et al.'s f_3 and g_3.
 F3 = (35 / 16, -35 / 16, 21 / 16, -5 / 16)
 G3 = (4589 / 1024, -16577 / 1024, 25614 / 1024, -12860 / 1024)
-#: default composition: g3 g3 g3 f3 f3 (degree 7 each; 21 levels with x * sign): |relu error|
-#: <= 3e-4 on [-1, 1]. Shorter compositions save polynomial stages and bootstraps (the level
-#: model: 49 -> 29 bootstraps per 64 px image for g3 g3 f3, 13 levels, if a bootstrap leaves
-#: 14 levels: an assumption, desilofhe's output level is not yet measured) but on the suite's
+#: default composition: g3 g3 g3 f3 f3 (degree 7 each, 3 levels each; 16 levels with x * sign,
+#: so one bootstrap per ReLU at desilofhe's 17 levels after a bootstrap): |relu error| <= 3e-4
+#: on [-1, 1]. Shorter compositions save polynomial stages and bootstraps (the level model, 64 px:
+#: 28 bootstraps per image for the default, 24 for g3 g3 g3 f3 or g3 g3 f3) but on the suite's
 #: trained small DenseNet (64 px, 30 synthetic test images, plaintext control vs the model)
 #: max |dp| grows from 0.0037 to 0.023 (g3 g3 g3 f3), 0.057 (g3 g3 f3 f3), 0.245 (g3 g3 f3):
 #: errors compound over 25 ReLUs. Selectable per row: he:engine=desilo,fhe_relu_stages=...
