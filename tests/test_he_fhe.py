@@ -166,3 +166,22 @@ def test_engine_options_refuse_bad_values_in_one_line():
     assert fhe_keys(HEOptions()) == "small+roll" and fhe_keys(HEOptions(fhe_keys="full-medium")) == "full-medium"
     with pytest.raises(SuiteError, match="fhe_keys='huge'"):
         fhe_keys(HEOptions(fhe_keys="huge"))
+
+
+def test_a_polynomial_relu_fits_in_one_bootstrap(monkeypatch):
+    """The default 5-stage ReLU takes 16 levels (3 per degree-7 stage + x * sign), so at the 17
+    levels desilofhe leaves after a bootstrap every ReLU of a chain costs one bootstrap; the
+    same chain at 4 levels per stage (desilofhe's evaluate_polynomial: 21 levels) costs more."""
+    import backends.he.fhe_eval as fhe_eval
+    from backends.he.fhe_eval import predict_counts
+    from backends.he.fhe_program import relu_depth
+
+    n, k = 8, 4
+    ops = [{"op": "relu", "dst": f"r{i + 1}", "src": f"r{i}" if i else "x", "k": 1.0} for i in range(k)]
+    ops.append({"op": "linear", "dst": "logits", "src": f"r{k}", "rows": np.arange(n), "cols": np.arange(n),
+                "vals": np.ones(n), "bias": np.zeros(0), "acc": False})
+    prog = Program(slots=64, ops=ops, input_size=n, n_labels=1)
+    assert relu_depth() == 16
+    assert predict_counts(prog, 17, 17, input_level=0)["bootstraps"] == k
+    monkeypatch.setattr(fhe_eval, "STAGE_LEVELS", 4)                           # positive control
+    assert predict_counts(prog, 17, 17, input_level=0)["bootstraps"] > k
