@@ -44,6 +44,14 @@ it); the bootstraps alone at the quiet 250 s are 7.0 ks, 12x the 600 s target. T
 needs bootstraps of at most ~15 s each (600 s / 28, less the linear ops); candidates, not
 measured here: desilofhe's full bootstrap key on a machine with memory to spare (>= 32 GB),
 OpenFHE's bootstrap likewise, or a GPU.
+
+Through the suite (`python -m suite run --backends plaintext,he,he:engine=desilo --quick
+--timeout 2400`, UNDER LOAD, load average 15-27): keys generated and written in ~6 min (4.66 GB
+data owner -> model owner, metered as setup traffic), the model owner loaded them and the pass
+started, then the machine ran out of memory to spare: both parties in one process held 10.8 GB
+resident (the data owner's freed key memory is not returned before the model owner reads the
+keys), and a watcher outside the suite (kill when the shared machine's available memory falls
+under 1.5 GB) stopped it; no encrypted pass has finished yet. Control row in that run: max |dp| 0.0082 vs plaintext, ΔAUROC -0.001.
 """
 
 from __future__ import annotations
