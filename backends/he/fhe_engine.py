@@ -289,7 +289,7 @@ class FHEBackend(FHEPlaintextControl):
         if self.options.fhe_keys == "small+roll":
             return "the general roll key with the small bootstrapping key"
         return (f"desilofhe's full bootstrapping key, size {self.options.fhe_keys.split('-', 1)[1]} (its fixed "
-                "rotation keys also serve the program's rotations)")
+                "rotation keys also serve the program's rotations; not run on the 23 GB test machine)")
 
     def versions(self) -> dict[str, str]:
         return {"desilofhe": self.setup_info.get("version", DESILO_VERSION) + " (.venv-fhe)"}

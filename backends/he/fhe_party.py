@@ -43,6 +43,7 @@ def engine_version() -> str:
 #: how the model owner bootstraps and rotates (`fhe_bootstrap_keys` measured each option):
 #:   full-SIZE   desilofhe's full bootstrap key (its fixed rotation keys, stages pre-encoded),
 #:               SIZE medium | large (2.0.0 refuses "small"); the program's rotations use it too
+#:               (untested here: > 14 GB resident while the key is made)
 #:   small+roll  the small bootstrap key with the general roll key (rotations with the roll key)
 KEY_OPTIONS = ("small+roll", "full-medium", "full-large")
 DEFAULT_KEYS = "small+roll"
@@ -100,7 +101,8 @@ class DataOwner:
 
 class DesiloCKKS:
     """desilofhe behind the evaluator's `CKKS` interface, with evaluation keys only.
-    rotation_key: a RollKey or the BootstrapKey (desilofhe rolls by any shift with either);
+    rotation_key: a RollKey or the BootstrapKey (desilofhe's roll overloads take either; the
+    BootstrapKey path has not run here: its key does not fit this machine's memory);
     bootstrap_keys: what `Engine.bootstrap` takes after the relinearisation and conjugation
     keys, (bootstrap_key,) or (roll_key, small_bootstrap_key)."""
 
