@@ -17,9 +17,9 @@ NIH_SAMPLE = REPO.parent / "shared" / "data" / "nih-cxr14-sample"
 
 
 # Parallel runs (`pytest -n 2 --dist loadgroup`, as scripts/test.sh does): a file's tests stay
-# on one worker, so its module-scoped fixtures (one tiny run folder, one trained model, one
-# started enclave) are built once. Files whose tests share nothing costly are spread test by
-# test instead: their runs are the longest single files.
+# on one worker (tests/file_scheduling.py), so its module-scoped fixtures (one tiny run folder,
+# one trained model, one started enclave) are built once. Files whose tests share nothing
+# costly are spread test by test instead: their runs are the longest single files.
 SPREAD_FILES = ("test_conformance.py", "test_benchmarks_run.py")
 # Started first, longest indivisible files before the spread ones, so the longest work does not
 # begin last on one worker while the other idles (scripts/test.sh passes --no-loadscope-reorder,
@@ -35,9 +35,16 @@ def pytest_collection_modifyitems(config, items):
         return LONG_FILES.index(name) if name in LONG_FILES else len(LONG_FILES)
 
     items.sort(key=rank)                      # stable: each file keeps its own order
-    for item in items:
-        if item.path.name not in SPREAD_FILES:
-            item.add_marker(pytest.mark.xdist_group(item.path.stem))
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """`--dist loadgroup`: one unit per file (SPREAD_FILES: per test), in collection order."""
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from tests.file_scheduling import FileScheduling
+
+    return FileScheduling(config, log, spread_files=SPREAD_FILES)
 
 
 @pytest.fixture(scope="session", autouse=True)
