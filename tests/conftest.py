@@ -43,8 +43,9 @@ def pytest_xdist_make_scheduler(config, log):
     if config.getvalue("dist") != "loadgroup":
         return None
     from tests.file_scheduling import FileScheduling
+    from tests.shared_runs import SHARED_LABELS
 
-    return FileScheduling(config, log, spread_files=SPREAD_FILES)
+    return FileScheduling(config, log, spread_files=SPREAD_FILES, joins=SHARED_LABELS)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -71,6 +72,32 @@ def tiny_model(tiny_data):
     from suite.models import random_small_densenet
 
     return random_small_densenet(tiny_data.label_names, resolution=32, seed=0)
+
+
+@pytest.fixture(scope="session")
+def shared_run(tmp_path_factory, tiny_data, tiny_model):
+    """`shared_run(backend)`: its run on the tiny set (tests/shared_runs.py), measured once per
+    worker and configuration however many files assert on it; on one thread, as test_fl's
+    engine tests train (two spin-waiting OpenMP threads crawl on a loaded host)."""
+    import torch
+
+    from tests.shared_runs import run_tiny
+
+    runs = {}
+
+    def get(backend):
+        label = backend.config_label()
+        if label not in runs:
+            before = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                runs[label] = run_tiny(backend, tiny_data, tiny_model,
+                                       tmp_path_factory.mktemp("shared-run"), threads=1)
+            finally:
+                torch.set_num_threads(before)
+        return runs[label]
+
+    return get
 
 
 @pytest.fixture(scope="session")

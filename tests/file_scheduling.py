@@ -14,18 +14,26 @@ from pathlib import PurePosixPath
 from xdist.scheduler import LoadScopeScheduling
 
 
-def file_scope(nodeid: str, spread_files: tuple[str, ...]) -> str:
-    """The unit a test is scheduled in: its file, or the test itself for a spread file."""
+def file_scope(nodeid: str, spread_files: tuple[str, ...], joins: dict[str, str]) -> str:
+    """The unit a test is scheduled in: its file, or the test itself in a spread file, or for
+    a test of a spread file whose parameter id is in `joins`, the file named there (it shares
+    a run with that file: tests/shared_runs.py)."""
     file = nodeid.split("::", 1)[0]
-    return nodeid if PurePosixPath(file).name in spread_files else file
+    if PurePosixPath(file).name not in spread_files:
+        return file
+    param = nodeid[nodeid.find("[") + 1:-1] if nodeid.endswith("]") else None
+    if param in joins:
+        return str(PurePosixPath(file).with_name(joins[param]))
+    return nodeid
 
 
 class FileScheduling(LoadScopeScheduling):
     """LoadScope's queue in collection order (tests/conftest.py orders it), one unit per file."""
 
-    def __init__(self, config, log=None, spread_files: tuple[str, ...] = ()) -> None:
+    def __init__(self, config, log=None, spread_files: tuple[str, ...] = (),
+                 joins: dict[str, str] | None = None) -> None:
         super().__init__(config, log)
-        self.spread_files = spread_files
+        self.spread_files, self.joins = spread_files, joins or {}
 
     def _split_scope(self, nodeid: str) -> str:
-        return file_scope(nodeid, self.spread_files)
+        return file_scope(nodeid, self.spread_files, self.joins)
