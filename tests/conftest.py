@@ -23,10 +23,10 @@ NIH_SAMPLE = REPO.parent / "shared" / "data" / "nih-cxr14-sample"
 SPREAD_FILES = ("test_conformance.py", "test_benchmarks_run.py")
 # Started first, longest indivisible files before the spread ones, so the longest work does not
 # begin last on one worker while the other idles (scripts/test.sh passes --no-loadscope-reorder,
-# which keeps this order). Per-file times measured last session, 2 shared cores.
-LONG_FILES = ("test_real_data.py", "test_runner.py", "test_conformance.py", "test_benchmarks_run.py",
-              "test_mpc_namespaces.py", "test_fl.py", "test_mpc.py", "test_mpc_spu.py",
-              "test_validate.py", "test_composition.py")
+# which keeps this order). test_fl.py's unit holds the conformance runs it shares.
+LONG_FILES = ("test_real_data.py", "test_ray_executor.py", "test_mpc_namespaces.py", "test_runner.py",
+              "test_fl.py", "test_conformance.py", "test_benchmarks_run.py", "test_composition.py",
+              "test_mpc.py", "test_mpc_spu.py", "test_validate.py", "test_progress.py")
 
 
 def pytest_collection_modifyitems(config, items):
