@@ -60,9 +60,15 @@ def cluster():
     with LocalRayCluster(nodes=2, cpus_per_node=1, object_store_mb=100) as c:
         sessions = [p.pid for p in c.procs]
         yield c
-    left = [q for sid in sessions for q in LocalRayCluster._session(sid)
-            if q.is_running() and q.status() != psutil.STATUS_ZOMBIE]
-    assert not left, f"the Ray cluster left processes running: {left}"
+    assert not [q for sid in sessions for q in LocalRayCluster._session(sid) if _alive(q)], \
+        "the Ray cluster left processes running"
+
+
+def _alive(proc: psutil.Process) -> bool:
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:          # it ended while we looked
+        return False
 
 
 @pytest.fixture(scope="module")
