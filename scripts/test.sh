@@ -18,7 +18,7 @@ fi
 .venv/bin/python -m ruff check --quiet . || { echo "ruff found problems (above)" >&2; exit 1; }
 # Two workers (TEST_WORKERS=0 runs in this process): much of a test's time is a fresh
 # interpreter importing torch, or waiting on worker, party and enclave processes, which two
-# lanes on two cores overlap. A file's tests stay on one worker (tests/conftest.py), so its
+# lanes on two cores overlap. A file's tests stay on one worker (tests/file_scheduling.py), so its
 # module-scoped runs are built once; the files start in the order conftest.py gives (longest
 # first), not xdist's order by test count.
 workers=${TEST_WORKERS:-2}

@@ -17,16 +17,16 @@ NIH_SAMPLE = REPO.parent / "shared" / "data" / "nih-cxr14-sample"
 
 
 # Parallel runs (`pytest -n 2 --dist loadgroup`, as scripts/test.sh does): a file's tests stay
-# on one worker, so its module-scoped fixtures (one tiny run folder, one trained model, one
-# started enclave) are built once. Files whose tests share nothing costly are spread test by
-# test instead: their runs are the longest single files.
+# on one worker (tests/file_scheduling.py), so its module-scoped fixtures (one tiny run folder,
+# one trained model, one started enclave) are built once. Files whose tests share nothing
+# costly are spread test by test instead: their runs are the longest single files.
 SPREAD_FILES = ("test_conformance.py", "test_benchmarks_run.py")
 # Started first, longest indivisible files before the spread ones, so the longest work does not
 # begin last on one worker while the other idles (scripts/test.sh passes --no-loadscope-reorder,
-# which keeps this order). Per-file times measured last session, 2 shared cores.
-LONG_FILES = ("test_real_data.py", "test_runner.py", "test_conformance.py", "test_benchmarks_run.py",
-              "test_mpc_namespaces.py", "test_fl.py", "test_mpc.py", "test_mpc_spu.py",
-              "test_validate.py", "test_composition.py")
+# which keeps this order). test_fl.py's unit holds the conformance runs it shares.
+LONG_FILES = ("test_real_data.py", "test_ray_executor.py", "test_mpc_namespaces.py", "test_runner.py",
+              "test_fl.py", "test_conformance.py", "test_benchmarks_run.py", "test_composition.py",
+              "test_mpc.py", "test_mpc_spu.py", "test_validate.py", "test_progress.py")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -35,9 +35,17 @@ def pytest_collection_modifyitems(config, items):
         return LONG_FILES.index(name) if name in LONG_FILES else len(LONG_FILES)
 
     items.sort(key=rank)                      # stable: each file keeps its own order
-    for item in items:
-        if item.path.name not in SPREAD_FILES:
-            item.add_marker(pytest.mark.xdist_group(item.path.stem))
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """`--dist loadgroup`: one unit per file (SPREAD_FILES: per test), in collection order."""
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from tests.file_scheduling import FileScheduling
+    from tests.shared_runs import SHARED_LABELS
+
+    return FileScheduling(config, log, spread_files=SPREAD_FILES, joins=SHARED_LABELS)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -64,6 +72,32 @@ def tiny_model(tiny_data):
     from suite.models import random_small_densenet
 
     return random_small_densenet(tiny_data.label_names, resolution=32, seed=0)
+
+
+@pytest.fixture(scope="session")
+def shared_run(tmp_path_factory, tiny_data, tiny_model):
+    """`shared_run(backend)`: its run on the tiny set (tests/shared_runs.py), measured once per
+    worker and configuration however many files assert on it; on one thread, as test_fl's
+    engine tests train (two spin-waiting OpenMP threads crawl on a loaded host)."""
+    import torch
+
+    from tests.shared_runs import run_tiny
+
+    runs = {}
+
+    def get(backend):
+        label = backend.config_label()
+        if label not in runs:
+            before = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                runs[label] = run_tiny(backend, tiny_data, tiny_model,
+                                       tmp_path_factory.mktemp("shared-run"), threads=1)
+            finally:
+                torch.set_num_threads(before)
+        return runs[label]
+
+    return get
 
 
 @pytest.fixture(scope="session")

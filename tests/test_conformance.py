@@ -22,15 +22,13 @@ from importlib.util import find_spec
 from pathlib import Path
 
 import numpy as np
-import psutil
 import pytest
 
-from suite.backend import TRACKS, Backend, BackendContext
+from suite.backend import TRACKS, Backend
 from suite.errors import BackendUnavailable
-from suite.harness import measure
-from suite.meter import CommMeter
 from suite.planning import options_dict
 from suite.registry_backends import BACKENDS
+from tests.shared_runs import SHARED_LABELS, run_tiny
 
 ALL_CONFIGURATIONS = os.environ.get("SUITE_CONFORMANCE_ALL") == "1"
 
@@ -74,22 +72,9 @@ def _config(name: str, variant: dict, label: str) -> Backend:
     raise AssertionError(f"{label} is no longer among {name}'s configurations")
 
 
-def _children() -> set[int]:
-    return {p.pid for p in psutil.Process().children(recursive=True)
-            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE}
-
-
 def _run(backend: Backend, tiny_data, tiny_model, tmp_path: Path):
-    ctx = BackendContext(model=tiny_model, meter=CommMeter(), workdir=tmp_path / "work",
-                         seed=0, threads=2, quick=True)
-    ctx.workdir.mkdir(parents=True)
-    test = tiny_data.split("test")
-    n = backend.max_images() or len(test)
-    test = test.subset(np.arange(min(n, len(test))))
-    train = tiny_data.split("train") if backend.track == "training" else None
-    before = _children()
-    probs, timings, audit = measure(backend, ctx, test, train, progress=False)
-    return ctx, test, probs, timings, audit, _children() - before
+    run = run_tiny(backend, tiny_data, tiny_model, tmp_path, threads=2)
+    return run.ctx, run.test, run.probs, run.timings, run.audit, run.leftover
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +87,8 @@ def plaintext_probs(tiny_data, tiny_model):
 
 
 @pytest.mark.parametrize("name,variant,label", _configurations())
-def test_configuration_conforms(name, variant, label, tiny_data, tiny_model, plaintext_probs, tmp_path):
+def test_configuration_conforms(name, variant, label, tiny_data, tiny_model, plaintext_probs, tmp_path,
+                                shared_run):
     backend = _config(name, variant, label)
     cls = type(backend)
     assert cls.track in TRACKS
@@ -114,7 +100,13 @@ def test_configuration_conforms(name, variant, label, tiny_data, tiny_model, pla
     assert type(rebuilt) is cls and rebuilt.config_label() == label
     assert options_dict(rebuilt) == options_dict(backend)
 
-    ctx, test, probs, timings, audit, leftover = _run(backend, tiny_data, tiny_model, tmp_path)
+    if label in SHARED_LABELS:     # test_fl.py asserts on the same run (tests/shared_runs.py)
+        run = shared_run(backend)
+        backend = run.backend
+        ctx, test, probs, timings, audit, leftover = (run.ctx, run.test, run.probs, run.timings,
+                                                      run.audit, run.leftover)
+    else:
+        ctx, test, probs, timings, audit, leftover = _run(backend, tiny_data, tiny_model, tmp_path)
 
     # outputs: one probability per image and label
     assert probs.shape == (len(test), len(tiny_data.label_names))

@@ -332,14 +332,10 @@ def test_secagg_aggregate_matches_plain_fedavg(tmp_path, tiny_data, tiny_model):
 # -------------------------------------------------------------------------------------------
 
 @pytest.mark.timeout(300)
-def test_simulation_engine_end_to_end(tmp_path, tiny_data, tiny_model):
-    from suite.harness import measure
-
-    backend = _backend(rounds=2, audit=False, resolution=32)
-    ctx = _ctx(tiny_model, tmp_path / "fl")
-    test = tiny_data.split("test")
-    before = {p.pid for p in psutil.Process().children(recursive=True)}
-    probs, timings, audit = measure(backend, ctx, test, tiny_data.split("train"), progress=False)
+def test_simulation_engine_end_to_end(tiny_data, shared_run):
+    # the run test_conformance.py's fl[resolution=32,rounds=2] asserts on too (tests/shared_runs.py)
+    run = shared_run(_backend(rounds=2, audit=False, resolution=32))
+    backend, ctx, test, probs, audit = run.backend, run.ctx, run.test, run.probs, run.audit
     assert probs.shape == (len(test), len(tiny_data.label_names))
     assert np.all((probs >= 0) & (probs <= 1))
     assert audit.status == "ok" and audit.rows == []      # audit=false: nothing attacked
@@ -369,22 +365,18 @@ def test_simulation_engine_end_to_end(tmp_path, tiny_data, tiny_model):
     import ray
 
     assert not ray.is_initialized()
-    after = {p.pid for p in psutil.Process().children(recursive=True)
-             if p.is_running() and p.status() != psutil.STATUS_ZOMBIE}
-    assert not (after - before)
+    assert not run.leftover          # the children that outlived measure(), taken right after it
 
 
 @pytest.mark.timeout(420)
-def test_deployment_engine_end_to_end(tmp_path, tiny_data, tiny_model):
-    """SuperLink + one SuperNode per site as processes, `flwr run`, everything stopped."""
-    from suite.harness import measure
+def test_deployment_engine_end_to_end(tiny_data, shared_run):
+    """SuperLink + one SuperNode per site as processes, `flwr run`, everything stopped.
 
-    three = tiny_data.subset(np.isin(tiny_data.sites, ["site-1", "site-2", "site-3"]))
-    backend = _backend(rounds=1, audit=False, round_eval=False, engine="deployment", resolution=32)
-    work = tmp_path / "fl-dep"
-    ctx = _ctx(tiny_model, work)
-    probs, _, _ = measure(backend, ctx, three.split("test"), three.split("train"), progress=False)
-    assert probs.shape == (len(three.split("test")), len(three.label_names))
+    The run test_conformance.py's fl[engine=deployment,...] asserts on too (tests/shared_runs.py):
+    all 7 tiny sites and 2 rounds, where this test alone had run 3 sites for 1 round."""
+    run = shared_run(_backend(rounds=2, audit=False, engine="deployment", resolution=32))
+    backend, ctx, probs, work = run.backend, run.ctx, run.probs, run.ctx.workdir
+    assert probs.shape == (len(run.test), len(tiny_data.label_names))
     assert (work / "flwr-app" / "pyproject.toml").exists()
     assert _rows(backend, "dropped_clients", 1)[0]["value"] == 0
     snap = ctx.meter.snapshot()

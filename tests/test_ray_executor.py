@@ -15,6 +15,7 @@ import textwrap
 
 import numpy as np
 import pandas as pd
+import psutil
 import pytest
 
 pytest.importorskip("ray")
@@ -52,10 +53,22 @@ def main(argv: list[str]) -> int:
 OUTPUT: list[str] = []
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def cluster():
+    """One two-node cluster for the session (starting one is most of this file's time); when it
+    is stopped, none of its nodes' processes is left, daemons that left the tree included."""
     with LocalRayCluster(nodes=2, cpus_per_node=1, object_store_mb=100) as c:
+        sessions = [p.pid for p in c.procs]
         yield c
+    assert not [q for sid in sessions for q in LocalRayCluster._session(sid) if _alive(q)], \
+        "the Ray cluster left processes running"
+
+
+def _alive(proc: psutil.Process) -> bool:
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:          # it ended while we looked
+        return False
 
 
 @pytest.fixture(scope="module")
