@@ -336,7 +336,6 @@ def score_part(plan: Planned, state: RunState, run_dir: Path, cfg: RunConfig, pa
         _, ref_pred_path = part_paths(run_dir, ref)
         rows += [_with_reference(r, ref) for r in
                  paired_rows(base, preds, pd.read_parquet(ref_pred_path), labels, cfg.seed)]
-        rows += fit_ratio_rows(base, part, run_dir, ref)
     rows += cost_rows(base, part, proc)
     if plan.track == "training" and ref and state.backend(ref)["status"] == "ok":
         ref_part = json.loads(part_paths(run_dir, ref)[0].read_text())
@@ -400,21 +399,6 @@ def describe_progress(done: int, total: int, elapsed_s: float) -> str:
     left = round((total - done) / rate)
     eta = f"{left // 60} min {left % 60} s" if left >= 60 else f"{left} s"
     return f"{done}/{total} images, {rate:.3g} img/s, about {eta} left"
-
-
-def fit_ratio_rows(base: dict, part: dict, run_dir: Path, ref: str) -> list[ResultRow]:
-    """Training wall time over the control's (both measured by the harness)."""
-    ref_meta, _ = part_paths(run_dir, ref)
-    mine = (part.get("timings") or {}).get("fit_s")
-    try:
-        theirs = (json.loads(ref_meta.read_text()).get("timings") or {}).get("fit_s")
-    except (OSError, ValueError):
-        theirs = None
-    if not mine or not theirs:
-        return []
-    return [ResultRow(**base, metric="fit_time_ratio", value=mine / theirs, unit="ratio",
-                      higher_is_better=False, reference=ref, phase="fit",
-                      note=f"training wall time / that of its control {ref}")]
 
 
 def _with_reference(row: ResultRow, ref: str) -> ResultRow:
