@@ -45,7 +45,8 @@ from suite.results import (
 from suite.run_folder import RunFolder
 from suite.threat_model import ThreatModel
 
-FINAL = ("ok", "failed", "skipped")
+FINAL = ("ok", "failed", "skipped")   # a configuration's status once its worker is done
+KEPT = ("ok", "skipped")               # what --resume keeps: a failed configuration runs again
 
 
 def git_sha() -> str | None:
@@ -563,7 +564,7 @@ def has_work(plans: list[Planned], saved: dict | None) -> bool:
     run's not yet kept)."""
     if saved is None:
         return any(p.unavailable is None for p in plans)
-    return any(b.get("status") not in FINAL for b in saved.get("backends", {}).values())
+    return any(b.get("status") not in KEPT for b in saved.get("backends", {}).values())
 
 
 def _run_started(cfg: RunConfig, console, resume: Path | None, overwrite: bool, run_id: str,
@@ -634,9 +635,11 @@ def check_resume_matches(state: RunState, data: ImageSet, plans: list[Planned], 
 def run_pending(plans: list[Planned], state: RunState, run_dir: Path, cfg: RunConfig, data_path: Path,
                 data: ImageSet, model_ref: dict, console, executor: ExecutorSpec | None = None,
                 launcher: WorkerLauncher | None = None) -> None:
+    """Run every configuration not kept yet: all of a fresh run's, and on --resume the ones
+    missing or failed (a failed one's rows are dropped first, so nothing counts twice)."""
     writer = ResultWriter(RunFolder(run_dir).results)
     order = stratified_order(data.split("test"), cfg.seed)
-    pending = [p for p in plans if state.backend(p.backend_id)["status"] not in FINAL]
+    pending = [p for p in plans if state.backend(p.backend_id)["status"] not in KEPT]
     if executor is not None and executor.kind == "ray":
         from suite.executors.ray_executor import run_on_ray
 
