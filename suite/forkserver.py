@@ -14,7 +14,10 @@ What stays the same as a fresh worker process:
   the file pages the zygote holds resident (MADV_POPULATE_READ over the ranges
   `resident_file_ranges` found once in /proc/self/pagemap), so `peak_rss` counts what a
   fresh worker that made the same imports would (RSS, not PSS: pages shared with other
-  processes count in full, as before);
+  processes count in full, as before). One difference remains: a fresh worker's peak can
+  fall during its imports (transient allocations freed before the job starts), which a
+  forked one never sees: null read 781 MiB forked against 902 MiB fresh (measured under
+  load), the backend's own memory being the same;
 - time: `wall_time` runs from the request to start the worker to its end, as before, now
   without the interpreter start and the preloaded imports (paid once per run by the zygote;
   `run.json` records that once, under `worker_start`). The harness's own phase timings are
