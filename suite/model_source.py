@@ -1,34 +1,29 @@
 """Turn `--model` into a ModelBundle, training and caching the default model when needed.
 
 The parent process resolves the model once and hands workers a `model_ref` (a small
-dict) so every backend process loads the identical weights.
+dict) so every backend process loads the identical weights. Torch loads only when a model is
+built or read (inside the functions), so the CLI can refuse a bad invocation without it.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from suite.config import DatasetConfig, ModelConfig
 from suite.data.imageset import ImageSet
 from suite.errors import SuiteError
 from suite.model_names import BUILTIN_MODELS  # noqa: F401  (re-exported)
-from suite.models import (
-    SMALL_DENSENET,
-    ModelBundle,
-    build_densenet,
-    cache_key,
-    load_checkpoint,
-    load_xrv_weights,
-    random_densenet121,
-    random_small_densenet,
-    save_checkpoint,
-)
 from suite.paths import cache_dir
-from suite.training import Recipe, train_logits_model
+
+if TYPE_CHECKING:
+    from suite.models import ModelBundle
+    from suite.training import Recipe
 
 
 def recipe_for(cfg: ModelConfig, seed: int, quick: bool) -> Recipe:
+    from suite.training import Recipe
+
     return Recipe(epochs=max(1, cfg.epochs // 2) if quick else cfg.epochs,
                   batch_size=cfg.batch_size, lr=cfg.lr, seed=seed)
 
@@ -38,10 +33,13 @@ def train_small_densenet(data: ImageSet, recipe: Recipe, progress=None,
     """The suite's own plaintext model: same recipe as `suite train` and the training controls.
     It trains on `data`'s 'train' images; their ids and pixel hashes go into the bundle so any
     later run can check it never saw that run's hospital images."""
+    import torch
+
     from suite.data.roles import image_hashes
+    from suite.models import SMALL_DENSENET, ModelBundle, build_densenet
+    from suite.training import train_logits_model
 
     train = data.split("train")
-    import torch
 
     torch.manual_seed(recipe.seed)      # the initial weights are part of the recipe
     arch = architecture or SMALL_DENSENET     # `suite train --architecture densenet121`: the study's
@@ -66,6 +64,8 @@ def resolve_model(cfg: ModelConfig, data: ImageSet, seed: int, quick: bool,
     `small-densenet` is the vendor model: trained on the vendor's own data only
     (`suite.data.roles.load_vendor_data`), never on `data`, the hospitals' images.
     """
+    from suite.models import load_checkpoint, load_xrv_weights
+
     name = cfg.name
     if name == "small-densenet":
         return vendor_model(cfg, data, seed, quick, progress, dataset_cfg)
@@ -82,7 +82,7 @@ def resolve_model(cfg: ModelConfig, data: ImageSet, seed: int, quick: bool,
     if name.endswith(".pt") or Path(name).exists():
         bundle = load_checkpoint(Path(name))
         check_pathologies(bundle, data)
-        check_no_leak(bundle, data)
+        check_no_leak(bundle, data, name, dataset_cfg.split if dataset_cfg else None)
         return bundle, {"kind": "checkpoint", "path": str(Path(name).resolve())}
     raise SuiteError(
         f"unknown model '{name}'; use one of {', '.join(BUILTIN_MODELS)}, xrv:<weights name>, "
@@ -94,6 +94,7 @@ def vendor_model(cfg: ModelConfig, data: ImageSet, seed: int, quick: bool, progr
     """The suite's default model, trained with the plaintext recipe on the vendor's data only;
     cached by the vendor data's fingerprint and the recipe."""
     from suite.data.roles import load_vendor_data
+    from suite.models import SMALL_DENSENET, cache_key, load_checkpoint, save_checkpoint
 
     vendor = load_vendor_data(dataset_cfg or DatasetConfig(name=data.name), data, seed, quick)
     recipe = recipe_for(cfg, seed, quick)
@@ -137,14 +138,26 @@ def check_vendor_disjoint(bundle: ModelBundle, data: ImageSet, splits: tuple[str
                        source=f"model '{bundle.name}' (trained on {extra.get('dataset')})")
 
 
-def check_no_leak(bundle: ModelBundle, data: ImageSet) -> None:
-    """A checkpoint must not have been trained on the images it is now tested on."""
-    trained = set(bundle.extra.get("train_image_ids", []))
-    overlap = trained & set(data.split("test").image_ids.tolist())
-    if overlap:
-        raise SuiteError(
-            f"checkpoint '{bundle.name}' was trained on {len(overlap)} of this run's test images "
-            f"(e.g. {sorted(overlap)[0]}); use the same dataset, seed and test_fraction as `suite train`")
+def check_no_leak(bundle: ModelBundle, data: ImageSet, path: Path | str | None = None,
+                  split: str | None = None) -> None:
+    """A checkpoint must not have been trained on the images it is now tested on: refused in
+    one line naming the checkpoint, how many of its recorded training images are among this
+    run's test images, and what to do instead."""
+    recorded = bundle.extra.get("train_image_ids", [])
+    test = data.split("test")
+    overlap = set(recorded) & set(test.image_ids.tolist())
+    if not overlap:
+        return
+    which = f"checkpoint {path}" if path else f"checkpoint '{bundle.name}'"
+    seen = (f"{which} was trained on {len(overlap)} of this run's {len(test)} test images "
+            f"({len(overlap)} of its {len(recorded)} recorded training images, e.g. {sorted(overlap)[0]})")
+    if split == "all":
+        todo = ("--split all scores every image, so validate it on a dataset it never saw, or drop "
+                "--split all to score only the images `suite train` held out (same dataset, seed "
+                "and test_fraction)")
+    else:
+        todo = "use the same dataset, seed and test_fraction as `suite train`, so they stay in the train split"
+    raise SuiteError(f"{seen}; {todo}")
 
 
 def check_pathologies(bundle: ModelBundle, data: ImageSet) -> None:
@@ -158,6 +171,8 @@ def check_pathologies(bundle: ModelBundle, data: ImageSet) -> None:
 def load_model_ref(ref: dict[str, Any]) -> ModelBundle:
     """What a worker calls: the same weights the parent resolved."""
     import torch
+
+    from suite.models import load_checkpoint, load_xrv_weights, random_densenet121, random_small_densenet
 
     if ref["kind"] == "checkpoint":
         return load_checkpoint(Path(ref["path"]))

@@ -37,6 +37,9 @@ class ProcResult:
     wall_s: float
     peak_rss: int                # bytes, whole tree, max over samples
     peak_rss_max_process: int    # bytes, largest single process
+    cpu_s: float | None = None   # user + system CPU of the worker and the children it waited for
+    lost: bool = False           # forked: the fork server vanished while the worker ran
+    start_mode: str = "fresh-interpreter"   # or "fork-server" (suite/forkserver.py)
 
 
 class TreeMemorySampler(threading.Thread):
@@ -89,12 +92,21 @@ def terminate_then_kill(procs: list[psutil.Process], grace_s: float = 3.0) -> No
     psutil.wait_procs(alive, timeout=grace_s)
 
 
+def _running(p: psutil.Process) -> bool:
+    try:
+        return p.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
 def kill_tree(pid: int, grace_s: float = 3.0) -> None:
     """SIGTERM the process group and every descendant, then SIGKILL what is left."""
     try:
-        procs = [psutil.Process(pid)] + psutil.Process(pid).children(recursive=True)
+        root = psutil.Process(pid)
+        procs = [root] + root.children(recursive=True)
     except psutil.Error:
         procs = []
+    procs = [p for p in procs if _running(p)]   # a zombie (ended, not yet reaped) needs no stop
     try:
         os.killpg(pid, signal.SIGTERM)
     except (ProcessLookupError, PermissionError):
@@ -108,35 +120,66 @@ def kill_tree(pid: int, grace_s: float = 3.0) -> None:
 
 def run_watched(cmd: list[str], timeout_s: float, env: dict[str, str] | None = None,
                 log_path: Path | None = None, on_poll=None, poll_s: float = 1.0) -> ProcResult:
-    """`on_poll()` is called about every `poll_s` while the worker runs (progress display)."""
-    start = time.perf_counter()
+    """`cmd` as a fresh process under the watch; `on_poll()` is called about every `poll_s`
+    while the worker runs (progress display)."""
+    import resource
+
     env = {**(os.environ if env is None else env), PARENT_ENV: str(os.getpid())}
     log = open(log_path, "ab") if log_path else subprocess.DEVNULL
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     try:
-        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=None, start_new_session=True)
-        try:
-            sampler = TreeMemorySampler(proc.pid)
-            sampler.start()
-            timed_out = False
-            timed_out = not wait_polling(proc, start + timeout_s, on_poll, poll_s)
-            sampler.stop()
-        finally:
-            # on every way out (time limit, exception, Interrupted): the worker, its parties
-            # and anything else the backend left running
-            with _signals_deferred():
-                kill_tree(proc.pid)
-                proc.wait()
+        result = watch(lambda: subprocess.Popen(cmd, env=env, stdout=log, stderr=None,
+                                                start_new_session=True),
+                       timeout_s, on_poll, poll_s)
     finally:
         if log_path:
             log.close()
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    result.cpu_s = round((after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime), 3)
+    return result
+
+
+def run_forked(server, job_path: Path, timeout_s: float, env: dict[str, str],
+               log_path: Path | None = None, on_poll=None, poll_s: float = 1.0,
+               entry: str | None = None) -> ProcResult:
+    """A worker forked by the run's warm fork server (`suite.forkserver`), under the same
+    watch as `run_watched`: the clock starts at the request (after the server's one-off
+    preload), memory is the child's tree, the limit kills the child's tree."""
+    server.ready()
+    extra = {"entry": entry} if entry else {}
+    result = watch(lambda: server.start(job_path, env, log_path, **extra), timeout_s, on_poll, poll_s)
+    result.start_mode = "fork-server"
+    return result
+
+
+def watch(start, timeout_s: float, on_poll=None, poll_s: float = 1.0) -> ProcResult:
+    """Start a worker with `start()` (a Popen, or anything with its pid/wait/returncode) and
+    watch it: hard time limit, whole-tree memory samples, the tree stopped on every way out."""
+    begin = time.perf_counter()
+    proc = start()
+    try:
+        sampler = TreeMemorySampler(proc.pid)
+        sampler.start()
+        timed_out = False
+        timed_out = not wait_polling(proc, begin + timeout_s, on_poll, poll_s)
+        sampler.stop()
+    finally:
+        # on every way out (time limit, exception, Interrupted): the worker, its parties
+        # and anything else the backend left running
+        with _signals_deferred():
+            kill_tree(proc.pid)
+            proc.wait()
+            if hasattr(proc, "release"):      # forked: only now may its pid be reused
+                proc.release()
     return ProcResult(
         returncode=None if timed_out else proc.returncode, timed_out=timed_out,
-        wall_s=time.perf_counter() - start, peak_rss=sampler.peak_total,
-        peak_rss_max_process=sampler.peak_single,
+        wall_s=time.perf_counter() - begin, peak_rss=sampler.peak_total,
+        peak_rss_max_process=sampler.peak_single, cpu_s=getattr(proc, "cpu_s", None),
+        lost=bool(getattr(proc, "lost", False)),
     )
 
 
-def wait_polling(proc: subprocess.Popen, deadline: float, on_poll, poll_s: float) -> bool:
+def wait_polling(proc, deadline: float, on_poll, poll_s: float) -> bool:
     """Wait for `proc` until `deadline` (perf_counter), calling `on_poll` in between;
     False when the deadline passed first."""
     while True:

@@ -8,7 +8,6 @@ import json
 import os
 import platform
 import subprocess
-import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -31,7 +30,7 @@ from suite.harness import Job, part_paths
 from suite.model_source import check_vendor_disjoint, resolve_model, vendor_description
 from suite.paths import REPO_ROOT, cache_dir, reports_dir
 from suite.planning import Planned, merged_entries, plan_backends
-from suite.procwatch import run_watched
+from suite.worker_launch import WorkerLauncher
 from suite.results import (
     ResultRow,
     ResultWriter,
@@ -46,7 +45,8 @@ from suite.results import (
 from suite.run_folder import RunFolder
 from suite.threat_model import ThreatModel
 
-FINAL = ("ok", "failed", "skipped")
+FINAL = ("ok", "failed", "skipped")   # a configuration's status once its worker is done
+KEPT = ("ok", "skipped")               # what --resume keeps: a failed configuration runs again
 
 
 def git_sha() -> str | None:
@@ -281,8 +281,9 @@ def worker_env(cfg: RunConfig) -> dict[str, str]:
 
 def execute_backend(plan: Planned, state: RunState, run_dir: Path, cfg: RunConfig,
                     data_path: Path, data: ImageSet, order: np.ndarray, model_ref: dict,
-                    writer: ResultWriter, console) -> None:
-    """The local executor: one watched worker process on this machine."""
+                    writer: ResultWriter, console, launcher: WorkerLauncher | None = None) -> None:
+    """The local executor: one watched worker process on this machine (forked from the run's
+    fork server, or a fresh interpreter: `suite.worker_launch`)."""
     entry = state.backend(plan.backend_id)
     test_index = chosen_images(plan, data, order)
     model_ref = serving_model(plan, state, run_dir, model_ref, writer, console)
@@ -291,22 +292,43 @@ def execute_backend(plan: Planned, state: RunState, run_dir: Path, cfg: RunConfi
     job = make_job(plan, run_dir, cfg, data_path, test_index, model_ref)
     meta_path, pred_path = part_paths(run_dir, plan.backend_id)
     meta_path.unlink(missing_ok=True)
+    pred_path.unlink(missing_ok=True)            # a re-run (resume) never scores an older attempt's
+    RunFolder(run_dir).released_model(plan.backend_id).unlink(missing_ok=True)   # files
     job_path = meta_path.with_suffix(".job.json")
     job.save(job_path)
     entry.update(status="running", n_images=len(test_index))
     state.save()
-    env = {**os.environ, **worker_env(cfg)}
     progress_path = RunFolder(run_dir).progress(plan.backend_id)
     progress_path.unlink(missing_ok=True)
+    launcher = launcher or WorkerLauncher({**os.environ, **worker_env(cfg)}, console, use_fork=False)
     with ProgressLine(console, progress_path, plan.backend_id) as shown:
-        proc = run_watched([sys.executable, "-m", "suite.worker", str(job_path)], cfg.timeout_s, env,
-                           log_path=meta_path.with_suffix(".log"), on_poll=shown.poll)
+        proc = launcher.run(job_path, cfg.timeout_s, meta_path.with_suffix(".log"), on_poll=shown.poll)
+    entry.update(worker_start=proc.start_mode, worker_cpu_s=proc.cpu_s)
     part = json.loads(meta_path.read_text()) if meta_path.exists() else None
     error = worker_error(proc.timed_out, proc.returncode, part, cfg.timeout_s)
+    if error and proc.lost and part is None:
+        error = "the worker fork server died while the worker ran (see the run's stderr)"
     if error:
         record_failure(plan, state, writer, console, error)
         return
-    score_part(plan, state, run_dir, cfg, part, proc.__dict__, writer, console)
+    score_part(plan, state, run_dir, cfg, part, proc.__dict__, writer, console,
+               annotate=lambda rows: note_wall_time(rows, proc.start_mode))
+
+
+WALL_TIME_NOTES = {
+    "fork-server": "from the request to fork the worker to its end; the fork server imported "
+                   "torch and the harness once for the run, not counted here",
+    "fresh-interpreter": "from starting the worker process (`python -m suite.worker`) to its end, "
+                         "interpreter start and imports included",
+}
+
+
+def note_wall_time(rows: list[ResultRow], start_mode: str) -> list[ResultRow]:
+    """Say on the wall_time row what it spans, which depends on how the worker started."""
+    for row in rows:
+        if row.metric == "wall_time" and not row.note:
+            row.note = WALL_TIME_NOTES.get(start_mode)
+    return rows
 
 
 def worker_error(timed_out: bool, returncode, part: dict | None, timeout_s: float) -> str | None:
@@ -314,6 +336,14 @@ def worker_error(timed_out: bool, returncode, part: dict | None, timeout_s: floa
     if timed_out:
         return f"timed out after {timeout_s:.0f} s (limit timeout_s)"
     if part is None:
+        if isinstance(returncode, int) and returncode < 0:
+            import signal
+
+            try:
+                name = signal.Signals(-returncode).name
+            except ValueError:
+                name = f"signal {-returncode}"
+            return f"worker was killed by {name} (exit code {returncode}) before reporting"
         return f"worker died with exit code {returncode} before reporting"
     if part["status"] != "ok":
         return part["error"]
@@ -336,7 +366,6 @@ def score_part(plan: Planned, state: RunState, run_dir: Path, cfg: RunConfig, pa
         _, ref_pred_path = part_paths(run_dir, ref)
         rows += [_with_reference(r, ref) for r in
                  paired_rows(base, preds, pd.read_parquet(ref_pred_path), labels, cfg.seed)]
-        rows += fit_ratio_rows(base, part, run_dir, ref)
     rows += cost_rows(base, part, proc)
     if plan.track == "training" and ref and state.backend(ref)["status"] == "ok":
         ref_part = json.loads(part_paths(run_dir, ref)[0].read_text())
@@ -400,21 +429,6 @@ def describe_progress(done: int, total: int, elapsed_s: float) -> str:
     left = round((total - done) / rate)
     eta = f"{left // 60} min {left % 60} s" if left >= 60 else f"{left} s"
     return f"{done}/{total} images, {rate:.3g} img/s, about {eta} left"
-
-
-def fit_ratio_rows(base: dict, part: dict, run_dir: Path, ref: str) -> list[ResultRow]:
-    """Training wall time over the control's (both measured by the harness)."""
-    ref_meta, _ = part_paths(run_dir, ref)
-    mine = (part.get("timings") or {}).get("fit_s")
-    try:
-        theirs = (json.loads(ref_meta.read_text()).get("timings") or {}).get("fit_s")
-    except (OSError, ValueError):
-        theirs = None
-    if not mine or not theirs:
-        return []
-    return [ResultRow(**base, metric="fit_time_ratio", value=mine / theirs, unit="ratio",
-                      higher_is_better=False, reference=ref, phase="fit",
-                      note=f"training wall time / that of its control {ref}")]
 
 
 def _with_reference(row: ResultRow, ref: str) -> ResultRow:
@@ -517,8 +531,6 @@ def run(cfg: RunConfig, console, resume: Path | None = None, overwrite: bool = F
 
 def _run(cfg: RunConfig, console, resume: Path | None, overwrite: bool, where: list[Path],
          executor: ExecutorSpec) -> Path:
-    from rich.progress import Progress
-
     if resume is not None:
         saved, cfg = load_resume(resume)
         run_id, run_dir = saved["run_id"], Path(resume)
@@ -535,6 +547,31 @@ def _run(cfg: RunConfig, console, resume: Path | None, overwrite: bool, where: l
     if cfg.model.name.endswith(".pt") or Path(cfg.model.name).is_file():
         check_checkpoint_file(cfg.model.name)
     console.print(f"run [bold]{run_id}[/bold] -> {run_dir}")
+    launcher = None
+    if executor.kind != "ray" and has_work(plans, saved if resume is not None else None):
+        # started now: its one-off preload overlaps loading the data and the model below
+        launcher = WorkerLauncher({**os.environ, **worker_env(cfg)}, console).begin()
+    try:
+        return _run_started(cfg, console, resume, overwrite, run_id, run_dir, plans, executor, launcher,
+                            saved if resume is not None else None)
+    finally:
+        if launcher is not None:
+            launcher.close()
+
+
+def has_work(plans: list[Planned], saved: dict | None) -> bool:
+    """Whether any configuration will run a worker (a fresh run's available ones; a resumed
+    run's not yet kept)."""
+    if saved is None:
+        return any(p.unavailable is None for p in plans)
+    return any(b.get("status") not in KEPT for b in saved.get("backends", {}).values())
+
+
+def _run_started(cfg: RunConfig, console, resume: Path | None, overwrite: bool, run_id: str,
+                 run_dir: Path, plans: list[Planned], executor: ExecutorSpec,
+                 launcher: WorkerLauncher | None, saved: dict | None) -> Path:
+    from rich.progress import Progress
+
     data, data_path = load_dataset(cfg.dataset, cfg.seed, cfg.quick)
     console.print(f"dataset {data.name}: {(data.splits == 'train').sum()} train / "
                   f"{(data.splits == 'test').sum()} test images, {len(data.site_names())} sites, "
@@ -562,7 +599,7 @@ def _run(cfg: RunConfig, console, resume: Path | None, overwrite: bool, where: l
         state.data["data_roles"] = data_roles
         create_run_dir(run_dir, overwrite)
     state.save()
-    run_pending(plans, state, run_dir, cfg, data_path, data, model_ref, console, executor)
+    run_pending(plans, state, run_dir, cfg, data_path, data, model_ref, console, executor, launcher)
     return run_dir
 
 
@@ -596,10 +633,13 @@ def check_resume_matches(state: RunState, data: ImageSet, plans: list[Planned], 
 
 
 def run_pending(plans: list[Planned], state: RunState, run_dir: Path, cfg: RunConfig, data_path: Path,
-                data: ImageSet, model_ref: dict, console, executor: ExecutorSpec | None = None) -> None:
+                data: ImageSet, model_ref: dict, console, executor: ExecutorSpec | None = None,
+                launcher: WorkerLauncher | None = None) -> None:
+    """Run every configuration not kept yet: all of a fresh run's, and on --resume the ones
+    missing or failed (a failed one's rows are dropped first, so nothing counts twice)."""
     writer = ResultWriter(RunFolder(run_dir).results)
     order = stratified_order(data.split("test"), cfg.seed)
-    pending = [p for p in plans if state.backend(p.backend_id)["status"] not in FINAL]
+    pending = [p for p in plans if state.backend(p.backend_id)["status"] not in KEPT]
     if executor is not None and executor.kind == "ray":
         from suite.executors.ray_executor import run_on_ray
 
@@ -610,7 +650,10 @@ def run_pending(plans: list[Planned], state: RunState, run_dir: Path, cfg: RunCo
         for i, plan in enumerate(pending, 1):
             console.print(f"[{i}/{len(pending)}] {escape(plan.backend_id)} ({plan.track})")
             drop_rows(writer.path, plan.backend_id)
-            execute_backend(plan, state, run_dir, cfg, data_path, data, order, model_ref, writer, console)
+            execute_backend(plan, state, run_dir, cfg, data_path, data, order, model_ref, writer, console,
+                            launcher)
+        if launcher is not None:
+            state.data["worker_start"] = launcher.describe()
     recorded = set(read_results(writer.path)["backend_id"].dropna())
     for p in plans:
         if p.unavailable and p.backend_id not in recorded:

@@ -1,9 +1,12 @@
-"""Entry point of one backend job: `python -m suite.worker JOB.json`.
+"""Entry point of one backend job: `python -m suite.worker JOB.json`, or `main([JOB.json])`
+in a child forked by the run's warm fork server (suite/forkserver.py), which has imported
+torch and the harness once for every worker.
 
 Each backend configuration runs in its own process so the parent can enforce a hard
 time limit, measure the process tree's memory, and survive a backend that crashes. The
-worker watches its parent from the first line on: if the parent dies (even by SIGKILL),
-the worker stops every process it started and exits, so nothing of a run is left behind.
+worker watches its parent (the runner, or the fork server that dies with the runner) from
+the first line on: if the parent dies (even by SIGKILL), the worker stops every process it
+started and exits, so nothing of a run is left behind.
 """
 
 from __future__ import annotations

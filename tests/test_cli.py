@@ -89,3 +89,39 @@ def test_list_shows_backends_datasets_models():
     assert proc.returncode == 0, proc.stderr
     for word in ("plaintext", "null", "synthetic", "small-densenet", "xrv:"):
         assert word in proc.stdout
+
+
+REFUSAL_PROBE = r"""
+import sys
+from suite.cli import main
+rc = main(["run", "--backends", "nosuch", "--out", sys.argv[1]])
+print(rc, "torch" in sys.modules, "torchxrayvision" in sys.modules)
+import suite.models    # positive control: the probe sees torch once something imports it
+print("torch" in sys.modules)
+"""
+
+
+def test_a_refusal_imports_no_torch(tmp_path):
+    """`python -m suite run --backends nosuch` refuses in one line before torch loads (it once
+    took ~27 s under load importing torch for nothing)."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", REFUSAL_PROBE, str(tmp_path / "r")], capture_output=True,
+                          text=True, cwd=REPO, timeout=300)
+    lines = proc.stdout.split()
+    assert lines[:3] == ["2", "False", "False"], (proc.stdout, proc.stderr)
+    assert lines[3] == "True"
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]
+    assert proc.stderr.startswith("error: unknown backend 'nosuch'")
+    assert not (tmp_path / "r").exists()
+
+
+def test_help_imports_no_torch():
+    import subprocess
+    import sys
+
+    probe = ("import sys\nfrom suite.cli import main\nrc = main(['run', '--help'])\n"
+             "print('RESULT', rc, 'torch' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert proc.stdout.split()[-3:] == ["RESULT", "0", "False"], proc.stdout[-500:]

@@ -10,9 +10,10 @@ import pytest
 from suite.results import read_result_lines, read_results
 from tests.conftest import REPO, run_cli, run_main
 from tests.faulty_backends import EXTRA
+from tests.forkserver_entries import EXTRA as SEGFAULT
 
 TINY = str(REPO / "tests" / "tiny.toml")
-FAULTY = {"SUITE_EXTRA_BACKENDS": EXTRA}
+FAULTY = {"SUITE_EXTRA_BACKENDS": EXTRA + "," + SEGFAULT}
 
 
 @pytest.fixture(scope="module")
@@ -78,23 +79,28 @@ def test_compare_two_runs(tiny_run):
 
 
 def test_failures_are_recorded_and_the_run_goes_on(tmp_path):
+    """Workers forked from the run's fork server: a raise, an os._exit and a segfault each
+    cost only their configuration."""
     out = tmp_path / "r"
     proc = run_cli("run", "--config", TINY, "--out", str(out),
-                   "--backends", "raising,crashing,badshape,null", env=FAULTY)
+                   "--backends", "raising,crashing,segfault,badshape,null", env=FAULTY)
     # finished, but not all well: a distinct exit status, said in the last line
     assert proc.returncode == 3, proc.stderr[-3000:]
     last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("failed: 3 of 5 backend configurations failed"), last
-    assert all(name in last for name in ("raising", "crashing", "badshape")), last
-    state = json.loads((out / "run.json").read_text())["backends"]
+    assert last.startswith("failed: 4 of 6 backend configurations failed"), last
+    assert all(name in last for name in ("raising", "crashing", "segfault", "badshape")), last
+    run_state = json.loads((out / "run.json").read_text())
+    assert run_state["worker_start"]["mode"] == "fork-server"
+    state = run_state["backends"]
     assert state["raising"]["status"] == "failed"
     assert "deliberate failure" in state["raising"]["error"]
     assert "exit code 9" in state["crashing"]["error"]
+    assert "killed by SIGSEGV" in state["segfault"]["error"]
     assert "shape" in state["badshape"]["error"]
     assert state["null"]["status"] == "ok" and state["plaintext"]["status"] == "ok"
     df = read_results(out / "results.jsonl")
     failed = df[df.status == "failed"]
-    assert set(failed.backend_id) == {"raising", "crashing", "badshape"}
+    assert set(failed.backend_id) == {"raising", "crashing", "segfault", "badshape"}
     assert failed.error.notna().all()
 
 
@@ -103,13 +109,14 @@ def test_a_hanging_backend_is_stopped_at_the_time_limit(tmp_path):
     limit long enough for its healthy workers on a loaded machine."""
     out = tmp_path / "r"
     proc = run_cli("run", "--config", TINY, "--out", str(out), "--timeout", "20",
-                   "--backends", "hanging", "--no-report", env=FAULTY)
+                   "--backends", "hanging,null", "--no-report", env=FAULTY)
     assert proc.returncode == 3, proc.stderr[-3000:]
     last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("failed:") and "hanging" in last, last
+    assert last.startswith("failed: 1 of") and "hanging" in last, last
     state = json.loads((out / "run.json").read_text())["backends"]
     assert state["hanging"]["status"] == "failed"
     assert "timed out after 20 s" in state["hanging"]["error"]
+    assert state["null"]["status"] == "ok"                # the next forked worker ran
     failed = read_results(out / "results.jsonl").query("status == 'failed'")
     assert "hanging" in set(failed.backend_id) and failed.error.notna().all()
 
