@@ -25,6 +25,7 @@ SPREAD_FILES = ("test_conformance.py", "test_benchmarks_run.py")
 # begin last on one worker while the other idles (scripts/test.sh passes --no-loadscope-reorder,
 # which keeps this order). test_fl.py's unit holds the conformance runs it shares.
 LONG_FILES = ("test_real_data.py", "test_ray_executor.py", "test_mpc_namespaces.py", "test_runner.py",
+              "test_resume.py", "test_forkserver.py",
               "test_fl.py", "test_conformance.py", "test_benchmarks_run.py", "test_composition.py",
               "test_mpc.py", "test_mpc_spu.py", "test_validate.py", "test_progress.py")
 
