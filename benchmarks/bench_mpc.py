@@ -6,6 +6,8 @@ Always on (a tiny DenseNet; ~1 min in all, most of it starting parties):
   MPCRandomness      the CSPRNG's cost: rng=csprng vs rng=torch on the default model's
                      architecture (64 px, batch 8), same run (~2-4 min)
   MPCPackedReLU      the packed MSB circuit alone, on a plaintext simulation (no parties)
+  MPCRingProducts    the Beaver products' local kernel: float64 limb products (backends/mpc/ring.py)
+                     against torch's int64 conv2d, on two DenseNet-121 layers
   MPCEngines         every engine / protocol row side by side (CrypTen ttp, SPU SEMI2K, SPU
                      Cheetah): seconds per batch, CPU per image, bytes and messages per image
                      (SPU counts messages, not rounds); SPU rows skip without .venv-spu/
@@ -359,6 +361,37 @@ class MPCPackedReLU:
         zero = torch.zeros_like(self.low[0])
         (g,) = sim_and([torch.stack([self.low[0], zero])], [torch.stack([zero, self.low[1]])])
         carry_tree(g, torch.stack([self.low[0] ^ self.top, self.low[1]]), sim_and)
+
+
+class MPCRingProducts:
+    """The Beaver products' local kernel on one DenseNet-121 layer (224 px, one image, one
+    thread): `backends.mpc.ring`'s float64 limb products against torch's int64 kernel, which
+    has no BLAS path (on torch 2.14.1 it made DenseNet-121 at 224 px ~6x slower than the
+    session-1 figure). Both give the same int64 result bit for bit (tests/test_mpc_ring.py)."""
+
+    params = (["ring", "int64"], ["conv3x3", "conv1x1"])
+    param_names = ["kernel", "layer"]
+    #: at 224 px: a denseblock2 layer's 3x3 conv (128 -> 32 channels, 28 x 28) and a
+    #: denseblock3 1x1 conv with the split pre-activation (2 x 512 -> 128 channels, 14 x 14)
+    LAYERS = {"conv3x3": ((1, 128, 28, 28), (32, 128, 3, 3), 1),
+              "conv1x1": ((1, 1024, 14, 14), (128, 1024, 1, 1), 0)}
+
+    def setup(self, kernel, layer):
+        import torch
+
+        torch.set_num_threads(1)
+        g = torch.Generator().manual_seed(0)
+        shape_x, shape_w, self.padding = self.LAYERS[layer]
+        self.x = torch.randint(-2 ** 63, 2 ** 63 - 1, shape_x, generator=g)
+        self.w = torch.randint(-2 ** 63, 2 ** 63 - 1, shape_w, generator=g)
+
+    def time_conv2d(self, kernel, layer):
+        import torch
+
+        from backends.mpc.ring import ring_conv2d
+
+        fn = ring_conv2d if kernel == "ring" else torch.conv2d
+        fn(self.x, self.w, None, 1, self.padding)
 
 
 class MPCDenseNet121:

@@ -79,7 +79,7 @@ def import_crypten(rng: str = "csprng"):
     with its randomness routed through `backends.mpc.csprng` (AES-256-CTR keyed from
     os.urandom) for the next `crypten.init()`. rng="torch" keeps CrypTen's stock MT19937
     generators: insecure, only for measuring the CSPRNG's cost."""
-    from backends.mpc import csprng
+    from backends.mpc import csprng, ring
 
     csprng.set_mode(rng)
     if "crypten" not in sys.modules:
@@ -87,4 +87,5 @@ def import_crypten(rng: str = "csprng"):
     import crypten
 
     csprng.install(crypten)
+    ring.install(crypten)          # int64 products on float64 kernels, bit for bit
     return crypten

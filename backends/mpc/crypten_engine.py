@@ -270,6 +270,7 @@ class CrypTenBackend(PartyBackend):
             "triples": o.triples, "precision_bits": self._precision, "reveal_to": o.reveal_to,
             "timeout_s": o.timeout_s, "record_dir": os.environ.get("MPC_RECORD_DIR") or None,
             "profile": os.environ.get("MPC_PROFILE") == "1", "relu": o.relu,
+            "cprofile_dir": os.environ.get("MPC_CPROFILE") or None,     # diagnostics: cProfile per party
             "truncation": o.truncation, "rng": o.rng,
             "faults": os.environ.get("MPC_PROTOCOL_FAULTS", ""),   # tests only: broken variants
         }

@@ -25,6 +25,7 @@ import pickle
 import sys
 import time
 import traceback
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -89,6 +90,10 @@ def install_counters(traffic: Traffic) -> None:
         if traffic.record is not None:
             traffic.record.append((name, _detach(payload)))
 
+    def keep_other(name: str, result: Any, own: Any, op: Any) -> None:
+        if traffic.record is not None:         # what the other party sent: only when recording
+            traffic.record.append((name, _detach(_other_part(result, own, op))))
+
     def keep_opened(payload: Any) -> None:
         if traffic.opened is not None:
             traffic.opened.append(_detach(payload))
@@ -133,7 +138,7 @@ def install_counters(traffic: Traffic) -> None:
         out = orig["reduce"](self, input, dst, op=op, batched=batched)
         if dst == self.get_rank():
             traffic.received += _nbytes(input)
-            keep("reduce", _other_part(out, input, op))
+            keep_other("reduce", out, input, op)
         else:
             traffic.sent += _nbytes(input)
         traffic.rounds += 1
@@ -144,7 +149,7 @@ def install_counters(traffic: Traffic) -> None:
         traffic.sent += _nbytes(input)
         traffic.received += _nbytes(input)
         traffic.rounds += 1
-        keep("all_reduce", _other_part(out, input, op))
+        keep_other("all_reduce", out, input, op)
         keep_opened(out)               # what both parties learn: the opened value itself
         return out
 
@@ -260,24 +265,22 @@ class CrypTenOps:
         self._relu = gates.relu if relu == "packed" else None
         self._gates = gates if truncation == "exact" else None
 
-    def _product(self, fn, x, w):
-        """fn(x, w) for shared x, w, truncated exactly (or by CrypTen when truncation=local)."""
+    def _product(self, op, x, w, **kwargs):
+        """op(x, w) for shared x, w, truncated exactly (or by CrypTen when truncation=local)."""
         if self._gates is None:
-            return fn(x, w)
-        from crypten.mpc.primitives.beaver import IgnoreEncodings
-
-        bits = _fraction_bits(x)
-        with IgnoreEncodings([w._tensor]):      # CrypTen then skips its local division
-            y = fn(x, w)
-        y._tensor.share = self._gates.truncate(y._tensor.share, bits)
+            return getattr(x, op)(w, **kwargs)        # CrypTen's own product and local division
+        product = self._gates.product(op, x.share, w.share, **kwargs)   # carries 2p fractional bits
+        y = x.shallow_copy()
+        y._tensor = x._tensor.shallow_copy()          # MPCTensor.shallow_copy shares _tensor
+        y._tensor.share = self._gates.truncate(product, _fraction_bits(x))
         return y
 
     def conv(self, x, w, b, stride, padding):
-        y = self._product(lambda a, k: a.conv2d(k, stride=stride, padding=padding), x, w)
+        y = self._product("conv2d", x, w, stride=stride, padding=padding)
         return y if b is None else y + b.view(1, -1, 1, 1)
 
     def linear(self, x, w, b):
-        return self._product(lambda a, k: a.matmul(k), x, w.transpose(0, 1)) + b
+        return self._product("matmul", x, w.transpose(0, 1)) + b
 
     def relu(self, x):
         return self._relu(x) if self._relu is not None else x.relu()
@@ -296,7 +299,7 @@ class CrypTenOps:
         return out
 
     def mul(self, x, s):
-        return self._product(lambda a, k: a * k, x, s)
+        return self._product("mul", x, s)
 
     def add(self, x, t):
         return x + t
@@ -442,16 +445,36 @@ def party_main(rank: int, conn: Any, settings: dict[str, Any], parent_pid: int) 
     """Run party `rank` (0, 1) or the dealer (2) until told to stop."""
     watch_parent(parent_pid)
     try:
-        if rank == DEALER_RANK:
-            _dealer(settings)
-        else:
-            _party_loop(rank, conn, settings)
+        with _cprofiled(settings.get("cprofile_dir"), rank):
+            if rank == DEALER_RANK:
+                _dealer(settings)
+            else:
+                _party_loop(rank, conn, settings)
     except BaseException:  # noqa: BLE001 - reported to the orchestrator, then exit non-zero
         try:
             send(conn, ("error", traceback.format_exc()))
         except Exception:
             pass
         sys.exit(1)
+
+
+@contextmanager
+def _cprofiled(folder: str | None, rank: int):
+    """With MPC_CPROFILE=DIR (diagnostics): the party's whole life under cProfile, written to
+    DIR/party<rank>.prof when it ends (the dealer is party 2)."""
+    if not folder:
+        yield
+        return
+    import cProfile
+
+    profiler = cProfile.Profile()
+    profiler.enable()
+    try:
+        yield
+    finally:
+        profiler.disable()
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        profiler.dump_stats(str(Path(folder) / f"party{rank}.prof"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -549,6 +572,10 @@ def _party_loop(rank: int, conn: Any, settings: dict[str, Any], model: tuple | N
     comm = crypten.communicator.get()
     role = ROLES[rank]
     dealer = None
+    if settings["triples"] == "ttp":
+        from backends.mpc.protocol import size_triples_without_products
+
+        size_triples_without_products()
     if settings["triples"] == "ttp" and rank == 0:
         from backends.mpc.protocol import DealerClient
 

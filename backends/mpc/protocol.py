@@ -265,6 +265,40 @@ def _broadcast(a, b) -> torch.Size:
 BATCH = "__batch__"
 
 
+def size_triples_without_products() -> None:
+    """Make CrypTen's TTP triples cost a party other than 0 no product.
+
+    CrypTen 0.4.1's `TrustedThirdParty.generate_additive_triple` draws a, b and c from the
+    party's generator, but on every party but 0 it first computes the whole product a * b
+    (a convolution, for a convolution's triple) only to learn c's size ("TODO: Compute size
+    without executing computation"): a quarter of the data owner's product work, thrown
+    away. Here the size comes from `_result_size`; the draws (a, b, then c, from the same
+    generator, which the dealer mirrors) are unchanged. Idempotent.
+    """
+    import crypten.communicator as comm
+    from crypten.mpc.primitives.arithmetic import ArithmeticSharedTensor
+    from crypten.mpc.provider import ttp_provider
+
+    cls = ttp_provider.TrustedThirdParty
+    if getattr(cls.generate_additive_triple, "_sized", False):
+        return
+    stock = cls.generate_additive_triple
+
+    def generate_additive_triple(self, size0, size1, op, device=None, *args, **kwargs):
+        if comm.get().get_rank() == 0:
+            return stock(self, size0, size1, op, device, *args, **kwargs)
+        draw = ttp_provider.generate_random_ring_element      # the CSPRNG's, once installed
+        generator = ttp_provider.TTPClient.get().get_generator(device=device)
+        a = draw(size0, generator=generator, device=device)
+        b = draw(size1, generator=generator, device=device)
+        c = draw(_result_size("additive", (size0, size1, op, *args), kwargs), generator=generator,
+                 device=device)
+        return tuple(ArithmeticSharedTensor.from_shares(t, precision=0) for t in (a, b, c))
+
+    generate_additive_triple._sized = True
+    cls.generate_additive_triple = generate_additive_triple
+
+
 def serve_dealer() -> None:
     """CrypTen's TTPServer, answering `DealerClient`'s (batched) requests tensor-only."""
     import crypten
@@ -333,6 +367,24 @@ class TwoPartyGates:
             out.append(z[start:start + k].view(shape))
             start += k
         return out
+
+    def product(self, op: str, x: torch.Tensor, y: torch.Tensor, **kwargs) -> torch.Tensor:
+        """This party's share of op(x, y) (op: conv2d, matmul or mul) for its int64 shares x, y:
+        a Beaver product, not truncated.
+
+        CrypTen computes [c] + eps * [b] + [a] * delta + eps * delta, three products on every
+        party (the last one is kept by party 0 only). Since y = b + delta,
+        x * y = c + a * delta + eps * y, so [z] = [c] + [a] * delta + eps * [y]: two products
+        per party, with the same triple and the same one opening of (eps, delta)."""
+        from backends.mpc.ring import ring_conv2d, ring_matmul
+
+        fn = {"conv2d": ring_conv2d, "matmul": ring_matmul, "mul": torch.mul}[op]
+        a, b, c = self.provider.generate_additive_triple(x.size(), y.size(), op, device=x.device, **kwargs)
+        eps, delta = self.comm.all_reduce([x - a.share, y - b.share], batched=True)
+        z = fn(a.share, delta, **kwargs)
+        z += fn(eps, y, **kwargs)
+        z += c.share
+        return z
 
     def drelu_shares(self, share: torch.Tensor) -> torch.Tensor:
         """XOR-shares (0/1) of [x >= 0]."""
