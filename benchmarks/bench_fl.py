@@ -8,6 +8,8 @@ step.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 
@@ -115,32 +117,14 @@ class EngineRound:
     repeat = 1
 
     def setup_cache(self):
-        import shutil
-        import tempfile
-        from pathlib import Path
-
-        from backends.fl.backend import FLBackend, FLOptions
-        from suite.backend import BackendContext
-        from suite.data.synthetic import generate_synthetic
-        from suite.harness import measure
-        from suite.meter import CommMeter
-        from suite.models import random_small_densenet
-
-        data = generate_synthetic(n_train_per_site=40, n_test_per_site=4, size=32, seed=0)
-        model = random_small_densenet(data.label_names, resolution=32, seed=0)
         out = {}
         for engine in self.params[0]:
-            backend = FLBackend(FLOptions(engine=engine, rounds=4, resolution=32, start="scratch"))
-            work = Path(tempfile.mkdtemp(prefix=f"bench-fl-{engine}-"))
-            try:
-                ctx = BackendContext(model=model, meter=CommMeter(), workdir=work, seed=0, threads=1)
-                measure(backend, ctx, data.split("test"), data.split("train"), progress=False)
-            finally:
-                shutil.rmtree(work, ignore_errors=True)
+            backend, _, _ = _engine_run(engine, rounds=4)
             rounds = backend.summary["rounds"]
             out[(engine, "train")] = float(np.mean([r["finished"] - r["started"] for r in rounds[1:]]))
             out[(engine, "whole")] = float(np.mean([b["started"] - a["started"]
                                                     for a, b in zip(rounds[1:], rounds[2:])]))
+            out[(engine, "startup")] = float(backend.summary.get("engine_startup_s") or np.nan)
         return out
 
     def track_round_seconds(self, cache, engine, span):
@@ -152,6 +136,86 @@ class EngineRound:
         return cache[(engine, span)] / cache[("simulation", span)]
 
     track_round_vs_simulation.unit = "ratio"
+
+    def track_startup_seconds(self, cache, engine, span):
+        """Engine start-up (processes up and registered), apart from the rounds; once per engine."""
+        if span != "whole":
+            raise NotImplementedError("start-up is one figure per engine (span=whole)")
+        return cache[(engine, "startup")]
+
+    track_startup_seconds.unit = "seconds"
+
+
+def _engine_run(engine: str, rounds: int, keep: Path | None = None, sites: int = 7):
+    """One federation through the harness in EngineRound's configuration (`sites` sites x 40
+    images at 32 px, FedBN, 1 thread, from scratch): (backend, seconds of the fit phase,
+    work folder or None). The work folder is kept under `keep` (site-runner logs)."""
+    import shutil
+    import tempfile
+
+    from backends.fl.backend import FLBackend, FLOptions
+    from suite.backend import BackendContext
+    from suite.data.synthetic import generate_synthetic
+    from suite.harness import measure
+    from suite.meter import CommMeter
+    from suite.models import random_small_densenet
+
+    data = generate_synthetic(n_train_per_site=40, n_test_per_site=4, size=32, seed=0, n_sites=sites)
+    model = random_small_densenet(data.label_names, resolution=32, seed=0)
+    backend = FLBackend(FLOptions(engine=engine, rounds=rounds, resolution=32, start="scratch"))
+    work = Path(tempfile.mkdtemp(prefix=f"bench-fl-{engine}-", dir=keep))
+    try:
+        ctx = BackendContext(model=model, meter=CommMeter(), workdir=work, seed=0, threads=1)
+        _, timings, _ = measure(backend, ctx, data.split("test"), data.split("train"), progress=False)
+    finally:
+        if keep is None:
+            shutil.rmtree(work, ignore_errors=True)
+    return backend, timings.fit_s, (work if keep is not None else None)
+
+
+def round_profile(summary: dict, logs: Path | None = None) -> dict:
+    """Where a federation's wall time goes, from the ServerApp's summary (`exchanges`: each
+    push-and-poll's start, push return and reply arrivals; `rounds`) and, for the deployment
+    engine, the site runners' per-message wall clocks (`logs/site-runner-k.log`: acquired,
+    pulled, computed, pushed). Seconds; medians over the sites, means over the exchanges
+    after the first two (round 1 warms up)."""
+    import json
+    import re
+
+    ex = summary.get("exchanges") or []
+    sites = []
+    if logs is not None:
+        for log in sorted(logs.glob("site-runner-*.log")):
+            sites.append([json.loads(m) for m in re.findall(r"served message \d+ (\{.*\})",
+                                                            log.read_text(errors="replace"))])
+    rows = []
+    for k, e in enumerate(ex):
+        row = {"round": e["round"], "kind": e["kind"], "push": e["pushed"] - e["started"],
+               "exchange": (max(e["replies"]) if e["replies"] else e["pushed"]) - e["started"]}
+        if k + 1 < len(ex):
+            row["server_between"] = ex[k + 1]["started"] - (max(e["replies"]) if e["replies"] else e["pushed"])
+        tasks = [s[k] for s in sites if len(s) > k]
+        if tasks:
+            med = lambda xs: float(np.median(xs))  # noqa: E731
+            row["delivery"] = med([t["acquired"] - e["pushed"] for t in tasks])
+            row["pull_input"] = med([t["pulled"] - t["acquired"] for t in tasks])
+            row["compute"] = med([t["computed"] - t["pulled"] for t in tasks])
+            row["compute_max"] = max(t["computed"] - t["pulled"] for t in tasks)
+            row["push_reply"] = med([t["pushed"] - t["computed"] for t in tasks])
+            row["return"] = (max(e["replies"]) if e["replies"] else e["pushed"]) - max(t["pushed"] for t in tasks)
+        rows.append(row)
+    steady = rows[2:] or rows
+    keys = sorted({k for r in steady for k in r if k not in ("round", "kind")})
+    mean = {k: float(np.mean([r[k] for r in steady if k in r])) for k in keys}
+    rounds = summary.get("rounds") or []
+    per_round = [b["started"] - a["started"] for a, b in zip(rounds, rounds[1:])]
+    cpu: dict[str, float] = {}
+    if logs is not None and (logs / "cpu-seconds.json").exists():
+        for name, sec in json.loads((logs / "cpu-seconds.json").read_text()).items():
+            kind = re.sub(r"-\d+$", "", name)            # supernode-3 -> supernode
+            cpu[kind] = cpu.get(kind, 0.0) + sec
+    return {"exchanges": rows, "steady_mean": mean, "cpu_seconds": cpu,
+            "round_seconds": per_round, "server_run": summary["finished"] - summary["server_started"]}
 
 
 class RayStartup:
@@ -196,8 +260,39 @@ class InversionStep:
                   epsilon=10.0, delta=1e-5, views=("update",), forward=self.fwd)
 
 
+def _print_profile(rounds: int = 4, engines: tuple[str, ...] = ("simulation", "deployment")) -> None:
+    """`bench_fl.py --profile`: both engines, the same configuration, where the time goes."""
+    import json
+    import tempfile
+
+    keep = Path(tempfile.mkdtemp(prefix="fl-profile-"))
+    out = {}
+    for engine in engines:
+        backend, fit_s, work = _engine_run(engine, rounds, keep=keep)
+        logs = next(work.rglob("logs"), None) if engine == "deployment" else None
+        prof = round_profile(backend.summary, logs)
+        prof.update(fit_s=fit_s, startup_s=backend.summary.get("engine_startup_s"))
+        out[engine] = prof
+        print(engine, json.dumps({k: v for k, v in prof.items() if k != "exchanges"}, indent=1))
+        for r in prof["exchanges"]:
+            print("  ", json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()}))
+    if set(out) != {"simulation", "deployment"}:
+        return
+    sim, dep = out["simulation"], out["deployment"]
+    whole = [np.mean(p["round_seconds"][1:] or p["round_seconds"]) for p in (sim, dep)]
+    print(f"whole round (rounds 2..{rounds}): simulation {whole[0]:.2f} s, deployment {whole[1]:.2f} s, "
+          f"ratio {whole[1] / whole[0]:.2f}; logs in {keep}")
+
+
 if __name__ == "__main__":          # standalone: .venv/bin/python benchmarks/bench_fl.py
+    import sys
     import time
+
+    if "--profile" in sys.argv:      # --profile [rounds]
+        at = sys.argv.index("--profile")
+        args = sys.argv[at + 1:]      # [rounds] [engine ...]
+        _print_profile(int(args[0]) if args else 4, tuple(args[1:]) or ("simulation", "deployment"))
+        sys.exit(0)
 
     m = MessageBytes()
     m.setup()

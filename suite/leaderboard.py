@@ -13,8 +13,9 @@ from __future__ import annotations
 import json
 import math
 import re
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import pandas as pd
@@ -591,16 +592,46 @@ def format_ratio(x: Any) -> str:
     return f"×{float(x):.2g}" if float(x) < 10 else f"×{float(x):,.0f}"
 
 
+@dataclass(frozen=True)
+class TrainingColumn:
+    """One of the columns every training table leads with: its header, the leaderboard
+    column it shows (also its sort key), and how its cell reads."""
+
+    header: str
+    column: str
+    text: Callable[[pd.Series], str]
+
+
+TRAINING_COLUMNS = (
+    TrainingColumn("time", "fit_time", lambda r: format_seconds(r.get("fit_time"))),
+    TrainingColumn("× ctrl", "fit_time_ratio", lambda r: format_ratio(r.get("fit_time_ratio"))),
+    TrainingColumn("comm", "fit_bytes",
+                   lambda r: format_bytes(r.get("fit_bytes")) if r.get("fit_bytes") else DASH),
+    TrainingColumn("ε (δ, level)", "epsilon",
+                   lambda r: format_epsilon(r.get("epsilon"), r.get("dp_delta"), r.get("privacy_level"))),
+    TrainingColumn("rounds", "training_rounds", lambda r: format_count(r.get("training_rounds"))),
+)
+TRAINING_HEADERS = [c.header for c in TRAINING_COLUMNS]
+
+
 def training_cells(r: pd.Series) -> list[str]:
-    """What a training row costs and guarantees, in the order every training table leads
-    with: training time, × its control's, training bytes, ε (δ, level), rounds."""
-    return [format_seconds(r.get("fit_time")), format_ratio(r.get("fit_time_ratio")),
-            format_bytes(r.get("fit_bytes")) if r.get("fit_bytes") else DASH,
-            format_epsilon(r.get("epsilon"), r.get("dp_delta"), r.get("privacy_level")),
-            format_count(r.get("training_rounds"))]
+    """What a training row costs and guarantees, in the order every training table (the
+    terminal, leaderboard.md, the HTML report) leads with: training time, × its control's,
+    training bytes, ε (δ, level), rounds."""
+    return [c.text(r) for c in TRAINING_COLUMNS]
 
 
-TRAINING_HEADERS = ["time", "× ctrl", "comm", "ε (δ, level)", "rounds"]
+def training_sort_keys(r: pd.Series) -> list[float]:
+    """The numbers behind `training_cells` (NaN where unknown), for sortable tables."""
+    out = []
+    for c in TRAINING_COLUMNS:
+        try:
+            out.append(float(r.get(c.column)))
+        except (TypeError, ValueError):
+            out.append(float("nan"))
+    return out
+
+
 MD_WIDTH = 100     # leaderboard.md prose and footnotes wrap here (tables cannot)
 
 
@@ -813,15 +844,16 @@ def _print_narrow(df: pd.DataFrame, console, width: int, results: pd.DataFrame |
         tables.append(t)
     if len(training):
         t = Table(title="Training track", header_style="bold", box=box.SIMPLE_HEAD, pad_edge=False)
-        for col, kw in (("backend [note]", {"ratio": 1, "overflow": "fold"}), ("time", num),
-                        ("×ctrl", num), ("comm", num), ("ε (level)", num), ("rounds", num),
-                        ("AUROC", num), ("ΔAUROC vs ctrl", num), ("attack", num)):
-            t.add_column(col, **kw)
-        for _, r in training.iterrows():
-            t.add_row(name(r), format_seconds(r.get("fit_time")), format_ratio(r.get("fit_time_ratio")),
-                      format_bytes(r.get("fit_bytes")) if r.get("fit_bytes") else DASH,
-                      format_epsilon(r.get("epsilon"), None, r.get("privacy_level")),
-                      format_count(r.get("training_rounds")), _auroc_cell(r, ci=False), _delta_cell(r),
+        t.add_column("backend [note]", ratio=1, overflow="fold")
+        for col in TRAINING_HEADERS:   # the one definition of the training columns
+            # ε (δ, level) wraps at its spaces on a narrow terminal
+            t.add_column(col, **(num if col != "ε (δ, level)" else
+                                 {"justify": "right", "min_width": 6, "overflow": "fold"}))
+        for col in ("AUROC", "ΔAUROC", "attack"):   # Δ vs the control (the note below)
+            t.add_column(col, **num)
+        for _, r in training.iterrows():   # AUROC and ΔAUROC without CIs here (in leaderboard.md)
+            t.add_row(name(r), *(escape(c) for c in training_cells(r)), _auroc_cell(r, ci=False),
+                      format_ci(r.get("delta_auroc_macro"), signed=True),
                       DASH if _nan(r.get("mia_auroc")) else f"{float(r['mia_auroc']):.3f}")
         tables.append(t)
     for t in tables:
@@ -829,7 +861,7 @@ def _print_narrow(df: pd.DataFrame, console, width: int, results: pd.DataFrame |
     if tables:
         console.print("ΔAUROC vs each row's reference, paired; p = smallest per-label DeLong p; "
                       "×plain = latency / plaintext's; training: time and bytes (comm) of training, "
-                      "×ctrl = time / its control's, ε (level) = unit one ε covers, attack = "
+                      "× ctrl = time / its control's, ε (δ, level) = unit one ε covers, attack = "
                       "membership-inference AUROC on the released model.",
                       markup=False, highlight=False, width=width, style="dim")
     for k, text in notes:

@@ -188,6 +188,49 @@ def test_head_scope_run_reports_privacy_and_audit(tiny_data, tiny_model, tmp_pat
     assert "patient" in tm.guarantee
 
 
+def test_fit_times_training_alone_and_reports_the_accountants_epsilon(tiny_data, tiny_model, tmp_path,
+                                                                      monkeypatch):
+    """Noise calibration, accounting and the PLD cross-check run in `prepare_fit` (setup),
+    not in the timed fit; the epsilon reported is the one Opacus' accountant gives over the
+    steps that really ran, and a run that did not take the planned steps is refused."""
+    from dataclasses import replace
+
+    import backends.dp.training as training
+
+    train_set = tiny_data.split("train")
+    ctx = BackendContext(model=tiny_model, meter=CommMeter(), workdir=tmp_path, seed=0)
+    opts = DPOptions(target_epsilon=3.0, epochs=2, batch_size=16, mia_shadows=0, secure_mode=False)
+    b = DPBackend(opts)
+    b.setup(ctx)
+    b.prepare_fit(train_set, ctx)
+    plan = b._plan
+    assert plan.sigma > 0 and plan.epsilon <= 3.0 and plan.crosscheck <= plan.epsilon * 1.05
+
+    def refuse(*a, **k):
+        raise AssertionError("calibration or accounting inside the timed fit")
+
+    for name in ("noise_for_epsilon", "epsilon_for", "crosscheck_epsilon"):
+        monkeypatch.setattr(training, name, refuse)
+    b.fit(train_set, ctx)                                     # no calibration, no accounting
+    assert b._report.epsilon == plan.epsilon and b._report.steps == plan.steps
+    # positive control: a fit without the plan does calibrate, which the patch catches
+    fresh = DPBackend(opts)
+    fresh.setup(ctx)
+    with pytest.raises(AssertionError, match="inside the timed fit"):
+        fresh.fit(train_set, ctx)
+    monkeypatch.undo()
+    # Opacus' accountant over the same configuration's actual run gives the same epsilon
+    x = b._inputs(train_set.images)[plan.train_idx]
+    y = torch.from_numpy(np.ascontiguousarray(train_set.labels, dtype=np.float32))[plan.train_idx]
+    groups = plan.groups_all[plan.train_idx]
+    accounted = train(b._new_module(x.shape[1], y.shape[1], 0), x, y,
+                      b._config(0, 17, plan.sigma, False), groups=groups)
+    assert accounted.epsilon == pytest.approx(plan.epsilon, rel=1e-9)
+    # positive control: a run that took other steps than planned is refused
+    with pytest.raises(SuiteError, match="not the planned"):
+        replace(plan, steps=plan.steps + 1).account(accounted)
+
+
 def test_full_scope_trains_the_whole_groupnorm_densenet_with_per_sample_clipping(
         tiny_data, tiny_model, tmp_path):
     backend, probs, rows = _run({"noise": "false", "scope": "full", "epochs": 1, "batch_size": 32},

@@ -579,3 +579,67 @@ def test_supernode_patch_shortens_only_flowers_two_polls(monkeypatch):
     monkeypatch.setattr(inspect, "getsource", lambda _m: "while True: pass")
     with pytest.raises(FlowerChanged):
         patch_supernode_poll()
+
+
+def test_object_pull_patch_shortens_only_flowers_retry_backoff(monkeypatch):
+    """The deployment engine's second labelled patch: Flower's object pull retries an object
+    that is not uploaded yet after 1 s (doubling); patched, after PULL_BACKOFF_S. The waits
+    are recorded, not timed; a module whose pull_objects is not Flower's is refused."""
+    import threading
+    import types
+
+    from flwr.supercore.inflatable import inflatable_utils
+    from flwr.supercore.inflatable.inflatable_utils import ObjectUnavailableError
+
+    from backends.fl.supernode import PULL_BACKOFF_S, FlowerChanged, patch_object_pull
+
+    waits: list[float] = []
+    real_wait = threading.Event.wait
+
+    def wait(self, timeout=None):          # the backoff's waits are recorded and skipped
+        if timeout is None:
+            return real_wait(self)
+        waits.append(timeout)
+        return False
+    monkeypatch.setattr(threading.Event, "wait", wait)
+
+    def pull_with(fn):
+        seen = set()
+
+        def pull_object(object_id):
+            if object_id not in seen:            # missing on the first try, as in a real race
+                seen.add(object_id)
+                raise ObjectUnavailableError(object_id)
+            return b"content"
+        waits.clear()
+        assert fn(["obj"], pull_object, max_concurrent_pulls=1) == {"obj": b"content"}
+        return list(waits)
+
+    fake = types.ModuleType("fake_flower_module")
+    fake.pull_objects = inflatable_utils.pull_objects
+    assert pull_with(fake.pull_objects)[0] >= 0.8            # control: Flower's 1 s (+-20 %)
+    patch_object_pull(fake)
+    assert pull_with(fake.pull_objects)[0] == pytest.approx(PULL_BACKOFF_S, rel=0.21)
+    patch_object_pull(fake)                                   # idempotent: wraps Flower's, once
+    assert fake.pull_objects.func is inflatable_utils.pull_objects
+    fake.pull_objects = lambda *a, **k: {}
+    with pytest.raises(FlowerChanged):
+        patch_object_pull(fake)
+
+
+def test_supernode_idle_poll_backs_off_and_resets_on_activity():
+    """The patched idle poll: short right after a message, doubling while idle up to its cap,
+    short again once a message was handled (a reply wait, or a long gap between polls)."""
+    from backends.fl.supernode import IdleBackoff
+
+    now = [0.0]
+    idle = IdleBackoff(0.05, 1.0, lambda: now[0])
+    waits = []
+    for _ in range(7):
+        waits.append(idle.next_wait())
+        now[0] += waits[-1]
+    assert waits == [0.05, 0.1, 0.2, 0.4, 0.8, 1.0, 1.0]
+    idle.activity()                                   # a message is being handled
+    assert idle.next_wait() == 0.05
+    now[0] += 0.05 + 2.0                              # a message came and went between polls
+    assert idle.next_wait() == 0.05

@@ -101,7 +101,7 @@ def test_tracks_apart_and_guarantee_in_footnotes(rendered):
     html = rendered[1]
     inference, training = _section(html, "leaderboard"), _section(html, "training")
     assert "dp[" not in re.sub(r'title="[^"]*"', "", inference) and "mpc" not in training
-    assert "ε (δ)" in training and "training time" in training and "attack AUROC" in training
+    assert "ε (δ, level)" in training and "× ctrl" in training and "attack AUROC" in training
     assert "latency / img" in inference and "latency" not in training
     assert "2.97 (δ=1.0e-05)" in training and "0.51" in training
     # the guarantee is a tooltip and a footnote key, not a column
@@ -110,6 +110,58 @@ def test_tracks_apart_and_guarantee_in_footnotes(rendered):
     assert re.search(r'<sup class="key"><a href="#tm-2">2</a></sup>', inference)
     tm = _section(html, "threat-model")
     assert re.search(r'<li id="tm-2" value="2"><b>mpc</b> — protects input_images, model_weights', tm)
+
+
+def _table_rows(section: str) -> tuple[list[str], list[list[str]]]:
+    """(header texts, cell texts per row) of the first table in an HTML section."""
+    head = re.findall(r"<th[^>]*>(.*?)</th>", re.search(r"<thead>(.*?)</thead>", section, flags=re.S).group(1))
+    body = re.search(r"<tbody>(.*?)</tbody>", section, flags=re.S).group(1)
+    rows = [[re.sub(r"<[^>]+>.*?</[^>]+>|<[^>]+>", "", c).strip() for c in
+             re.findall(r"<td[^>]*>(.*?)</td>", tr, flags=re.S)]
+            for tr in re.findall(r"<tr[^>]*>(.*?)</tr>", body, flags=re.S)]
+    return [re.sub(r"<[^>]+>", "", h) for h in head], rows
+
+
+def test_training_table_reuses_the_leaderboard_training_columns(rendered):
+    """One definition of the training columns: the report's training table shows the same
+    headers and cells as the leaderboard's `training_cells` for every training row."""
+    import html as html_lib
+
+    from suite.leaderboard import TRAINING_HEADERS, build_leaderboard, read_run_meta, training_cells
+
+    out, html = rendered
+    head, rows = _table_rows(_section(html, "training"))
+    head = [html_lib.unescape(h) for h in head]
+    board = build_leaderboard(read_results(out.parent / "results.jsonl"), read_run_meta(out.parent))
+    training = board[board["track"] == "training"]
+    assert len(training) >= 2 and len(rows) == len(training)
+    cols = [head.index(h) for h in TRAINING_HEADERS if h in head]
+    assert len(cols) >= 3 and head[1] == "time" and head[2] == "× ctrl"
+    for (_, r), cells in zip(training.iterrows(), rows):
+        assert cells[0].startswith(r["backend_id"])
+        expected = dict(zip(TRAINING_HEADERS, training_cells(r)))
+        shown = {head[j]: html_lib.unescape(cells[j]) for j in cols}
+        assert shown == {h: expected[h] for h in shown}, r["backend_id"]
+
+
+def test_training_ratio_is_the_harness_row_in_every_table(run_dir):
+    """The harness's `fit_time_ratio` row (training steps vs its control's) is what the
+    report's training table and summary show, as leaderboard.md does; a second definition
+    from the raw fit times (41 s / 12.5 s = ×3.3, the positive control) would disagree."""
+    dp = "dp[target_epsilon=3.0]"
+    rows = [json.loads(ln) for ln in (run_dir / "results.jsonl").read_text().splitlines()]
+    fit = next(r for r in rows if r["backend_id"] == dp and r["metric"] == "fit_time")
+    with open(run_dir / "results.jsonl", "a") as fh:
+        fh.write(json.dumps({**fit, "metric": "fit_time_ratio", "value": 1.25, "unit": "x"}) + "\n")
+    html = render_report(run_dir).read_text(encoding="utf-8")
+    head, table = _table_rows(_section(html, "training"))
+    ratio = head.index("× ctrl")
+    mine = next(cells for cells in table if cells[0].startswith(dp))
+    assert mine[ratio] == "×1.2"
+    summary = _section(html, "summary")
+    dp_line = next(r for r in re.findall(r"<tr class=\"[^\"]*\">(.*?)</tr>", summary, flags=re.S)
+                   if "target_epsilon=3.0" in r)
+    assert "×1.2" in dp_line and "×3.3" not in dp_line
 
 
 def test_roc_small_multiples(rendered):
@@ -283,3 +335,38 @@ def test_prices_change_the_cost_line():
     assert mpc["cost_cpu"] == "$1.00" and mpc["cost_wire"] == "$0" and mpc["cost"] == "$1.00"  # 3.6 s x 1000 / 3600
     default = {s["technique"]: s for s in summary_lines(board)}["mpc"]
     assert default["cost"] == "$41.45"
+
+
+def _append_rows(run_dir: Path, like: str, rows: list[dict]) -> None:
+    """Append extra rows shaped like `like`'s fit_time row (run id, dataset, ...)."""
+    lines = [json.loads(ln) for ln in (run_dir / "results.jsonl").read_text().splitlines()]
+    base = next(r for r in lines if r["backend_id"] == like and r["metric"] == "fit_time")
+    with open(run_dir / "results.jsonl", "a") as fh:
+        for r in rows:
+            fh.write(json.dumps({**base, "reference": None, **r}) + "\n")
+
+
+def test_training_budget_stated_once_per_entry(run_dir):
+    """Every row of one training entry that spent the same budget is listed under one line;
+    a row with another budget gets its own line (positive control), one without is named."""
+    dp_budget = "training budget shared by every row of this dp entry: 20 epochs x 7 Poisson steps"
+    for bid in ("dp[target_epsilon=3.0]", "dp[target_epsilon=inf]"):
+        _append_rows(run_dir, bid, [{"backend_id": bid, "metric": "training_budget", "value": 35840,
+                                     "unit": "samples", "note": dp_budget}])
+    html = render_report(run_dir).read_text(encoding="utf-8")
+    budget = _section(html, "training").split('id="training-budget"')[1]
+    items = re.findall(r"<li>(.*?)</li>", budget, flags=re.S)
+    dp_lines = [i for i in items if "20 epochs x 7 Poisson steps" in i]
+    assert len(dp_lines) == 1
+    assert "dp[target_epsilon=3.0], dp[target_epsilon=inf]" in dp_lines[0]
+    assert any("no training budget reported" in i and "fl" in i for i in items)
+    # positive control: the control trained on another budget shows up as a second line
+    _append_rows(run_dir, "dp[target_epsilon=inf]", [{
+        "backend_id": "dp[target_epsilon=inf]", "metric": "training_budget", "value": 1,
+        "unit": "samples", "note": "training budget shared by every row of this dp entry: 2 epochs"}])
+    from suite.leaderboard import build_leaderboard, read_run_meta
+    from suite.report import training_budgets
+
+    results = read_results(run_dir / "results.jsonl")
+    lines = training_budgets(build_leaderboard(results, read_run_meta(run_dir)), results)
+    assert [len(b["backends"]) for b in lines if "training budget shared" in b["text"]] == [1, 1]

@@ -23,11 +23,18 @@ Which data trained which parameters (`suite.data.roles`):
          features of the training images are extracted once (`prepare_fit`, timed as setup,
          cached on disk by backbone weights + image bytes, so the sweep's other rows load
          them); DP-SGD of the head runs in closed form (grad_sample_mode=linear,
-         `backends.dp.linear_head`), so fit_time is the head's training alone.
+         `backends.dp.linear_head`).
   scope=full  every parameter of the DenseNet (BatchNorm -> GroupNorm via Opacus'
          ModuleValidator.fix) from random initialisation with DP-SGD on the hospitals' split;
          the vendor's data is not used. suite.training.Recipe's epochs, batch and learning rate
          (halved epochs with --quick); no LiRA shadows unless asked for.
+
+What is timed (like with like): `prepare_fit` (counted by the harness as setup) does the
+work that is not training: the backbone features (head), the audit split, the noise
+calibration to the target epsilon, the planned mechanism's epsilon and its PLD cross-check
+(all functions of sigma, q, steps and delta, fixed before the first step). fit_time is the
+training steps alone, for the DP rows and their controls alike, so "x ctrl" compares
+training steps over the same budget; `fit` refuses a run whose steps differ from the plan.
 
 Privacy unit (`level`): `patient` (default) samples patients and takes one image per sampled
 patient per batch, so (epsilon, delta) covers adding or removing a whole patient; `image`
@@ -310,13 +317,43 @@ class DPBackend(Backend):
         self.mode = auto if o.grad_sample_mode == "auto" else o.grad_sample_mode
 
     def prepare_fit(self, train, ctx: BackendContext) -> None:
-        """scope=head: the frozen vendor backbone's features of the training images, computed
-        once per (backbone weights, images) and kept in the run's cache (`backbone_features`),
-        so every row of the sweep trains its head on the same tensor and fit_time is the
-        head's training alone. The harness counts this as setup: the row that extracts the
-        features has the larger setup_time; the others load them."""
-        if self.options.scope == "head":
-            self._features = backbone_features(ctx.model.net, train.images, ctx.cache_dir)
+        """One-off work that is not training, timed by the harness as setup, so fit_time is
+        the training steps alone and "× ctrl" compares the steps of this row and its control:
+
+        - scope=head: the frozen vendor backbone's features of the training images, computed
+          once per (backbone weights, images) and kept in the run's cache
+          (`backbone_features`): the row that extracts them has the larger setup_time, the
+          sweep's other rows load them;
+        - the training plan (`_plan`): the audit hold-out, delta, steps and sampling rate,
+          and, for a DP row, the noise calibration to the target epsilon, the epsilon of the
+          planned mechanism under the chosen accountant and its dp_accounting PLD
+          cross-check. These depend only on (sigma, q, steps, delta), which are fixed before
+          the first step; `fit` checks that the steps it ran are exactly the planned ones."""
+        with _threads(self._fit_threads()):
+            if self.options.scope == "head":
+                self._features = backbone_features(ctx.model.net, train.images, ctx.cache_dir)
+            self._plan = self._plan_training(train, ctx)
+
+    def _plan_training(self, train, ctx: BackendContext) -> "TrainingPlan":
+        from backends.dp.training import crosscheck_epsilon, epsilon_for, noise_for_epsilon, steps_and_rate
+
+        o = self.options
+        rng = np.random.default_rng(ctx.seed + 101)
+        train_idx, members, holdout = audit_split(train.patient_ids, o.audit_fraction, rng)
+        groups_all = patient_groups(train.patient_ids) if o.level == "patient" else None
+        groups = groups_all[train_idx] if groups_all is not None else None
+        n_private = len(np.unique(groups)) if groups is not None else len(train_idx)
+        delta = o.delta if o.delta is not None else 1.0 / (10 * n_private)
+        steps, rate = steps_and_rate(n_private, self.train_batch, self.epochs)
+        sigma, epsilon, crosscheck = 0.0, math.inf, None
+        if self.regime == "dp":
+            sigma = noise_for_epsilon(o.target_epsilon, delta, rate, steps, o.accountant)
+            epsilon = epsilon_for(sigma, rate, steps, delta, o.accountant)
+            crosscheck = crosscheck_epsilon(sigma, rate, steps, delta)
+            check_epsilon(epsilon, crosscheck, o.accountant)
+        return TrainingPlan(train=train, train_idx=train_idx, members=members, holdout=holdout,
+                            groups_all=groups_all, n_private=n_private, delta=delta, steps=steps,
+                            sample_rate=rate, sigma=sigma, epsilon=epsilon, crosscheck=crosscheck)
 
     def _inputs(self, images: np.ndarray):
         """What the trained module consumes: backbone features (head) or images (full)."""
@@ -367,11 +404,12 @@ class DPBackend(Backend):
 
     def _train(self, x, y, groups, seed: int, noise_seed: int, noise_multiplier: float,
                secure: bool):
+        """Train a fresh module; no epsilon is computed here (the plan has it: `prepare_fit`)."""
         from backends.dp.training import train
 
         module = self._new_module(x.shape[1] if x.ndim == 2 else 0, y.shape[1], seed)
         report = train(module, x, y, self._config(seed, noise_seed, noise_multiplier, secure),
-                       groups=groups)
+                       groups=groups, account=False)
         return module, report
 
     def fit(self, train, ctx: BackendContext) -> None:
@@ -379,35 +417,27 @@ class DPBackend(Backend):
             self._fit(train, ctx)
 
     def _fit(self, train, ctx: BackendContext) -> None:
+        """The training steps alone: everything the plan fixes (calibration, accounting,
+        cross-check) was done by `prepare_fit`, outside the timed fit."""
         import torch
 
-        from backends.dp.training import crosscheck_epsilon, noise_for_epsilon, steps_and_rate
-
         o = self.options
-        rng = np.random.default_rng(ctx.seed + 101)
-        train_idx, members, holdout = audit_split(train.patient_ids, o.audit_fraction, rng)
+        plan = getattr(self, "_plan", None)
+        if plan is None or plan.train is not train:   # fit without prepare_fit (direct use)
+            plan = self._plan = self._plan_training(train, ctx)
         x_all = self._inputs(train.images)
         y_all = torch.from_numpy(np.ascontiguousarray(train.labels, dtype=np.float32))
-        groups_all = patient_groups(train.patient_ids) if o.level == "patient" else None
-        x, y = x_all[train_idx], y_all[train_idx]
-        groups = groups_all[train_idx] if groups_all is not None else None
-        self.n_images = len(train_idx)
-        self.n_private = len(np.unique(groups)) if groups is not None else self.n_images
-        self.delta = o.delta if o.delta is not None else 1.0 / (10 * self.n_private)
-        steps, rate = steps_and_rate(self.n_private, self.train_batch, self.epochs)
-        self.sigma = 0.0
-        if self.regime == "dp":
-            self.sigma = noise_for_epsilon(o.target_epsilon, self.delta, rate, steps, o.accountant)
-        self.module, self._report = self._train(x, y, groups, ctx.seed, ctx.seed + 17, self.sigma,
-                                                o.secure_mode)
-        self.crosscheck = None
-        if self.regime == "dp":
-            r = self._report
-            self.crosscheck = crosscheck_epsilon(r.noise_multiplier, r.sample_rate, r.steps, r.delta)
-            check_epsilon(r.epsilon, self.crosscheck, o.accountant)
+        idx = plan.train_idx
+        groups = plan.groups_all[idx] if plan.groups_all is not None else None
+        self.n_images, self.n_private, self.delta = len(idx), plan.n_private, plan.delta
+        self.sigma = plan.sigma
+        self.module, report = self._train(x_all[idx], y_all[idx], groups, ctx.seed, ctx.seed + 17,
+                                          self.sigma, o.secure_mode)
+        self._report = plan.account(report)
+        self.crosscheck = plan.crosscheck
         # audit material: members are training images, holdout images were never trained on
-        self._audit = {"x_all": x_all, "y_all": y_all, "groups": groups_all, "train_idx": train_idx,
-                       "members": members, "holdout": holdout}
+        self._audit = {"x_all": x_all, "y_all": y_all, "groups": plan.groups_all, "train_idx": idx,
+                       "members": plan.members, "holdout": plan.holdout}
 
     def released_model(self):
         """What this row releases, and what a `dp>...` composition serves: the vendor backbone
@@ -557,6 +587,38 @@ class DPBackend(Backend):
         rows.append(_row("final_train_loss", r.losses[-1] if r.losses else None, "", False,
                          "mean loss, last epoch"))
         return rows
+
+
+@dataclass
+class TrainingPlan:
+    """What one configuration's training will be, fixed before its first step
+    (`DPBackend.prepare_fit`): the audit split, the privacy unit count, delta, steps, sampling
+    rate, the calibrated noise multiplier, and the planned mechanism's epsilon under the
+    row's accountant and under dp_accounting's PLD (None for the controls)."""
+
+    train: object
+    train_idx: np.ndarray
+    members: np.ndarray
+    holdout: np.ndarray
+    groups_all: np.ndarray | None
+    n_private: int
+    delta: float
+    steps: int
+    sample_rate: float
+    sigma: float
+    epsilon: float
+    crosscheck: float | None
+
+    def account(self, report):
+        """The trained run's report with the plan's epsilon, after checking that the run took
+        exactly the planned mechanism (steps, sampling rate, noise multiplier, delta): the
+        epsilon of (sigma, q, steps) is the same number whether computed before or after."""
+        ran = (report.steps, report.sample_rate, report.noise_multiplier, report.delta)
+        planned = (self.steps, self.sample_rate, self.sigma, self.delta)
+        if ran != planned:
+            raise SuiteError(f"dp: the training ran (steps, q, sigma, delta) = {ran}, not the "
+                             f"planned {planned}; its epsilon would not be the one accounted")
+        return replace(report, epsilon=self.epsilon)
 
 
 FEATURES_FORMAT = 1

@@ -120,7 +120,7 @@ class TrainReport:
     secure: bool
     noise_multiplier: float
     max_grad_norm: float
-    epsilon: float                       # achieved (accountant), inf unless privacy == 'dp'
+    epsilon: float                       # achieved (accountant), inf unless privacy == 'dp' (NaN: not accounted)
     delta: float
     accountant: str
     losses: list[float] = field(default_factory=list)   # mean loss per epoch
@@ -454,12 +454,14 @@ def _prepare_linear(module, optimizer, loader, cfg: TrainConfig, uniforms: "Unif
 
 def train(module: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, cfg: TrainConfig,
           on_epoch: Callable[[int, float], None] | None = None,
-          groups: np.ndarray | None = None) -> TrainReport:
+          groups: np.ndarray | None = None, account: bool = True) -> TrainReport:
     """Train `module` (inputs -> logits) in place under `cfg.privacy`; returns what was spent.
 
     `module` must already be Opacus-compatible for 'clip' and 'dp' (see
     `make_opacus_compatible`); its initial weights are the caller's (seed them). `groups`
-    (patient index per image) makes the patient the privacy unit.
+    (patient index per image) makes the patient the privacy unit. `account=False` leaves
+    the report's epsilon NaN: a caller that accounted the planned mechanism before training
+    (the dp backend's `prepare_fit`) keeps that work out of the timed training.
     """
     run = prepare(module, inputs, labels, cfg, groups)
     sched = torch.optim.lr_scheduler.OneCycleLR(run.base_optimizer, max_lr=cfg.lr,
@@ -475,7 +477,9 @@ def train(module: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, cfg: Tr
             run.close()
     module.eval()
     engine = run.engine
-    epsilon = float(engine.get_epsilon(cfg.delta)) if cfg.privacy == "dp" else math.inf
+    epsilon = math.inf
+    if cfg.privacy == "dp":
+        epsilon = float(engine.get_epsilon(cfg.delta)) if account else math.nan
     taken = sum(s for _, _, s in engine.accountant.history) if engine else run.steps
     return TrainReport(
         privacy=cfg.privacy, steps=int(taken), sample_rate=run.sample_rate,

@@ -625,6 +625,9 @@ class MeteredGrid:
         self.traffic: dict[tuple[int, int, str], Traffic] = {}
         self.node_site: dict[int, int] = {}
         self.first_reply_at: float | None = None
+        # per push-and-poll exchange: when it started, when the push returned, each reply's
+        # arrival (wall clock; the deployment engine's round profile, docs/federated-deployment.md)
+        self.exchanges: list[dict[str, Any]] = []
 
     def __getattr__(self, name):            # run, set_run, get_node_ids, create_message, ...
         return getattr(self._grid, name)
@@ -643,12 +646,17 @@ class MeteredGrid:
         """Flower's send_and_receive (push, then pull until every reply is in or the timeout),
         polling every POLL_S instead of its fixed 3 s: on loopback that sleep, not the sites,
         set the length of a deployment round."""
+        started = time.time()
         ids = set(self._grid.push_messages(messages))
+        exchange = {"round": self.round, "kind": str(messages[0].metadata.message_type) if messages else "",
+                    "started": started, "pushed": time.time(), "replies": []}
+        self.exchanges.append(exchange)
         end = time.time() + (timeout if timeout is not None else 0.0)
         replies = []
         while timeout is None or time.time() < end:
             got = list(self._grid.pull_messages(ids))
             replies += got
+            exchange["replies"] += [time.time()] * len(got)
             ids.difference_update(r.metadata.reply_to_message_id for r in got)
             if not ids:
                 break
@@ -898,6 +906,13 @@ def server_main(grid, context, job: FLJob) -> None:
     import logging
 
     logging.getLogger("flwr").setLevel(logging.WARNING)
+    if type(getattr(grid, "_grid", grid)).__module__ == "flwr.superlink.grid.http_grid":
+        # deployment engine: the labelled object-pull backoff patch (backends/fl/supernode.py)
+        from flwr.superlink.grid import http_grid
+
+        from backends.fl.supernode import patch_object_pull
+
+        patch_object_pull(http_grid)
     random.seed(job.seed)            # which sites a round samples: reproducible, not secret
     if job.privacy == "dp":
         # Flower's central-DP wrapper draws its noise from NumPy's global generator: seed it
@@ -925,6 +940,7 @@ def server_main(grid, context, job: FLJob) -> None:
         "n_sampled": job.n_sampled(),
         "server_started": started,
         "first_reply_at": metered.first_reply_at,
+        "exchanges": metered.exchanges,
         "finished": time.time(),
         **info,
     }

@@ -12,8 +12,10 @@ deployment  Flower's Deployment Engine as separate processes on loopback: one Su
             run, not once per message (Flower's `subprocess` isolation starts a process for
             every message; used only where the site runner's Runtime API calls are missing).
             The SuperNode is `flower-supernode` started through backends/fl/supernode.py,
-            which shortens its fixed 3 s idle poll (a monkeypatch: Flower 1.42 has no
-            setting for it; every deployment row says so in its notes).
+            which turns its fixed 3 s idle poll into a short back-off and shortens the
+            retry backoff of its object pulls (a monkeypatch, also applied to the ServerApp's
+            grid: Flower 1.42 has no setting for either; every deployment row says so in its
+            notes). Where a round's time goes: `benchmarks/bench_fl.py --profile`.
 
 Both submit the run against a Flower config in the run's work folder (FLWR_HOME), so the
 user's ~/.flwr is never touched; the job travels inline in the run config (`job='b64:...'`)
@@ -46,8 +48,15 @@ except (OSError, AttributeError):
     _PRCTL = None
 PR_SET_PDEATHSIG = 1
 
+# FLWR_DISABLE_UPDATE_CHECK: Flower 1.42 starts a (non-daemon) thread in every process that
+# asks the internet whether a newer Flower exists; the suite runs offline.
+# FLWR_SUPEREXEC_TASK_POLL_INTERVAL: Flower's supported setting for how often a SuperExec
+# looks for a task to launch (default 1 s; the SuperLink's SuperExec launches the ServerApp
+# or the simulation once per run, so this is start-up, not round, latency).
+SUPEREXEC_POLL_S = 0.1
 QUIET_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "RAY_USAGE_STATS_ENABLED": "0",
              "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "PYTHONUNBUFFERED": "1",
+             "FLWR_DISABLE_UPDATE_CHECK": "1", "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": f"{SUPEREXEC_POLL_S:g}",
              "RAY_DEDUP_LOGS": "0", "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0"}
 
 
@@ -288,9 +297,36 @@ class Deployment:
         A ClientApp process spawned while the tree is being stopped could escape the
         snapshot, so a second pass stops any process still carrying this run's FLWR_HOME.
         """
+        self._write_cpu_seconds()
         stop_tree(self.procs, grace)
         self.procs = []
         stop_by_home(self.home, grace)
+
+    def _write_cpu_seconds(self) -> None:
+        """CPU seconds (user + system) each started process and its descendants used, by
+        name, into logs/cpu-seconds.json: where a federation's CPU went (round profile)."""
+        import json
+
+        import psutil
+
+        used: dict[str, float] = {}
+        for p in self.procs:
+            try:
+                root = psutil.Process(p.pid)
+                tree = [root, *root.children(recursive=True)]
+            except psutil.Error:
+                continue
+            name = self.names.get(p.pid, Path(str(p.args[0])).name)
+            for proc in tree:
+                try:
+                    t = proc.cpu_times()
+                    used[name] = used.get(name, 0.0) + t.user + t.system
+                except psutil.Error:
+                    pass
+        try:
+            (self.logs / "cpu-seconds.json").write_text(json.dumps(used, indent=1))
+        except OSError:
+            pass
 
 
 def stop_by_home(home: Path, grace: float = 5.0) -> None:

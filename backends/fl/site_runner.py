@@ -18,13 +18,15 @@ Run: `python -m backends.fl.site_runner --runtime-api 127.0.0.1:<supernode --por
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import sys
 import time
 from typing import Any
 
-POLL_S = 0.2             # how often an idle runner asks its SuperNode for a task
+POLL_S = 0.02            # first poll for a task after serving one (the next follows soon) ...
+POLL_MAX_S = 0.5         # ... doubling on every empty poll up to this (CPU of idle polls)
 
 
 def _client(address: str, token: str | None):
@@ -58,13 +60,48 @@ class AppCache:
         return self.apps[fab.hash_str]
 
 
-def run_task(address: str, token: str, apps: AppCache) -> str:
-    """One message: pull it, run the ClientApp, push the reply and the task's status."""
+def pull_task_input(client):
+    """Flower's `flwr.supernode.runtime.run_clientapp.pull_task_input`, calling Flower's
+    object pull with a short retry backoff (backends.fl.supernode.PULL_BACKOFF_S): the
+    SuperNode makes a task claimable before it has fetched the message's objects from the
+    SuperLink, so the first pull often finds one missing, and Flower's default backoff
+    (1 s, doubling) cost 1-7 s per message in the round profile."""
+    from flwr.common.serde import context_from_proto, fab_from_proto, run_from_proto
+    from flwr.proto.node_pb2 import Node  # pylint: disable=E0611
+    from flwr.proto.runtime_pb2 import PullAppMessagesRequest, PullTaskInputRequest  # pylint: disable=E0611
+    from flwr.app import Message
+    from flwr.supercore.inflatable.inflatable_protobuf_utils import (
+        make_confirm_message_received_fn_protobuf, make_pull_object_fn_protobuf)
+    from flwr.supercore.inflatable.inflatable_utils import pull_and_inflate_object_from_tree
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from backends.fl.supernode import PULL_BACKOFF_CAP_S, PULL_BACKOFF_S
+
+    res = client.PullTaskInput(PullTaskInputRequest())
+    TaskIdentity.task_id, TaskIdentity.run_id = res.task_id, res.run.run_id
+    TaskIdentity.node_id = res.context.node_id
+    context, run, fab = context_from_proto(res.context), run_from_proto(res.run), fab_from_proto(res.fab)
+    pulled = client.PullMessages(PullAppMessagesRequest())
+    if not pulled.messages_list:
+        raise RuntimeError("No messages received from Runtime API")
+    node = Node(node_id=context.node_id)
+    tree = pulled.message_object_trees[0]
+    message = pull_and_inflate_object_from_tree(
+        tree, make_pull_object_fn_protobuf(client.PullObject, node, context.run_id),
+        make_confirm_message_received_fn_protobuf(client.ConfirmMessageReceived, node, context.run_id),
+        return_type=Message, initial_backoff=PULL_BACKOFF_S, backoff_cap=PULL_BACKOFF_CAP_S)
+    message.metadata.__dict__["_message_id"] = tree.object_id   # as Flower's pull_task_input
+    return message, context, run, fab
+
+
+def run_task(address: str, token: str, apps: AppCache, times: dict[str, float] | None = None) -> str:
+    """One message: pull it, run the ClientApp, push the reply and the task's status.
+    `times` gets the wall clock after each step (pulled, computed, pushed)."""
     from flwr.app import Message
     from flwr.app.error import Error
     from flwr.common.constant import ErrorCode, SubStatus
     from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
-    from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
+    from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
 
     client = _client(address, token)
     heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(client))
@@ -73,7 +110,9 @@ def run_task(address: str, token: str, apps: AppCache) -> str:
     status, details = SubStatus.FAILED, "ClientApp task failed"
     try:
         message, context, run, fab = pull_task_input(client)
+        stamp(times, "pulled")
         reply = apps.get(run, fab)(message=message, context=context)
+        stamp(times, "computed")
         status, details = SubStatus.COMPLETED, ""
     except Exception as exc:  # noqa: BLE001 - an error reply, as flwr-clientapp sends
         details = f"{type(exc)}:<'{exc}'>"
@@ -87,10 +126,16 @@ def run_task(address: str, token: str, apps: AppCache) -> str:
                 push_message(client, reply, context)
         finally:
             push_task_output(client, context, status, details)
+            stamp(times, "pushed")
             if heartbeat.is_running:
                 heartbeat.stop()
             client.close()
     return status
+
+
+def stamp(times: dict[str, float] | None, what: str) -> None:
+    if times is not None:
+        times[what] = time.time()
 
 
 def _parent_alive(pid: int | None) -> bool:
@@ -124,6 +169,7 @@ def serve(address: str, parent_pid: int | None = None) -> None:
     client = _client(address, None)
     apps = AppCache()
     served = 0
+    wait = POLL_MAX_S
     try:
         while _parent_alive(parent_pid):
             try:
@@ -134,11 +180,15 @@ def serve(address: str, parent_pid: int | None = None) -> None:
                 time.sleep(1.0)
                 continue
             if res.HasField("task") and res.token:
-                run_task(address, res.token, apps)
+                times = {"acquired": time.time()}
+                run_task(address, res.token, apps, times)
                 served += 1
-                print(f"site runner: served message {served}", flush=True)
+                # one JSON line per message: the round profile reads these wall clocks
+                print(f"site runner: served message {served} {json.dumps(times)}", flush=True)
+                wait = POLL_S
             else:
-                time.sleep(POLL_S)
+                time.sleep(wait)
+                wait = min(wait * 2, POLL_MAX_S)
     finally:
         client.close()
 

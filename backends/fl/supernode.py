@@ -15,6 +15,17 @@ module whose `sleep` shortens exactly those two waits (3 s -> `IDLE_POLL_S`, 0.5
 `REPLY_POLL_S`); everything else in Flower is untouched. It refuses to run if the
 installed Flower's pull loop no longer contains the literal `time.sleep(3)` it replaces,
 so an upgrade cannot silently change what is patched.
+
+The same launcher shortens one more Flower constant in that module, and `patch_object_pull`
+does it in the ServerApp process of the deployment engine (flwr.superlink.grid.http_grid):
+the retry backoff of `pull_objects` (first retry after 1 s, doubling, capped at 10 s;
+module constants PULL_INITIAL_BACKOFF / PULL_BACKOFF_CAP, no setting). A message is
+announced before its objects are uploaded (the SuperNode stores the message and makes it
+claimable, then fetches its objects; a reply reaches the SuperLink before its objects), so
+the first pull often finds an object missing and waited 1-3 s of backoff per exchange on
+loopback. Here the first retry is after PULL_BACKOFF_S, capped at PULL_BACKOFF_CAP_S; the
+number of tries and the overall deadline are Flower's. The site runner calls Flower's pull
+with the same arguments (its own code, no patch). Profile: `benchmarks/bench_fl.py --profile`.
 """
 
 from __future__ import annotations
@@ -22,18 +33,49 @@ from __future__ import annotations
 import sys
 import types
 
-IDLE_POLL_S = 0.25      # instead of 3 s: how often an idle SuperNode asks for a message
+# The idle poll backs off: IDLE_POLL_S right after the SuperNode handled a message (the next
+# one of a round follows soon), doubling on every empty poll up to IDLE_POLL_MAX_S. A fixed
+# short poll made 7 SuperNodes and the SuperLink spend ~0.4 of a core on empty polls
+# (round profile, logs/cpu-seconds.json), which on a loaded 2-core host slowed the rounds.
+IDLE_POLL_S = 0.05      # first idle poll after activity (Flower: a fixed 3 s)
+IDLE_POLL_MAX_S = 1.0   # the back-off stops here (Flower: 3 s)
 REPLY_POLL_S = 0.05     # instead of 0.5 s: how often it checks for its ClientApp's reply
-PATCHED = (f"SuperNode idle poll {IDLE_POLL_S:g} s instead of Flower's fixed 3 s "
-           f"(monkeypatch of flwr.supernode.start_client_internal; no supported setting "
-           f"in Flower 1.42)")
+PULL_BACKOFF_S = 0.02   # instead of 1 s: first retry of an object not uploaded yet
+PULL_BACKOFF_CAP_S = 0.25   # instead of 10 s: the longest wait between two tries
+PATCHED = (f"SuperNode idle poll {IDLE_POLL_S:g} s after a message, doubling to {IDLE_POLL_MAX_S:g} s, instead of "
+           f"Flower's fixed 3 s, and object-pull "
+           f"retry backoff {PULL_BACKOFF_S:g}-{PULL_BACKOFF_CAP_S:g} s instead of 1-10 s "
+           f"(monkeypatch of flwr.supernode.start_client_internal and, in the ServerApp, "
+           f"flwr.superlink.grid.http_grid; no supported setting in Flower 1.42)")
 
 
 class FlowerChanged(RuntimeError):
     """The installed Flower's SuperNode loop is not the one this patch was written for."""
 
 
-def patch_supernode_poll(idle_s: float = IDLE_POLL_S, reply_s: float = REPLY_POLL_S) -> None:
+class IdleBackoff:
+    """The idle poll's wait: `first` after activity, doubled by each empty poll up to `cap`.
+    Activity = a reply wait (a message is being handled) or a gap since the last idle wait
+    longer than that wait plus 0.5 s (a message came and went in between)."""
+
+    def __init__(self, first: float, cap: float, clock) -> None:
+        self.first, self.cap, self.clock = first, cap, clock
+        self.delay, self.last_end = first, None
+
+    def activity(self) -> None:
+        self.delay = self.first
+
+    def next_wait(self) -> float:
+        now = self.clock()
+        if self.last_end is not None and now - self.last_end > 0.5:
+            self.delay = self.first
+        wait, self.delay = self.delay, min(self.delay * 2, self.cap)
+        self.last_end = now + wait
+        return wait
+
+
+def patch_supernode_poll(idle_s: float = IDLE_POLL_S, reply_s: float = REPLY_POLL_S,
+                         idle_max_s: float = IDLE_POLL_MAX_S) -> None:
     import inspect
     import time
 
@@ -44,11 +86,13 @@ def patch_supernode_poll(idle_s: float = IDLE_POLL_S, reply_s: float = REPLY_POL
         raise FlowerChanged("flwr.supernode.start_client_internal no longer sleeps 3 s / 0.5 s; "
                             "re-check the SuperNode poll before patching it")
     real_sleep = time.sleep
+    idle = IdleBackoff(idle_s, idle_max_s, time.monotonic)
 
     def sleep(seconds: float) -> None:
         if seconds == 3:
-            real_sleep(idle_s)
+            real_sleep(idle.next_wait())
         elif seconds == 0.5:
+            idle.activity()
             real_sleep(reply_s)
         else:
             real_sleep(seconds)
@@ -59,10 +103,27 @@ def patch_supernode_poll(idle_s: float = IDLE_POLL_S, reply_s: float = REPLY_POL
     loop.time = shim
 
 
+def patch_object_pull(module, initial_s: float = PULL_BACKOFF_S, cap_s: float = PULL_BACKOFF_CAP_S) -> None:
+    """Give `module`'s `pull_objects` (Flower's, imported by name) a shorter retry backoff."""
+    import functools
+
+    from flwr.supercore.inflatable import inflatable_utils
+
+    current = getattr(module, "pull_objects", None)
+    original = getattr(current, "func", current)
+    if original is not inflatable_utils.pull_objects or "initial_backoff" not in \
+            inflatable_utils.pull_objects.__code__.co_varnames:
+        raise FlowerChanged(f"{module.__name__}.pull_objects is not Flower's pull_objects with an "
+                            "initial_backoff; re-check the object pull before patching it")
+    module.pull_objects = functools.partial(original, initial_backoff=initial_s, backoff_cap=cap_s)
+
+
 def main() -> None:
+    from flwr.supernode import start_client_internal
     from flwr.supernode.cli import flower_supernode
 
     patch_supernode_poll()
+    patch_object_pull(start_client_internal)
     sys.argv[0] = "flower-supernode"
     flower_supernode()
 

@@ -24,12 +24,12 @@ import pandas as pd
 
 from suite.leaderboard import (
     DASH,
+    TRAINING_HEADERS,
     backend_order,
     build_leaderboard,
     format_bytes,
     format_ci,
     format_count,
-    format_epsilon,
     format_p,
     format_seconds,
     format_small,
@@ -40,10 +40,11 @@ from suite.leaderboard import (
     plaintext_latency,
     projected_latencies,
     read_run_meta,
-    reference_value,
     split_tracks,
     threat_model,
     times_reference,
+    training_cells,
+    training_sort_keys,
 )
 from suite.metrics import METRICS
 from suite.report import figures
@@ -144,18 +145,15 @@ def _track_tables(board: pd.DataFrame, results: pd.DataFrame, run_meta: dict) ->
     # columns nobody filled are dropped (a run without MPC has no projected latencies)
     inf_headers, inf_rows = _drop_empty_columns(inf_headers, inf_rows)
 
-    trn_headers = [("configuration", ""), ("ε (δ)", "num"), ("macro AUROC [95% CI]", "num"),
-                   ("ΔAUROC [95% CI]", "num"), ("min DeLong p", "num"), ("training time", "num"),
-                   ("× reference", "num"), ("training comm", "num"), ("attack AUROC", "num"), ("peak RSS", "num")]
+    # the columns every training table leads with come from the leaderboard's one definition
+    trn_headers = [("configuration", ""), *((h, "num") for h in TRAINING_HEADERS),
+                   ("macro AUROC [95% CI]", "num"), ("ΔAUROC [95% CI]", "num"), ("min DeLong p", "num"),
+                   ("attack AUROC", "num"), ("peak RSS", "num")]
     trn_rows = []
     for _, r in training.iterrows():
-        ref_fit = reference_value(board, r, "fit_time")
         cells = [_name_cell(r, keys[r["backend_id"]], tooltip(r)),
-                 _cell(format_epsilon(r["epsilon"], r["dp_delta"]), _f(r["epsilon"])), *_auroc_cells(r),
-                 _cell(format_seconds(r["fit_time"]), _f(r["fit_time"])),
-                 _cell(times_reference(r["fit_time"], ref_fit),
-                       _f(r["fit_time"]) / ref_fit if ref_fit and ref_fit > 0 else float("nan")),
-                 _cell(format_bytes(r["fit_bytes"]) if r["fit_bytes"] else DASH, _f(r["fit_bytes"])),
+                 *(_cell(text, sort) for text, sort in zip(training_cells(r), training_sort_keys(r))),
+                 *_auroc_cells(r),
                  _cell(format_value(r["mia_auroc"], ""), _f(r["mia_auroc"])),
                  _cell(format_bytes(r["peak_rss"]), _f(r["peak_rss"]))]
         trn_rows.append({"cells": cells, "simulated": bool(r["simulated"]), "failed": r["status"] != "ok"})
@@ -170,6 +168,31 @@ def _track_tables(board: pd.DataFrame, results: pd.DataFrame, run_meta: dict) ->
     return {"inference": {"headers": heads(inf_headers), "rows": inf_rows},
             "training": {"headers": heads(trn_headers), "rows": trn_rows},
             "notes": [{"key": k, "text": t, "backends": owners[k]} for k, t in notes]}
+
+
+BUDGET_METRICS = ("training_budget", "train_budget_epochs")   # dp, fl: the budget row's note says it
+
+
+def training_budgets(board: pd.DataFrame, results: pd.DataFrame) -> list[dict]:
+    """Each training entry's budget, stated once: the note of the budget row its rows
+    report, with every row that reports that same budget. Rows of one entry that spent
+    different budgets get a line each (so a mismatch shows); rows reporting none are named."""
+    _, training = split_tracks(board)
+    lines: dict[tuple[str, str], list[str]] = {}
+    missing = []
+    has_metric = "metric" in results.columns
+    for _, r in training.iterrows():
+        bid = r["backend_id"]
+        hit = results[(results["backend_id"] == bid) & results["metric"].isin(BUDGET_METRICS)] if has_metric else []
+        notes = [str(n) for n in (hit["note"].dropna() if len(hit) and "note" in hit else []) if str(n)]
+        if notes:
+            lines.setdefault((str(r["technique"]), notes[-1]), []).append(bid)
+        else:
+            missing.append(bid)
+    out = [{"technique": t, "text": text, "backends": bids} for (t, text), bids in lines.items()]
+    if missing:
+        out.append({"technique": "", "text": "no training budget reported", "backends": missing})
+    return out
 
 
 def _drop_empty_columns(headers: list, rows: list[dict]) -> tuple[list, list[dict]]:
@@ -442,6 +465,7 @@ def build_context(run_dir: Path, options: ReportOptions | None = None) -> dict:
         "summary": summary_lines(shown, options) if len(shown) else [],
         "cost_utility_svg": figures.cost_utility_figure(board, projected, colors),
         "tracks": _track_tables(board, results, run_meta),
+        "training_budgets": training_budgets(board, results),
         "assets": list(ASSETS), "threat": _threat_matrix(list(board["backend_id"]), results, run_meta),
         "roc_svg": figures.roc_small_multiples(preds, order, references, colors, baseline) if len(preds) else None,
         "agreement": agreement,

@@ -24,9 +24,9 @@ from suite.leaderboard import (
     format_ci,
     format_epsilon,
     format_p,
+    format_ratio,
     format_seconds,
     plaintext_latency,
-    reference_value,
 )
 
 __all__ = ["ReportOptions", "summary_lines", "cost_of_images", "representative"]
@@ -129,8 +129,7 @@ def summary_lines(board: pd.DataFrame, options: ReportOptions | None = None) -> 
         r = representative(rows)
         inference = r["track"] != "training"    # a training row's cost is its training, not serving
         lat_x, lat_mult = _times(r["latency_per_image_p50"], plain) if inference else (DASH, float("nan"))
-        fit_ref = reference_value(board, r, "fit_time")
-        fit_x, _ = _times(r["fit_time"], fit_ref)
+        fit_x = format_ratio(r["fit_time_ratio"])   # the leaderboard's "× ctrl", one definition
         cost = cost_of_images(r, options) if r["track"] != "training" else {
             "cpu_usd": float("nan"), "wire_usd": float("nan"), "total_usd": float("nan"), "cpu_source": ""}
         delta = DASH
