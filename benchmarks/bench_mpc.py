@@ -277,8 +277,8 @@ class MPCRandomness:
 
 class MPCRandomness224:
     """The CSPRNG's cost at full size (only with MPC_BENCH_DENSENET121=1; ~1 min of party
-    start-up and ~12 s per image per row on 2 quiet cores): random DenseNet-121 at 224 px,
-    one batch of MPC_BENCH_BATCH images (default 2), dealer triples, rng=csprng against
+    start-up and about 32 s per image per row on 2 quiet cores, measured 2026-12-02, batch 4):
+    random DenseNet-121 at 224 px, one batch of MPC_BENCH_BATCH images (default 2), dealer triples, rng=csprng against
     rng=torch in the same `setup_cache`. Wall time per image, CPU time of the busier party per
     image, bytes sent by it per image and rounds per image. Without the variable the cache is
     empty and every method is skipped, so `asv run --quick` stays fast.
