@@ -423,9 +423,15 @@ class ProgressLine:
 
 def describe_progress(done: int, total: int, elapsed_s: float) -> str:
     """'12/97 images, 0.41 img/s, about 3 min 27 s left' (rate over the predict phase so far)."""
-    if not done or elapsed_s <= 0:
+    return describe_rate(done, total, done, elapsed_s)
+
+
+def describe_rate(done: int, total: int, new: int, elapsed_s: float) -> str:
+    """`done` of `total` images, the rate over the `new` of them made in `elapsed_s` (the Ray
+    executor's: this session's images, all shards together, so the cluster's rate)."""
+    if not new or elapsed_s <= 0:
         return f"{done}/{total} images"
-    rate = done / elapsed_s
+    rate = new / elapsed_s
     left = round((total - done) / rate)
     eta = f"{left // 60} min {left % 60} s" if left >= 60 else f"{left} s"
     return f"{done}/{total} images, {rate:.3g} img/s, about {eta} left"

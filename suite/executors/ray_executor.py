@@ -327,6 +327,8 @@ class ProgressBoardView:
             self.live = None
 
     def show(self, units: list[Unit], board: dict[str, tuple[int, int, float]], final: bool = False) -> None:
+        from suite.runner import describe_rate
+
         lines = []
         for u in units:
             if not u.submitted or u.done or not u.shards or (u.finished() and not final):
@@ -353,14 +355,3 @@ class ProgressBoardView:
             self.last_plain = time.monotonic()
             for bid, text, _, _ in lines:
                 self.console.print(f"  {escape(bid)}: {text}")
-
-
-def describe_rate(done: int, total: int, new: int, elapsed_s: float) -> str:
-    """'37/97 images, 0.82 img/s, about 1 min 13 s left' (rate over this session's images,
-    all shards together: the cluster's rate, not one node's)."""
-    if not new or elapsed_s <= 0:
-        return f"{done}/{total} images"
-    rate = new / elapsed_s
-    left = round((total - done) / rate)
-    eta = f"{left // 60} min {left % 60} s" if left >= 60 else f"{left} s"
-    return f"{done}/{total} images, {rate:.3g} img/s, about {eta} left"
