@@ -1,7 +1,7 @@
 """On demand (not an asv suite: it takes minutes): image-sharded `mpc` on a loopback Ray
 cluster of N nodes, each pinned to its own core, against the same run on one such node.
 
-    PYTHONPATH=$PWD nice -n 10 .venv/bin/python benchmarks/ray_scaling.py --images 98 --out /tmp/ray-scaling
+    PYTHONPATH=$PWD nice -n 10 .venv/bin/python benchmarks/ray_scaling.py --images 196 --out /tmp/ray-scaling
 
 Target (issue 16): wall(N=2) <= 1.3 x wall(1) / 2. The figure compared is the executor's
 wall time for the mpc configuration (first shard started to last shard finished, setup of
@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 CONFIG = """
 [run]
-backends = ["mpc"]
+backends = ["mpc:max_images=0"]      # every test image (the row's default caps at 64)
 timeout_s = 3000
 threads = 1
 
@@ -41,6 +41,7 @@ epochs = 1
 def one(nodes: int, cfg: Path, out: Path, cores: list[list[int]]) -> dict:
     from suite.cli import main
     from suite.executors.local_cluster import LocalRayCluster
+    from suite.run_folder import RunFolder
 
     with LocalRayCluster(nodes=nodes, cpus_per_node=1, cores=cores[:nodes], object_store_mb=150) as c:
         start = time.perf_counter()
@@ -48,8 +49,10 @@ def one(nodes: int, cfg: Path, out: Path, cores: list[list[int]]) -> dict:
                    "--ray-address", c.address, "--no-report"])
         total = time.perf_counter() - start
     state = json.loads((out / "run.json").read_text())
-    mpc = state["backends"]["mpc"]
-    parts = [json.loads((out / "parts" / "mpc.shards" / f"{s['shard']}.json").read_text())
+    mpc_id = next(b for b in state["backends"] if b.startswith("mpc"))
+    mpc = state["backends"][mpc_id]
+    folder = RunFolder(out)
+    parts = [json.loads(folder.shard_meta(mpc_id, s["shard"]).read_text())
              for s in mpc["shards"]]
     return {"nodes": nodes, "rc": rc, "mpc_wall_s": mpc.get("executor_wall_s"), "run_s": total,
             "n_images": mpc["n_images"],
@@ -60,7 +63,7 @@ def one(nodes: int, cfg: Path, out: Path, cores: list[list[int]]) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--images", type=int, default=98, help="test images (rounded to 7 sites)")
+    ap.add_argument("--images", type=int, default=196, help="test images (rounded to 7 sites)")
     ap.add_argument("--resolution", type=int, default=32)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
