@@ -49,6 +49,23 @@ def pytest_xdist_make_scheduler(config, log):
     return FileScheduling(config, log, spread_files=SPREAD_FILES, joins=SHARED_LABELS)
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """With TEST_TIMELINE=FILE, each test's worker, wall span and CPU go there (tests/timeline.py
+    prints the plan as it ran)."""
+    path = os.environ.get("TEST_TIMELINE")
+    if not path:
+        yield
+        return
+    import time
+
+    from tests.timeline import cpu_seconds, record
+
+    start, cpu = time.time(), cpu_seconds()
+    yield
+    record(path, os.environ.get("PYTEST_XDIST_WORKER", "main"), item.nodeid, start, cpu)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_caches(tmp_path_factory):
     """Tests never write into the user's caches or reports."""
