@@ -31,6 +31,24 @@ def test_a_shared_runs_test_joins_the_file_it_shares_with():
     assert file_scope(nodeid, SPREAD, {}) == nodeid          # control: without the join, alone
 
 
+def test_a_joined_files_tests_join_the_file_whose_run_they_share():
+    file_joins = {"test_progress.py": "test_runner.py"}
+    nodeid = "tests/test_progress.py::test_parent_prints_progress_of_a_slow_backend"
+    assert file_scope(nodeid, SPREAD, JOINS, file_joins) == "tests/test_runner.py"
+    assert file_scope(nodeid, SPREAD, JOINS) == "tests/test_progress.py"       # control: no join
+    assert file_scope("tests/test_tee.py::test_a", SPREAD, JOINS, file_joins) == "tests/test_tee.py"
+
+
+def test_shared_files_join_a_file_scheduled_before_them():
+    """The joined file's tests run after the file they join, whose first test builds the run."""
+    from tests.conftest import LONG_FILES
+    from tests.shared_runs import SHARED_FILES
+
+    for joined, host in SHARED_FILES.items():
+        assert host in LONG_FILES and (joined not in LONG_FILES or
+                                       LONG_FILES.index(host) < LONG_FILES.index(joined)), (joined, host)
+
+
 def test_loadgroup_gets_the_file_scheduler(pytestconfig):
     from tests.conftest import pytest_xdist_make_scheduler
     from tests.file_scheduling import FileScheduling

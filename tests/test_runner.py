@@ -11,17 +11,17 @@ from suite.results import read_result_lines, read_results
 from tests.conftest import REPO, run_cli, run_main
 from tests.faulty_backends import EXTRA
 from tests.forkserver_entries import EXTRA as SEGFAULT
+from tests.shared_runs import SLOW_BACKEND
 
 TINY = str(REPO / "tests" / "tiny.toml")
 FAULTY = {"SUITE_EXTRA_BACKENDS": EXTRA + "," + SEGFAULT}
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("run") / "r"
-    proc = run_cli("run", "--config", TINY, "--out", str(out))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return out, proc
+def tiny_run(tiny_cli_run):
+    """tiny.toml's run (plaintext, null) plus tests/test_progress.py's slow backend, which
+    asserts its progress line on the same run (tests/conftest.py `tiny_cli_run`)."""
+    return tiny_cli_run
 
 
 def test_run_writes_every_file(tiny_run):
@@ -147,7 +147,7 @@ def test_resume_finishes_an_interrupted_run_without_duplicates(tiny_run, tmp_pat
     before = read_results(run / "results.jsonl")
     with open(run / "results.jsonl", "a") as fh:                # ... while appending a row
         fh.write('{"backend_id": "null", "metr')
-    proc = run_cli("run", "--resume", str(run))
+    proc = run_cli("run", "--resume", str(run), env=SLOW_BACKEND)      # the run names the slow backend
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "skipped the torn last line" in proc.stderr
     lines, torn = read_result_lines(run / "results.jsonl")      # the torn tail was cut, not glued to

@@ -67,7 +67,7 @@ def queue(rows: list[dict]) -> list[tuple[str, list[float]]]:
     tests' measured seconds in the order they ran."""
     from tests.conftest import LONG_FILES, SPREAD_FILES
     from tests.file_scheduling import file_scope
-    from tests.shared_runs import SHARED_LABELS
+    from tests.shared_runs import SHARED_FILES, SHARED_LABELS
 
     def rank(nodeid: str) -> tuple:
         name = Path(nodeid.split("::", 1)[0]).name
@@ -76,7 +76,7 @@ def queue(rows: list[dict]) -> list[tuple[str, list[float]]]:
     ordered = sorted(sorted(rows, key=lambda r: r["start"]), key=lambda r: rank(r["nodeid"]))
     found: dict[str, list[float]] = {}
     for r in ordered:
-        found.setdefault(file_scope(r["nodeid"], SPREAD_FILES, SHARED_LABELS), []).append(r["end"] - r["start"])
+        found.setdefault(file_scope(r["nodeid"], SPREAD_FILES, SHARED_LABELS, SHARED_FILES), []).append(r["end"] - r["start"])
     return list(found.items())
 
 
