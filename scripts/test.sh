@@ -20,7 +20,8 @@ fi
 # interpreter importing torch, or waiting on worker, party and enclave processes, which two
 # lanes on two cores overlap. A file's tests stay on one worker (tests/file_scheduling.py), so its
 # module-scoped runs are built once; the files start in the order conftest.py gives (longest
-# first), not xdist's order by test count.
+# first), not xdist's order by test count. TEST_TIMELINE=FILE records where each test ran and
+# for how long; `.venv/bin/python -m tests.timeline FILE --simulate` prints the two workers' plan.
 workers=${TEST_WORKERS:-2}
 if [ "$workers" != 0 ] && .venv/bin/python -c "import xdist" 2>/dev/null; then
   set -- -n "$workers" --dist loadgroup --no-loadscope-reorder "$@"

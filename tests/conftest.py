@@ -23,11 +23,13 @@ NIH_SAMPLE = REPO.parent / "shared" / "data" / "nih-cxr14-sample"
 SPREAD_FILES = ("test_conformance.py", "test_benchmarks_run.py")
 # Started first, longest indivisible files before the spread ones, so the longest work does not
 # begin last on one worker while the other idles (scripts/test.sh passes --no-loadscope-reorder,
-# which keeps this order). test_fl.py's unit holds the conformance runs it shares.
+# which keeps this order). test_fl.py's unit holds the conformance runs it shares, and
+# test_runner.py's holds test_progress.py (tests/shared_runs.py). `python -m tests.timeline`
+# replays a recorded run in this order (TEST_TIMELINE), so a new order can be judged offline.
 LONG_FILES = ("test_real_data.py", "test_ray_executor.py", "test_mpc_namespaces.py", "test_runner.py",
               "test_resume.py", "test_forkserver.py",
               "test_fl.py", "test_conformance.py", "test_benchmarks_run.py", "test_composition.py",
-              "test_mpc.py", "test_mpc_spu.py", "test_validate.py", "test_progress.py")
+              "test_mpc.py", "test_mpc_spu.py", "test_validate.py")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -44,9 +46,27 @@ def pytest_xdist_make_scheduler(config, log):
     if config.getvalue("dist") != "loadgroup":
         return None
     from tests.file_scheduling import FileScheduling
-    from tests.shared_runs import SHARED_LABELS
+    from tests.shared_runs import SHARED_FILES, SHARED_LABELS
 
-    return FileScheduling(config, log, spread_files=SPREAD_FILES, joins=SHARED_LABELS)
+    return FileScheduling(config, log, spread_files=SPREAD_FILES, joins=SHARED_LABELS,
+                          file_joins=SHARED_FILES)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """With TEST_TIMELINE=FILE, each test's worker, wall span and CPU go there (tests/timeline.py
+    prints the plan as it ran)."""
+    path = os.environ.get("TEST_TIMELINE")
+    if not path:
+        yield
+        return
+    import time
+
+    from tests.timeline import cpu_seconds, record
+
+    start, cpu = time.time(), cpu_seconds()
+    yield
+    record(path, os.environ.get("PYTEST_XDIST_WORKER", "main"), item.nodeid, start, cpu)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -99,6 +119,20 @@ def shared_run(tmp_path_factory, tiny_data, tiny_model):
         return runs[label]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def tiny_cli_run(tmp_path_factory):
+    """`python -m suite run` on tiny.toml (the trained default model) with the slow test
+    backend added: tests/test_runner.py's files, rows and resume and tests/test_progress.py's
+    progress line assert on this one run (tests/shared_runs.py)."""
+    from tests.shared_runs import SLOW_BACKEND, TINY_CLI_BACKENDS
+
+    out = tmp_path_factory.mktemp("run") / "r"
+    proc = run_cli("run", "--config", str(REPO / "tests" / "tiny.toml"), "--backends", TINY_CLI_BACKENDS,
+                   "--out", str(out), env=SLOW_BACKEND)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, proc
 
 
 @pytest.fixture(scope="session")

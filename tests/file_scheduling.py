@@ -14,12 +14,17 @@ from pathlib import PurePosixPath
 from xdist.scheduler import LoadScopeScheduling
 
 
-def file_scope(nodeid: str, spread_files: tuple[str, ...], joins: dict[str, str]) -> str:
+def file_scope(nodeid: str, spread_files: tuple[str, ...], joins: dict[str, str],
+               file_joins: dict[str, str] | None = None) -> str:
     """The unit a test is scheduled in: its file, or the test itself in a spread file, or for
-    a test of a spread file whose parameter id is in `joins`, the file named there (it shares
-    a run with that file: tests/shared_runs.py)."""
+    a test of a spread file whose parameter id is in `joins`, the file named there, or for a
+    test of a file in `file_joins`, the file named there (it shares a run with that file:
+    tests/shared_runs.py)."""
     file = nodeid.split("::", 1)[0]
-    if PurePosixPath(file).name not in spread_files:
+    name = PurePosixPath(file).name
+    if file_joins and name in file_joins:
+        return str(PurePosixPath(file).with_name(file_joins[name]))
+    if name not in spread_files:
         return file
     param = nodeid[nodeid.find("[") + 1:-1] if nodeid.endswith("]") else None
     if param in joins:
@@ -31,9 +36,9 @@ class FileScheduling(LoadScopeScheduling):
     """LoadScope's queue in collection order (tests/conftest.py orders it), one unit per file."""
 
     def __init__(self, config, log=None, spread_files: tuple[str, ...] = (),
-                 joins: dict[str, str] | None = None) -> None:
+                 joins: dict[str, str] | None = None, file_joins: dict[str, str] | None = None) -> None:
         super().__init__(config, log)
-        self.spread_files, self.joins = spread_files, joins or {}
+        self.spread_files, self.joins, self.file_joins = spread_files, joins or {}, file_joins or {}
 
     def _split_scope(self, nodeid: str) -> str:
-        return file_scope(nodeid, self.spread_files, self.joins)
+        return file_scope(nodeid, self.spread_files, self.joins, self.file_joins)

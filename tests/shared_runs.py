@@ -5,6 +5,10 @@ configurations (the simulation and the deployment engine, 2 rounds on the 7 tiny
 on their own. One run now serves both files' assertions: `shared_run` (tests/conftest.py)
 measures a configuration once per worker, and tests/file_scheduling.py puts the conformance
 tests of these labels in test_fl.py's unit, so both ask the same worker.
+
+Likewise tests/test_runner.py's tiny CLI run and tests/test_progress.py's slow backend: one
+`python -m suite run` on tiny.toml with the slow test backend added (`tiny_cli_run`), and
+test_progress.py's tests scheduled in test_runner.py's unit (SHARED_FILES).
 """
 
 from __future__ import annotations
@@ -20,6 +24,13 @@ SHARED_LABELS = {
     "fl[resolution=32,rounds=2]": "test_fl.py",
     "fl[engine=deployment,resolution=32,rounds=2]": "test_fl.py",
 }
+# test file -> the test file whose unit all its tests join (they assert on its run)
+SHARED_FILES = {"test_progress.py": "test_runner.py"}
+
+# the tiny CLI run: tiny.toml's backends plus tests/test_progress.py's slow one (a few tenths
+# of a second per batch, so the parent prints its progress line)
+SLOW_BACKEND = {"SUITE_EXTRA_BACKENDS": "slow=tests.test_progress:SlowBackend"}
+TINY_CLI_BACKENDS = "plaintext,null,slow"
 
 
 @dataclass

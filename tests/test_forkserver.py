@@ -83,51 +83,60 @@ def test_children_are_fresh_workers(server, tmp_path):
     assert first.peak_rss > 100 * 2**20      # inherited imports are resident in the child: counted
 
 
+# One runner forks two children from its zygote, alike but for the parent watch: the watched
+# one is the test, the unwatched one its positive control (a control that differs in that one
+# thing, on the same zygote and the same SIGKILL, at the cost of one runner instead of two).
 PARENT = r"""
 import os, sys
 from suite.forkserver import ForkServer
-from suite.procwatch import PARENT_ENV, run_forked
+from suite.procwatch import PARENT_ENV
 env = dict(os.environ)
 with ForkServer({**env, PARENT_ENV: str(os.getpid())}) as server:
     server.ready()
     print("zygote", server.proc.pid, flush=True)
-    run_forked(server, sys.argv[1], 600, env, entry=sys.argv[2])
+    children = [server.start(job, env, None, entry=entry)
+                for job, entry in zip(sys.argv[1::2], sys.argv[2::2])]
+    children[0].wait()
 """
 
 
-def _start_run(tmp_path, entry: str):
-    job = tmp_path / "job.json"
-    parent = subprocess.Popen([sys.executable, "-c", PARENT, str(job), f"{ENTRIES}:{entry}"], env=_env(),
-                              stdout=subprocess.PIPE, text=True)
-    zygote = int(parent.stdout.readline().split()[1])
-    facts = _wait_for(lambda: job.exists() and job.read_text() and json.loads(job.read_text()),
-                      120, "the forked child and its grandchild")
-    return parent, [psutil.Process(zygote), psutil.Process(facts["pid"]), psutil.Process(facts["grandchild"])]
-
-
-def test_sigkill_to_the_runner_leaves_no_process(tmp_path):
-    parent, tree = _start_run(tmp_path, "watched_sleep")
+@pytest.fixture(scope="module")
+def killed_runner(tmp_path_factory):
+    """SIGKILL to a runner with a watched and an unwatched forked child, each with a
+    grandchild: (zygote, watched [child, grandchild], unwatched [child, grandchild])."""
+    tmp = tmp_path_factory.mktemp("sigkill")
+    jobs = {entry: tmp / f"{entry}.json" for entry in ("watched_sleep", "unwatched_sleep")}
+    argv = [str(a) for job_entry in ((jobs[e], f"{ENTRIES}:{e}") for e in jobs) for a in job_entry]
+    parent = subprocess.Popen([sys.executable, "-c", PARENT, *argv], env=_env(), stdout=subprocess.PIPE,
+                              text=True)
+    trees = []
     try:
+        zygote = psutil.Process(int(parent.stdout.readline().split()[1]))
+        for entry, job in jobs.items():
+            facts = _wait_for(lambda: job.exists() and job.read_text() and json.loads(job.read_text()),
+                              120, f"the {entry} child and its grandchild")
+            trees.append([psutil.Process(facts["pid"]), psutil.Process(facts["grandchild"])])
         time.sleep(0.5)
         parent.kill()
         parent.wait(timeout=30)
-        _assert_all_gone(tree)
+        yield zygote, trees[0], trees[1]
     finally:
         if parent.poll() is None:
             parent.kill()
-
-
-def test_positive_control_an_unwatched_child_outlives_the_runner(tmp_path):
-    parent, tree = _start_run(tmp_path, "unwatched_sleep")
-    try:
-        parent.kill()
-        parent.wait(timeout=30)
-        _assert_all_gone(tree[:1])            # the zygote still goes (its pipe closed)...
-        time.sleep(2)
-        assert len(_alive(tree[1:])) == 2     # ...but without the watch its child leaks
-    finally:
-        for p in _alive(tree):
+        for p in _alive([q for tree in trees for q in tree]):
             p.kill()
+
+
+def test_sigkill_to_the_runner_leaves_no_process(killed_runner):
+    zygote, watched, _ = killed_runner
+    _assert_all_gone([zygote, *watched])
+
+
+def test_positive_control_an_unwatched_child_outlives_the_runner(killed_runner):
+    zygote, _, unwatched = killed_runner
+    _assert_all_gone([zygote])            # the zygote still goes (its pipe closed)...
+    time.sleep(2)
+    assert len(_alive(unwatched)) == 2    # ...but without the watch its child leaks
 
 
 def _peak_rss(out, backend_id: str) -> float:

@@ -17,10 +17,7 @@ from suite.harness import measure
 from suite.meter import CommMeter
 from suite.run_folder import RunFolder
 from suite.threat_model import ThreatModel
-from tests.conftest import REPO, run_cli
-
-TINY = str(REPO / "tests" / "tiny.toml")
-SLOW = {"SUITE_EXTRA_BACKENDS": "slow=tests.test_progress:SlowBackend"}
+from tests.shared_runs import TINY_CLI_BACKENDS
 
 
 @dataclass
@@ -69,10 +66,11 @@ def test_harness_writes_progress_after_every_batch(tmp_path):
     assert final["done"] == final["total"] == n and final["elapsed_s"] >= 0
 
 
-def test_parent_prints_progress_of_a_slow_backend(tmp_path):
-    out = tmp_path / "r"
-    proc = run_cli("run", "--config", TINY, "--backends", "plaintext,slow", "--out", str(out),
-                   "--no-report", env=SLOW)
+def test_parent_prints_progress_of_a_slow_backend(tiny_cli_run):
+    """On the tiny CLI run tests/test_runner.py asserts on too (it includes this backend:
+    tests/shared_runs.py), so the slow backend costs no run of its own."""
+    out, proc = tiny_cli_run
+    assert "slow" in TINY_CLI_BACKENDS.split(",")
     assert proc.returncode == 0, proc.stderr[-3000:]
     n = json.loads((out / "run.json").read_text())["backends"]["slow"]["n_images"]
     lines = [line for line in proc.stdout.splitlines() if line.strip().startswith("slow: ")]

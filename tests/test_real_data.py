@@ -17,19 +17,23 @@ from tests.conftest import run_cli, run_main
 def _nih_cfg(nih_sample_dir, **kw):
     return DatasetConfig(name="nih", data_dir=str(nih_sample_dir / "images"),
                          label_file=str(nih_sample_dir / "Data_Entry_2017_v2020.csv"),
-                         resolution=64, **kw)
+                         resolution=32, **kw)
 
 
 @pytest.fixture(scope="module")
 def nih(nih_sample_dir):
-    from suite.data.xrv_sets import load
+    """The sample through torchxrayvision's loader (suite.data.xrv_sets, by the catalog), at
+    32 px: the same configuration as test_train_then_run_on_the_rest's, so its `suite train`
+    and `suite run` read the prepared set this builds instead of decoding the 299 PNGs again."""
+    from suite.data.catalog import load_dataset
 
-    return load(_nih_cfg(nih_sample_dir), seed=0)
+    data, _ = load_dataset(_nih_cfg(nih_sample_dir), seed=0)
+    return data
 
 
 def test_nih_sample_loads_through_xrv(nih):
     assert len(nih) == 299
-    assert nih.images.shape[1:] == (1, 64, 64)
+    assert nih.images.shape[1:] == (1, 32, 32)
     assert nih.images.min() >= -1024.001 and nih.images.max() <= 1024.001
     assert "Cardiomegaly" in nih.label_names and "Pleural_Thickening" in nih.label_names
     assert nih.image_ids[0].startswith("nih:") and nih.image_ids[0].endswith(".png")

@@ -11,17 +11,17 @@ from suite.results import read_result_lines, read_results
 from tests.conftest import REPO, run_cli, run_main
 from tests.faulty_backends import EXTRA
 from tests.forkserver_entries import EXTRA as SEGFAULT
+from tests.shared_runs import SLOW_BACKEND
 
 TINY = str(REPO / "tests" / "tiny.toml")
 FAULTY = {"SUITE_EXTRA_BACKENDS": EXTRA + "," + SEGFAULT}
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("run") / "r"
-    proc = run_cli("run", "--config", TINY, "--out", str(out))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return out, proc
+def tiny_run(tiny_cli_run):
+    """tiny.toml's run (plaintext, null) plus tests/test_progress.py's slow backend, which
+    asserts its progress line on the same run (tests/conftest.py `tiny_cli_run`)."""
+    return tiny_cli_run
 
 
 def test_run_writes_every_file(tiny_run):
@@ -78,17 +78,33 @@ def test_compare_two_runs(tiny_run):
     assert "latency_per_image_p50" in proc.stdout
 
 
-def test_failures_are_recorded_and_the_run_goes_on(tmp_path):
+# One run holds every faulty backend, the hanging one included: a raise, an os._exit, a
+# segfault, a bad shape and a hang each cost only their configuration, and the null worker
+# forked after them all still runs. Its limit is short, because a hang costs the whole limit;
+# it starts when a worker is forked from the warm server (after the server's one-off preload),
+# and the healthy workers here (null, the plaintext reference on 56 tiny images) take 2-3 s
+# on a host loaded 15 deep, so 15 s leaves them room.
+FAULTY_BACKENDS = "raising,crashing,segfault,badshape,hanging,null"
+FAULTY_LIMIT_S = 15
+
+
+@pytest.fixture(scope="module")
+def faulty_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("faulty") / "r"
+    proc = run_cli("run", "--config", TINY, "--out", str(out), "--timeout", str(FAULTY_LIMIT_S),
+                   "--backends", FAULTY_BACKENDS, env=FAULTY)
+    return out, proc
+
+
+def test_failures_are_recorded_and_the_run_goes_on(faulty_run):
     """Workers forked from the run's fork server: a raise, an os._exit and a segfault each
     cost only their configuration."""
-    out = tmp_path / "r"
-    proc = run_cli("run", "--config", TINY, "--out", str(out),
-                   "--backends", "raising,crashing,segfault,badshape,null", env=FAULTY)
+    out, proc = faulty_run
     # finished, but not all well: a distinct exit status, said in the last line
     assert proc.returncode == 3, proc.stderr[-3000:]
     last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("failed: 4 of 6 backend configurations failed"), last
-    assert all(name in last for name in ("raising", "crashing", "segfault", "badshape")), last
+    assert last.startswith("failed: 5 of 7 backend configurations failed"), last
+    assert all(name in last for name in ("raising", "crashing", "segfault", "badshape", "hanging")), last
     run_state = json.loads((out / "run.json").read_text())
     assert run_state["worker_start"]["mode"] == "fork-server"
     state = run_state["backends"]
@@ -100,22 +116,20 @@ def test_failures_are_recorded_and_the_run_goes_on(tmp_path):
     assert state["null"]["status"] == "ok" and state["plaintext"]["status"] == "ok"
     df = read_results(out / "results.jsonl")
     failed = df[df.status == "failed"]
-    assert set(failed.backend_id) == {"raising", "crashing", "segfault", "badshape"}
+    assert set(failed.backend_id) == {"raising", "crashing", "segfault", "badshape", "hanging"}
     assert failed.error.notna().all()
 
 
-def test_a_hanging_backend_is_stopped_at_the_time_limit(tmp_path):
-    """Its own run with a short limit: a hang costs the whole limit, and the run above needs a
-    limit long enough for its healthy workers on a loaded machine."""
-    out = tmp_path / "r"
-    proc = run_cli("run", "--config", TINY, "--out", str(out), "--timeout", "20",
-                   "--backends", "hanging,null", "--no-report", env=FAULTY)
+def test_a_hanging_backend_is_stopped_at_the_time_limit(faulty_run):
+    """The hang is stopped at the run's limit and the next forked worker (null) still runs."""
+    out, proc = faulty_run
     assert proc.returncode == 3, proc.stderr[-3000:]
     last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("failed: 1 of") and "hanging" in last, last
+    assert last.startswith("failed: 5 of") and "hanging" in last, last
     state = json.loads((out / "run.json").read_text())["backends"]
+    assert list(state).index("hanging") < list(state).index("null")     # null was forked after it
     assert state["hanging"]["status"] == "failed"
-    assert "timed out after 20 s" in state["hanging"]["error"]
+    assert f"timed out after {FAULTY_LIMIT_S} s" in state["hanging"]["error"]
     assert state["null"]["status"] == "ok"                # the next forked worker ran
     failed = read_results(out / "results.jsonl").query("status == 'failed'")
     assert "hanging" in set(failed.backend_id) and failed.error.notna().all()
@@ -133,7 +147,7 @@ def test_resume_finishes_an_interrupted_run_without_duplicates(tiny_run, tmp_pat
     before = read_results(run / "results.jsonl")
     with open(run / "results.jsonl", "a") as fh:                # ... while appending a row
         fh.write('{"backend_id": "null", "metr')
-    proc = run_cli("run", "--resume", str(run))
+    proc = run_cli("run", "--resume", str(run), env=SLOW_BACKEND)      # the run names the slow backend
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "skipped the torn last line" in proc.stderr
     lines, torn = read_result_lines(run / "results.jsonl")      # the torn tail was cut, not glued to
