@@ -176,18 +176,21 @@ def _engine_run(engine: str, rounds: int, keep: Path | None = None, sites: int =
 def round_profile(summary: dict, logs: Path | None = None) -> dict:
     """Where a federation's wall time goes, from the ServerApp's summary (`exchanges`: each
     push-and-poll's start, push return and reply arrivals; `rounds`) and, for the deployment
-    engine, the site runners' per-message wall clocks (`logs/site-runner-k.log`: acquired,
-    pulled, computed, pushed). Seconds; medians over the sites, means over the exchanges
-    after the first two (round 1 warms up)."""
+    engine, the site runners' per-message wall clocks (`logs/supernode-k.log`, where the
+    runner is a thread of the SuperNode, or `logs/site-runner-k.log`: acquired, pulled,
+    computed, pushed). Seconds; medians over the sites, means over the exchanges after the
+    first two (round 1 warms up)."""
     import json
     import re
 
     ex = summary.get("exchanges") or []
     sites = []
     if logs is not None:
-        for log in sorted(logs.glob("site-runner-*.log")):
-            sites.append([json.loads(m) for m in re.findall(r"served message \d+ (\{.*\})",
-                                                            log.read_text(errors="replace"))])
+        for log in sorted(logs.glob("site-runner-*.log")) + sorted(logs.glob("supernode-*.log")):
+            served = [json.loads(m) for m in re.findall(r"served message \d+ (\{.*\})",
+                                                        log.read_text(errors="replace"))]
+            if served:
+                sites.append(served)
     rows = []
     for k, e in enumerate(ex):
         row = {"round": e["round"], "kind": e["kind"], "push": e["pushed"] - e["started"],
