@@ -105,10 +105,12 @@ class EngineRound:
 
     `train`: the training exchange (configure_train -> aggregate_train), mean of rounds 2..4;
     `whole`: one whole round, training and federated evaluation (configure_train of round r
-    -> configure_train of round r + 1), mean of rounds 2 -> 3 and 3 -> 4. Round 1 (actor /
-    site-runner warm-up) is left out; engine start-up is its own row. The deployment
-    engine's SuperNodes run with the shortened idle poll of backends/fl/supernode.py (a
-    monkeypatch of Flower: 1.42 has no setting for its fixed 3 s poll)."""
+    -> configure_train of round r + 1), mean of rounds 2 -> 3 and 3 -> 4. Both engines run
+    the same app, in which round r's evaluation travels in round r + 1's train message
+    (backends.fl.app.carries_evaluation), so a round is one exchange on either. Round 1
+    (actor / site-runner warm-up) is left out; engine start-up is its own row. The
+    deployment engine's SuperNodes run with the labelled patches of backends/fl/supernode.py
+    (shortened idle poll, site runner in-process; Flower 1.42 has no setting for either)."""
 
     params = (["simulation", "deployment"], ["train", "whole"])
     param_names = ["engine", "span"]

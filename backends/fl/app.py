@@ -534,7 +534,13 @@ def _privacy_mod(job: FLJob | None):
 
 
 def make_client_app(job: FLJob | None = None):
-    """Message-API ClientApp (FedAvg, FedProx, DP, LDP). `job=None`: read it from run config."""
+    """Message-API ClientApp (FedAvg, FedProx, DP, LDP). `job=None`: read it from run config.
+
+    sklearn.metrics (the evaluation's AUROC) is imported here, as the app loads, so its
+    one-off import lands in round 1 on both engines, not in the first round that evaluates
+    (round 2's train message, where the evaluation is carried)."""
+    import sklearn.metrics  # noqa: F401
+
     from flwr.app import ArrayRecord, Array, Message, MetricRecord, RecordDict
     from flwr.clientapp import ClientApp
 
