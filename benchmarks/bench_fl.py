@@ -105,10 +105,12 @@ class EngineRound:
 
     `train`: the training exchange (configure_train -> aggregate_train), mean of rounds 2..4;
     `whole`: one whole round, training and federated evaluation (configure_train of round r
-    -> configure_train of round r + 1), mean of rounds 2 -> 3 and 3 -> 4. Round 1 (actor /
-    site-runner warm-up) is left out; engine start-up is its own row. The deployment
-    engine's SuperNodes run with the shortened idle poll of backends/fl/supernode.py (a
-    monkeypatch of Flower: 1.42 has no setting for its fixed 3 s poll)."""
+    -> configure_train of round r + 1), mean of rounds 2 -> 3 and 3 -> 4. Both engines run
+    the same app, in which round r's evaluation travels in round r + 1's train message
+    (backends.fl.app.carries_evaluation), so a round is one exchange on either. Round 1
+    (actor / site-runner warm-up) is left out; engine start-up is its own row. The
+    deployment engine's SuperNodes run with the labelled patches of backends/fl/supernode.py
+    (shortened idle poll, site runner in-process; Flower 1.42 has no setting for either)."""
 
     params = (["simulation", "deployment"], ["train", "whole"])
     param_names = ["engine", "span"]
@@ -176,18 +178,21 @@ def _engine_run(engine: str, rounds: int, keep: Path | None = None, sites: int =
 def round_profile(summary: dict, logs: Path | None = None) -> dict:
     """Where a federation's wall time goes, from the ServerApp's summary (`exchanges`: each
     push-and-poll's start, push return and reply arrivals; `rounds`) and, for the deployment
-    engine, the site runners' per-message wall clocks (`logs/site-runner-k.log`: acquired,
-    pulled, computed, pushed). Seconds; medians over the sites, means over the exchanges
-    after the first two (round 1 warms up)."""
+    engine, the site runners' per-message wall clocks (`logs/supernode-k.log`, where the
+    runner is a thread of the SuperNode, or `logs/site-runner-k.log`: acquired, pulled,
+    computed, pushed). Seconds; medians over the sites, means over the exchanges after the
+    first two (round 1 warms up)."""
     import json
     import re
 
     ex = summary.get("exchanges") or []
     sites = []
     if logs is not None:
-        for log in sorted(logs.glob("site-runner-*.log")):
-            sites.append([json.loads(m) for m in re.findall(r"served message \d+ (\{.*\})",
-                                                            log.read_text(errors="replace"))])
+        for log in sorted(logs.glob("site-runner-*.log")) + sorted(logs.glob("supernode-*.log")):
+            served = [json.loads(m) for m in re.findall(r"served message \d+ (\{.*\})",
+                                                        log.read_text(errors="replace"))]
+            if served:
+                sites.append(served)
     rows = []
     for k, e in enumerate(ex):
         row = {"round": e["round"], "kind": e["kind"], "push": e["pushed"] - e["started"],

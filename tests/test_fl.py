@@ -306,6 +306,47 @@ def test_too_few_sites_leave_the_round_unaggregated(tmp_path, tiny_data, tiny_mo
         assert _distance({k: z[k] for k in z.files}, final) == 0
 
 
+@pytest.mark.parametrize("bn", ["local", "shared"])
+def test_evaluation_carried_in_the_next_train_message_gives_the_same_rows(tmp_path, tiny_data,
+                                                                           tiny_model, monkeypatch, bn):
+    """Round r's federated evaluation travels in round r + 1's train message: the same
+    per-round evaluation, training and model as separate evaluate exchanges, with one
+    evaluate exchange (the last round's) instead of one per round. Control: with the carry
+    turned off every round has its own evaluate exchange. Equal to float32 rounding: the
+    CPU kernels' results can move by an ulp once other work ran in the process first
+    (two runs of the same schedule are bitwise equal; the schedules differ by 1e-8)."""
+    import backends.fl.app as fl_app
+
+    job = dict(rounds=3, round_eval=True, bn=bn)
+    carried, carried_final = _run_inline(_inline_job(tmp_path / "a", tiny_data, tiny_model, **job))
+    monkeypatch.setattr(fl_app, "carries_evaluation", lambda j: False)
+    separate, separate_final = _run_inline(_inline_job(tmp_path / "b", tiny_data, tiny_model, **job))
+
+    def evaluate_rounds(summary):
+        return sorted({t["round"] for t in summary["traffic"] if t["kind"] == "evaluate"})
+
+    assert evaluate_rounds(separate) == [1, 2, 3]          # control: one exchange per round
+    assert evaluate_rounds(carried) == [3]
+    for a, b in zip(carried["rounds"], separate["rounds"], strict=True):
+        assert set(a["evaluate"]) == set(b["evaluate"]) >= {"eval-loss", "eval-auroc"}
+        for k in a["evaluate"]:
+            assert a["evaluate"][k] == pytest.approx(b["evaluate"][k], rel=1e-6), k
+        assert a["train"] == pytest.approx(b["train"], rel=1e-6)
+    norm = _distance(separate_final, {k: 0 * v for k, v in separate_final.items()})
+    assert _distance(carried_final, separate_final) < 1e-6 * norm
+
+
+def test_evaluation_is_not_carried_where_the_schedules_differ():
+    from backends.fl.app import FLJob, carries_evaluation
+
+    base = dict(out_dir="", data_dir="", sites=["a", "b"], n_labels=1, architecture={})
+    assert carries_evaluation(FLJob(**base))
+    assert not carries_evaluation(FLJob(**base, fraction=0.5))        # evaluation asks all sites
+    assert not carries_evaluation(FLJob(**base, drop_site="a", drop_round=2))
+    assert not carries_evaluation(FLJob(**base, privacy="secagg"))    # Flower's legacy schedule
+    assert not carries_evaluation(FLJob(**base, round_eval=False))
+
+
 def test_central_dp_wraps_fedavg_and_is_accounted(tmp_path, tiny_data, tiny_model):
     plain, plain_final = _run_inline(_inline_job(tmp_path / "a", tiny_data, tiny_model))
     dp, dp_final = _run_inline(_inline_job(tmp_path / "b", tiny_data, tiny_model, privacy="dp",
@@ -643,3 +684,65 @@ def test_supernode_idle_poll_backs_off_and_resets_on_activity():
     assert idle.next_wait() == 0.05
     now[0] += 0.05 + 2.0                              # a message came and went between polls
     assert idle.next_wait() == 0.05
+
+
+# -------------------------------------------------------------------------------------------
+# the site runner in the SuperNode's process: Runtime API calls in-process (a labelled patch)
+# -------------------------------------------------------------------------------------------
+
+def test_in_process_runtime_calls_flowers_handlers_and_authenticates_tasks(monkeypatch):
+    """LocalRuntimeClient calls the handlers Flower's Runtime routes call, on a real
+    NodeState: an idle SuperNode has no task to acquire, and a task call with a token the
+    state never issued is refused as the HTTP route refuses it. A Flower whose handler or
+    Runtime API start-up changed is refused, not called blindly."""
+    from flwr.proto.runtime_pb2 import AcquireTaskRequest, PullTaskInputRequest
+    from flwr.supercore.constant import TaskType
+    from flwr.supercore.error import FlowerError
+    from flwr.supercore.object_store import ObjectStoreFactory
+    import importlib
+
+    from flwr.supernode.nodestate import NodeStateFactory
+    from flwr.supernode.servicer.runtime import runtime_handlers
+
+    from backends.fl.local_runtime import FlowerRuntimeChanged, LocalRuntime, check_handlers
+
+    cli = importlib.import_module("flwr.supernode.cli.flower_supernode")
+    runtime = LocalRuntime()
+    monkeypatch.setattr(cli, "_start_supernode_http_api", cli._start_supernode_http_api)
+    runtime.capture()
+    factory = NodeStateFactory(objectstore_factory=ObjectStoreFactory())
+    runtime.factory = factory
+    runtime.ready.set()
+    res = runtime.client(None).AcquireTask(AcquireTaskRequest(
+        supported_task_types=[TaskType.CLIENT_APP.value], agentapp_fab_hashes=[]))
+    assert not res.HasField("task") and not res.token
+    with pytest.raises(FlowerError, match="authentication"):
+        runtime.client("not-a-token").PullTaskInput(PullTaskInputRequest())
+    check_handlers()
+    monkeypatch.setattr(runtime_handlers, "pull_object", lambda request, state: None)
+    with pytest.raises(FlowerRuntimeChanged):
+        check_handlers()
+    monkeypatch.setattr(runtime_handlers, "pull_object", runtime_handlers.pull_object)
+    monkeypatch.setattr(cli, "_start_supernode_http_api", lambda config: None)
+    with pytest.raises(FlowerRuntimeChanged):
+        LocalRuntime().capture()
+
+
+def test_reply_wait_is_woken_by_the_runner_and_wakes_it():
+    """The in-process hand-off: the SuperNode's reply wait tells the runner a task is
+    stored, and returns as soon as the runner says its reply is pushed (not after its
+    timeout); without the runner's signal it waits out the (fallback) timeout."""
+    import threading
+    import time
+
+    from backends.fl.supernode import Wakeups
+
+    w = Wakeups()
+    start = time.perf_counter()
+    w.reply_wait(0.2)                                    # control: nobody answers
+    assert time.perf_counter() - start >= 0.19 and w.task_ready.is_set()
+    w.task_ready.clear()
+    threading.Timer(0.05, w.reply_ready.set).start()
+    start = time.perf_counter()
+    w.reply_wait(5.0)
+    assert time.perf_counter() - start < 2.0 and not w.reply_ready.is_set()

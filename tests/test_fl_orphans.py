@@ -1,7 +1,8 @@
 """Nothing the FL engine starts outlives the process that started it.
 
 A child Python process starts the deployment engine's processes (SuperLink, its SuperExec,
-a SuperNode and its site runner) the way the backend does, reports that they are up, and is
+a SuperNode with its site-runner thread) the way the backend does, reports that they are up
+(the runner thread has said it is ready), and is
 SIGKILLed: no handler runs, so only the parent-death watch (PR_SET_PDEATHSIG, set in
 `backends.fl.engine.popen_watched`) and Flower's own `--parent-pid` monitors can stop them.
 The positive control starts the same engine with the watch disabled and finds its SuperLink
@@ -88,7 +89,11 @@ def test_killing_the_parent_leaves_no_engine_process(tmp_path):
         up, left = _start_and_kill(tmp_path, sites=1, watch=True)
         names = " ".join(up)
         assert "flower-superlink" in names and "flower-superexec" in names
-        assert "backends.fl.supernode" in names and "backends.fl.site_runner" in names
+        assert "backends.fl.supernode" in names
+        assert "backends.fl.site_runner" not in names       # one process per site: a thread
+        from backends.fl.site_runner import READY
+
+        assert READY in (tmp_path / "logs" / "supernode-0.log").read_text()
         assert not left, f"left running: {[p.cmdline()[:3] for p in left]}"
     finally:
         stop_by_home(tmp_path / "flwr-home", grace=2)

@@ -49,6 +49,11 @@ SUMMARY = "summary.json"
 FINAL = "final.npz"
 INITIAL = "initial.npz"
 SECAGG_QUANTIZATION = 2 ** 26    # SecAgg+ quantisation levels (sum of n < 64 sites fits 2**32)
+# Federated evaluation carried in the next round's train message (`carries_evaluation`): the
+# train config names the round whose global model the site evaluates first (EVALUATE_FIRST),
+# the reply carries that evaluation as its own MetricRecord (EVALUATION_RECORD).
+EVALUATE_FIRST = "evaluate-round"
+EVALUATION_RECORD = "evaluation"
 
 
 @dataclass
@@ -116,6 +121,20 @@ class FLJob:
 
     def min_train(self) -> int:
         return max(1, min(self.min_clients, len(self.sites)))
+
+
+def carries_evaluation(job: FLJob) -> bool:
+    """Whether round r's federated evaluation travels in round r + 1's train message.
+
+    The train message of round r + 1 carries exactly the global model round r's evaluate
+    message would carry, and a site's own BatchNorm layers (FedBN) are the same until it
+    trains again, so evaluating it first and training second computes the same numbers
+    with one exchange per round instead of two (the last round keeps its evaluate
+    exchange). Only where the two schedules reach the same sites: every site trains every
+    round (fraction 1; evaluation always asks all sites), no planned crash (a site that
+    dies in training would lose the previous round's evaluation with it), and not SecAgg+
+    (Flower's legacy workflow runs its own schedule). Both engines run this same app."""
+    return job.round_eval and job.fraction >= 1.0 and not job.drop_site and job.privacy != "secagg"
 
 
 # ---------------------------------------------------------------------------------------
@@ -484,6 +503,17 @@ def client_evaluate(job: FLJob, site_index: int, arrays: dict[str, np.ndarray],
     return len(data), loss, auroc
 
 
+def evaluation_record(job: FLJob, site_index: int, arrays: dict[str, np.ndarray],
+                      data_path: str | None = None):
+    """One site's federated evaluation as the MetricRecord its reply carries (an evaluate
+    reply, or beside the update in the next round's train reply)."""
+    from flwr.app import MetricRecord
+
+    n, loss, auroc = client_evaluate(job, site_index, arrays, data_path)
+    return MetricRecord({"num-examples": n, "unit-weight": 1, "eval-loss": loss,
+                         "eval-auroc": auroc, "partition-id": site_index})
+
+
 def _privacy_mod(job: FLJob | None):
     """A client mod that applies Flower's own DP mod the job asks for (composition)."""
 
@@ -504,7 +534,13 @@ def _privacy_mod(job: FLJob | None):
 
 
 def make_client_app(job: FLJob | None = None):
-    """Message-API ClientApp (FedAvg, FedProx, DP, LDP). `job=None`: read it from run config."""
+    """Message-API ClientApp (FedAvg, FedProx, DP, LDP). `job=None`: read it from run config.
+
+    sklearn.metrics (the evaluation's AUROC) is imported here, as the app loads, so its
+    one-off import lands in round 1 on both engines, not in the first round that evaluates
+    (round 2's train message, where the evaluation is carried)."""
+    import sklearn.metrics  # noqa: F401
+
     from flwr.app import ArrayRecord, Array, Message, MetricRecord, RecordDict
     from flwr.clientapp import ClientApp
 
@@ -518,22 +554,23 @@ def make_client_app(job: FLJob | None = None):
         arrays = unflatten(msg.content["arrays"][MODEL_KEY].numpy(), layout)
         config = msg.content["config"]
         mu = float(config.get("proximal-mu", 0.0))
+        content = {}
+        if int(config.get(EVALUATE_FIRST, 0)) > 0:   # the previous round's evaluation, first:
+            content[EVALUATION_RECORD] = evaluation_record(   # training replaces FedBN layers
+                j, idx, arrays, _data_path(context))
         new, n, loss = client_train(j, idx, arrays, int(config["server-round"]), mu,
                                     _data_path(context))
         metrics = MetricRecord({"num-examples": n, "unit-weight": 1, "train-loss": loss,
                                 "partition-id": idx})
         out = ArrayRecord({MODEL_KEY: Array(flatten({k: new[k] for k, _ in layout}))})
-        return Message(RecordDict({"arrays": out, "metrics": metrics}), reply_to=msg)
+        return Message(RecordDict({"arrays": out, "metrics": metrics, **content}), reply_to=msg)
 
     @app.evaluate()
     def evaluate(msg: Message, context):
         j = _job_from_context(context, job)
         idx = _site_index(context)
         arrays = unflatten(msg.content["arrays"][MODEL_KEY].numpy(), job_layout(j))
-        n, loss, auroc = client_evaluate(j, idx, arrays,
-                                         _data_path(context))
-        metrics = MetricRecord({"num-examples": n, "unit-weight": 1, "eval-loss": loss,
-                                "eval-auroc": auroc, "partition-id": idx})
+        metrics = evaluation_record(j, idx, arrays, _data_path(context))
         return Message(RecordDict({"metrics": metrics}), reply_to=msg)
 
     return app
@@ -667,6 +704,8 @@ class MeteredGrid:
 
     def send_and_receive(self, messages, *, timeout=None):
         messages = list(messages)
+        if not messages:          # e.g. an evaluation carried in the next train message
+            return []
         sent = {}
         for m in messages:
             t = self._book(self._round_of(m), m.metadata.dst_node_id, str(m.metadata.message_type))
@@ -727,8 +766,15 @@ class RoundLog:
     finished: float = 0.0
 
 
-def _quorum_strategy(inner, min_replies: int, metered: MeteredGrid, log: dict[int, RoundLog]):
-    """Wrap any Message-API strategy: a round aggregates only with >= min_replies results."""
+def _quorum_strategy(inner, min_replies: int, metered: MeteredGrid, log: dict[int, RoundLog],
+                     carried=None, rounds: int = 0):
+    """Wrap any Message-API strategy: a round aggregates only with >= min_replies results.
+
+    `carried` (the base strategy, see `carries_evaluation`): round r's federated evaluation
+    travels in round r + 1's train message and is aggregated exactly as the base strategy's
+    aggregate_evaluate would (its evaluate_metrics_aggr_fn and weighting key, over the
+    replies without error); only the last round has an evaluate exchange of its own."""
+    from flwr.app import ConfigRecord, RecordDict
     from flwr.serverapp.strategy import Strategy
 
     class Quorum(Strategy):
@@ -741,10 +787,27 @@ def _quorum_strategy(inner, min_replies: int, metered: MeteredGrid, log: dict[in
         def configure_train(self, server_round, arrays, config, grid):
             metered.round = server_round
             self._log(server_round)
+            if carried is not None and server_round > 1:
+                config = ConfigRecord({**config, EVALUATE_FIRST: server_round - 1})
             return self.strategy.configure_train(server_round, arrays, config, grid)
+
+        def _carried_evaluation(self, server_round, replies) -> None:
+            """Take the previous round's evaluation out of the train replies (the strategy
+            sees the replies it expects) and aggregate it as that round's."""
+            evaluated = []
+            for m in replies:
+                if not m.has_error() and EVALUATION_RECORD in m.content:
+                    evaluated.append(RecordDict({"metrics": m.content[EVALUATION_RECORD]}))
+                    del m.content[EVALUATION_RECORD]
+            if evaluated:
+                metrics = carried.evaluate_metrics_aggr_fn(evaluated, carried.weighted_by_key)
+                self._log(server_round - 1).evaluate = {
+                    k: float(v) for k, v in (metrics or {}).items() if isinstance(v, (int, float))}
 
         def aggregate_train(self, server_round, replies):
             replies = list(replies)
+            if carried is not None:
+                self._carried_evaluation(server_round, replies)
             entry = self._log(server_round)
             ok = [m for m in replies if not m.has_error()]
             entry.replies, entry.failures = len(ok), len(replies) - len(ok)
@@ -762,9 +825,14 @@ def _quorum_strategy(inner, min_replies: int, metered: MeteredGrid, log: dict[in
 
         def configure_evaluate(self, server_round, arrays, config, grid):
             metered.round = server_round
+            if carried is not None and server_round < rounds:
+                return []             # evaluated in round server_round + 1's train message
             return self.strategy.configure_evaluate(server_round, arrays, config, grid)
 
         def aggregate_evaluate(self, server_round, replies):
+            replies = list(replies)
+            if carried is not None and server_round < rounds:
+                return None
             metrics = self.strategy.aggregate_evaluate(server_round, replies)
             self._log(server_round).evaluate = {k: float(v) for k, v in (metrics or {}).items()
                                                 if isinstance(v, (int, float))}
@@ -807,7 +875,8 @@ def _message_api_run(metered: MeteredGrid, job: FLJob, init: dict[str, np.ndarra
             info["dp_accounting"] = f"unavailable: {exc}"
         strategy = DifferentialPrivacyClientSideFixedClipping(
             base, job.noise_multiplier, job.clip, job.n_sampled(), accountant=accountant)
-    strategy = _quorum_strategy(strategy, job.min_train(), metered, log)
+    strategy = _quorum_strategy(strategy, job.min_train(), metered, log,
+                                carried=base if carries_evaluation(job) else None, rounds=job.rounds)
     layout = layout_of(init)
     result = strategy.start(grid=metered, initial_arrays=ArrayRecord({MODEL_KEY: Array(flatten(init))}),
                             num_rounds=job.rounds, timeout=job.round_timeout,

@@ -336,18 +336,34 @@ class FLBackend(Backend):
         return dict(batch_size=r.batch_size, lr=self.options.lr or r.lr, weight_decay=r.weight_decay,
                     augment=r.augment)
 
-    def fit(self, train, ctx: BackendContext) -> None:
-        from backends.audits.gradient_inversion import downsample
+    def prepare_fit(self, train, ctx: BackendContext) -> None:
+        """Federated mode: partition the sites, write each site's file and start the engine's
+        processes (SuperLink; for the deployment engine also every SuperNode with its warm
+        ClientApp runner). One-off set-up, not training: the harness times it as setup, so
+        `fit_time` is the federated run itself (and `engine_startup_time` says what the
+        start-up took). A failed fit is cleaned up by teardown."""
+        self._federation = None
+        if self.options.mode == "federated":
+            self._federation = self._start_federation(train, ctx)
 
-        images = downsample(train.images, self.resolution)
-        clients = partition_clients(train, self.options, ctx.seed)
-        fit_idx, val_idx = split_validation(clients, self.options.val_fraction, ctx.seed)
-        if self.options.mode == "centralised":
-            self._fit_centralised(train, images, np.sort(np.concatenate(list(fit_idx.values()))))
-        elif self.options.mode == "local":
-            self._fit_local(train, images, fit_idx)
+    def fit(self, train, ctx: BackendContext) -> None:
+        fed = getattr(self, "_federation", None)
+        if self.options.mode == "federated":
+            if fed is None or fed["train"] is not train:   # fit without prepare_fit (direct use)
+                self.teardown()
+                fed = self._federation = self._start_federation(train, ctx)
+            images, fit_idx = fed["images"], fed["clients"]
+            self._run_federation(train, fed, ctx)
         else:
-            self._fit_federated(train, images, fit_idx, val_idx, ctx)
+            from backends.audits.gradient_inversion import downsample
+
+            images = downsample(train.images, self.resolution)
+            clients = partition_clients(train, self.options, ctx.seed)
+            fit_idx, _ = split_validation(clients, self.options.val_fraction, ctx.seed)
+            if self.options.mode == "centralised":
+                self._fit_centralised(train, images, np.sort(np.concatenate(list(fit_idx.values()))))
+            else:
+                self._fit_local(train, images, fit_idx)
         self.rows += budget_rows(self.options, fit_idx, self._recipe_job_fields()["batch_size"],
                                  self.start_text())
 
@@ -384,12 +400,15 @@ class FLBackend(Backend):
                         seed=self.ctx.seed * 10007 + k)
             self.site_nets[site] = net
 
-    def _fit_federated(self, train, images, clients, val, ctx) -> None:
-        from backends.fl.app import (FINAL, INITIAL, SUMMARY, FLJob, get_arrays, load_local_layers,
-                                     local_layers_path, save_site, set_arrays)
-        from backends.fl.engine import run_engine
+    def _start_federation(self, train, ctx) -> dict[str, Any]:
+        """The sites' files, the initial model, the job, and the engine's processes."""
+        from backends.audits.gradient_inversion import downsample
+        from backends.fl.app import INITIAL, FLJob, get_arrays, local_layers_path, save_site
+        from backends.fl.engine import EngineSession
 
         o = self.options
+        images = downsample(train.images, self.resolution)
+        clients, val = split_validation(partition_clients(train, o, ctx.seed), o.val_fraction, ctx.seed)
         work = Path(ctx.workdir)
         data_dir, out_dir = work / "sites", work / "server"
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -414,7 +433,17 @@ class FLBackend(Backend):
                     max_site_examples=max(len(i) for i in clients.values()),
                     started_at=time.time(), **self._recipe_job_fields())
         job_path = job.save(work / "job.json")
-        report = run_engine(work, job, job_path, o.engine)
+        engine = EngineSession(work, job, job_path, o.engine)
+        engine.start()
+        return {"train": train, "images": images, "clients": clients, "init": init, "job": job,
+                "engine": engine}
+
+    def _run_federation(self, train, fed: dict[str, Any], ctx) -> None:
+        from backends.fl.app import FINAL, SUMMARY, load_local_layers, local_layers_path, set_arrays
+
+        o, job, clients = self.options, fed["job"], fed["clients"]
+        report = fed["engine"].run()
+        out_dir = Path(job.out_dir)
         self.summary = json.loads((out_dir / SUMMARY).read_text())
         self.summary["engine_startup_s"] = report.startup_s
         self.summary["engine_retries"] = report.retries
@@ -425,7 +454,7 @@ class FLBackend(Backend):
         self.net.eval()
         if job.bn == "local":   # FedBN: each site's model = global weights + its own BatchNorm
             for site in clients:
-                own = load_local_layers(local_layers_path(data_dir, site))
+                own = load_local_layers(local_layers_path(job.data_dir, site))
                 if own is not None:
                     self.site_nets[site] = self._initial()
                     set_arrays(self.site_nets[site], {**arrays, **own})
@@ -433,7 +462,7 @@ class FLBackend(Backend):
         self._meter(ctx)
         self.rows = federation_rows(self.summary, o, job.bn)
         # what the audit phase attacks: round 1's global model and each site's first images
-        self._audit_inputs = {"init": init, "images": images, "labels": train.labels,
+        self._audit_inputs = {"init": fed["init"], "images": fed["images"], "labels": train.labels,
                               "clients": clients}
 
     def _site_threads(self, n_sites: int) -> int:
@@ -528,7 +557,11 @@ class FLBackend(Backend):
         return out
 
     def teardown(self) -> None:
-        """Nothing to release: the engine stops every process it started before fit returns."""
+        """Stop the engine's processes if fit did not (it stops them when the run ends; a
+        failed or skipped fit leaves them to this)."""
+        fed = getattr(self, "_federation", None)
+        if fed is not None:
+            fed["engine"].stop()
 
     def versions(self) -> dict[str, str]:
         from suite.versions import library_versions
@@ -731,10 +764,12 @@ def federation_rows(summary: dict[str, Any], options: FLOptions, bn: str = "shar
                      "refused a round with failures)"))
     start = summary.get("engine_startup_s")
     if start is not None:
-        how_start = ("SuperLink (simulation runtime) up; Ray and its actors start inside the "
-                     "run, in round 1" if options.engine == "simulation"
-                     else "SuperLink + all SuperNodes (and their site runners) up and registered "
-                          "(Deployment Engine)")
+        how_start = ("SuperLink (simulation runtime) up; timed as setup (prepare_fit), not in "
+                     "fit_time; the simulation process, Ray and its actors start inside the run "
+                     "(fit_time, round 1)" if options.engine == "simulation"
+                     else "SuperLink + all SuperNodes registered and their ClientApp runners warm "
+                          "(Deployment Engine); timed as setup (prepare_fit), not in fit_time; "
+                          "the ServerApp process starts inside the run (fit_time)")
         if options.engine == "deployment":
             from backends.fl.supernode import PATCHED
 

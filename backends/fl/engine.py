@@ -7,10 +7,11 @@ simulation  Flower's Simulation Engine: a SuperLink started with `--simulation` 
             of the deprecated `flwr.simulation.run_simulation` Python call.
 deployment  Flower's Deployment Engine as separate processes on loopback: one SuperLink and one
             SuperNode per site (`--node-config "partition-id=k"`). Each SuperNode runs with
-            `--isolation process` and one long-lived ClientApp process beside it
-            (backends/fl/site_runner.py), so a site imports torch and loads its data once per
-            run, not once per message (Flower's `subprocess` isolation starts a process for
-            every message; used only where the site runner's Runtime API calls are missing).
+            `--isolation process` and its long-lived ClientApp runner (backends/fl/site_runner.py)
+            as a thread of the same process (`--site-runner`), so a site is one process that
+            imports torch and loads its data once per run, not once per message (Flower's
+            `subprocess` isolation starts a process for every message; used only where the
+            site runner's Runtime API calls are missing).
             The SuperNode is `flower-supernode` started through backends/fl/supernode.py,
             which turns its fixed 3 s idle poll into a short back-off and shortens the
             retry backoff of its object pulls (a monkeypatch, also applied to the ServerApp's
@@ -216,11 +217,7 @@ class Deployment:
                 "--port", str(runtime_port),
                 "--node-config",
                 f'partition-id={k} num-partitions={n} data-path="{self._site_file(k)}"']
-                + (["--isolation", "process"] if self.long_lived else []))
-            if self.long_lived:
-                self._spawn(f"site-runner-{k}", [
-                    sys.executable, "-m", "backends.fl.site_runner",
-                    "--runtime-api", f"127.0.0.1:{runtime_port}", "--parent-pid", str(os.getpid())])
+                + (["--isolation", "process", "--site-runner"] if self.long_lived else []))
         deadline = time.monotonic() + 180
         while not _port_open(self.port):
             self._check_alive()
@@ -242,10 +239,14 @@ class Deployment:
                 raise EngineError(f"{name} exited with code {p.returncode}; see {self.logs}")
 
     def _wait_supernodes(self, deadline: float, n: int) -> None:
-        """Each SuperNode logs its ID once the SuperLink has registered it."""
+        """Each SuperNode logs its ID once the SuperLink has registered it, and its site
+        runner thread says it is ready once warm (torch and the apps imported)."""
+        from backends.fl.site_runner import READY
+
+        marks = ("SuperNode ID", READY) if self.long_lived else ("SuperNode ID",)
         while True:
-            ready = sum("SuperNode ID" in (self.logs / f"supernode-{k}.log").read_text(errors="replace")
-                        for k in range(n))
+            logs = [(self.logs / f"supernode-{k}.log").read_text(errors="replace") for k in range(n)]
+            ready = sum(all(m in log for m in marks) for log in logs)
             if ready == n:
                 return
             self._check_alive()
@@ -366,25 +367,63 @@ RAY_START_FAILED = "timed out during startup"   # Ray's fixed 30 s raylet wait, 
 RAY_RETRIES = 2       # a loaded 2-core host (load average 40) failed two Ray starts in a row
 
 
-def run_engine(workdir: Path, job: FLJob, job_path: Path, engine: str) -> EngineReport:
-    """Start the federation's processes, run the job with `flwr run`, stop everything.
+class EngineSession:
+    """One federation's engine: `start` the processes (the backend's prepare_fit, timed by
+    the harness as setup), `run` the job (fit), `stop` everything (idempotent; the
+    backend's teardown calls it again, so a failed fit leaves nothing running).
 
     A simulation whose Ray node failed to start (Ray waits a fixed 30 s for its raylet,
-    ray/_private/node.py, no setting) is started again from scratch, up to RAY_RETRIES
-    times; the report says so (`retries`)."""
-    retries = 0
-    while True:
-        dep = Deployment(workdir / (f"retry-{retries}" if retries else ""), job, job_path,
-                         simulation=engine == "simulation")
+    ray/_private/node.py, no setting) is started again from scratch inside `run`, up to
+    RAY_RETRIES times; the report says so (`retries`)."""
+
+    def __init__(self, workdir: Path, job: FLJob, job_path: Path, engine: str) -> None:
+        self.workdir, self.job, self.job_path, self.engine = Path(workdir), job, Path(job_path), engine
+        self.retries = 0
+        self.startup_s: float | None = None
+        self.dep: Deployment | None = None
+
+    def _new(self) -> Deployment:
+        where = self.workdir / (f"retry-{self.retries}" if self.retries else "")
+        return Deployment(where, self.job, self.job_path, simulation=self.engine == "simulation")
+
+    def start(self) -> float:
+        self.dep = self._new()
         try:
-            startup = dep.start()
-            dep.run(timeout=job.round_timeout * max(1, job.rounds) + 120)
-            return EngineReport(engine, startup, [str(dep.logs)], retries)
-        except EngineError:
-            log = dep.logs / "flwr-run.log"
-            said = log.read_text(errors="replace") if log.exists() else ""
-            if engine != "simulation" or retries >= RAY_RETRIES or RAY_START_FAILED not in said:
-                raise
-            retries += 1
+            self.startup_s = self.dep.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self.startup_s
+
+    def run(self) -> EngineReport:
+        if self.dep is None:
+            self.start()
+        try:
+            while True:
+                try:
+                    self.dep.run(timeout=self.job.round_timeout * max(1, self.job.rounds) + 120)
+                    return EngineReport(self.engine, float(self.startup_s or 0.0),
+                                        [str(self.dep.logs)], self.retries)
+                except EngineError:
+                    log = self.dep.logs / "flwr-run.log"
+                    said = log.read_text(errors="replace") if log.exists() else ""
+                    if (self.engine != "simulation" or self.retries >= RAY_RETRIES
+                            or RAY_START_FAILED not in said):
+                        raise
+                    self.dep.stop()
+                    self.retries += 1
+                    self.dep = self._new()
+                    self.dep.start()
         finally:
+            self.stop()
+
+    def stop(self) -> None:
+        if self.dep is not None:
+            dep, self.dep = self.dep, None
             dep.stop()
+            self.last_logs = dep.logs
+
+
+def run_engine(workdir: Path, job: FLJob, job_path: Path, engine: str) -> EngineReport:
+    """Start the federation's processes, run the job with `flwr run`, stop everything."""
+    return EngineSession(workdir, job, job_path, engine).run()

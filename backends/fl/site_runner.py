@@ -10,9 +10,12 @@ tasks through the same Runtime API calls SuperExec and `flwr-clientapp` make
 runs each message in-process, so imports, the loaded ClientApp and the site's data stay
 warm for the whole run.
 
-Run: `python -m backends.fl.site_runner --runtime-api 127.0.0.1:<supernode --port>
-[--parent-pid PID]`. It exits when its parent (the backend's worker) dies or on SIGTERM
-(the engine starts it with PR_SET_PDEATHSIG = SIGTERM).
+The deployment engine runs it as a thread of the SuperNode's own process
+(`python -m backends.fl.supernode --site-runner ...`, `serve(..., wakeups=...)`): one
+process per site, and the SuperNode and its runner wake each other instead of polling.
+Standalone, next to a plain `flower-supernode --isolation process` (real machines):
+`python -m backends.fl.site_runner --runtime-api 127.0.0.1:<supernode --port>
+[--parent-pid PID]`. It exits when its parent dies or on SIGTERM.
 """
 
 from __future__ import annotations
@@ -94,16 +97,18 @@ def pull_task_input(client):
     return message, context, run, fab
 
 
-def run_task(address: str, token: str, apps: AppCache, times: dict[str, float] | None = None) -> str:
+def run_task(address: str, token: str, apps: AppCache, times: dict[str, float] | None = None,
+             runtime=None) -> str:
     """One message: pull it, run the ClientApp, push the reply and the task's status.
-    `times` gets the wall clock after each step (pulled, computed, pushed)."""
+    `times` gets the wall clock after each step (pulled, computed, pushed); `runtime`
+    (backends.fl.local_runtime.LocalRuntime): call the Runtime API in-process."""
     from flwr.app import Message
     from flwr.app.error import Error
     from flwr.common.constant import ErrorCode, SubStatus
     from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
     from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
 
-    client = _client(address, token)
+    client = runtime.client(token) if runtime is not None else _client(address, token)
     heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(client))
     heartbeat.start()
     message = context = reply = None
@@ -152,13 +157,26 @@ def _exit_now(signum, _frame) -> None:
     raise SystemExit(128 + signum)
 
 
-def serve(address: str, parent_pid: int | None = None) -> None:
+READY = "site runner: ready"     # printed once warm; the engine waits for it at start-up
+
+
+def serve(address: str, parent_pid: int | None = None, wakeups=None,
+          poll_max_s: float = POLL_MAX_S, runtime=None) -> None:
+    """Claim and run this SuperNode's tasks until the process ends.
+
+    `wakeups` (backends.fl.supernode.Wakeups; the runner is a thread of the SuperNode's
+    process): wait for the SuperNode's "task stored" signal instead of sleeping, and signal
+    "reply pushed" back; the poll back-off remains as a fallback up to `poll_max_s`.
+    `runtime` (backends.fl.local_runtime.LocalRuntime): Runtime API calls in-process."""
+    import threading
+
     from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=E0611
     from flwr.supercore.constant import TaskType
 
-    # SIGTERM (a stop, or the parent-death signal) ends the runner at once: a flag checked
-    # by the loop would wait out the Runtime API client's retries once the SuperNode is gone
-    signal.signal(signal.SIGTERM, _exit_now)
+    if threading.current_thread() is threading.main_thread():
+        # SIGTERM (a stop, or the parent-death signal) ends the runner at once: a flag checked
+        # by the loop would wait out the Runtime API client's retries once the SuperNode is gone
+        signal.signal(signal.SIGTERM, _exit_now)
     # warm: torch, the model code and the apps load before the run starts, not in round 1
     import torch  # noqa: F401
 
@@ -166,29 +184,40 @@ def serve(address: str, parent_pid: int | None = None) -> None:
     import suite.models  # noqa: F401
     import suite.training  # noqa: F401
 
-    client = _client(address, None)
+    client = runtime.client(None) if runtime is not None else _client(address, None)
     apps = AppCache()
     served = 0
-    wait = POLL_MAX_S
+    wait = poll_max_s
+    ready = False
     try:
         while _parent_alive(parent_pid):
+            if wakeups is not None:
+                wakeups.task_ready.clear()        # a signal after this is for a new task
             try:
                 res = client.AcquireTask(AcquireTaskRequest(
                     supported_task_types=[TaskType.CLIENT_APP.value], agentapp_fab_hashes=[]))
             except Exception as exc:  # noqa: BLE001 - the SuperNode is starting or gone
                 print(f"site runner: AcquireTask failed: {exc}", file=sys.stderr, flush=True)
-                time.sleep(1.0)
+                time.sleep(0.25 if wakeups is not None else 1.0)
                 continue
+            if not ready:
+                print(READY, flush=True)
+                ready = True
             if res.HasField("task") and res.token:
                 times = {"acquired": time.time()}
-                run_task(address, res.token, apps, times)
+                run_task(address, res.token, apps, times, runtime=runtime)
+                if wakeups is not None:
+                    wakeups.reply_ready.set()     # the SuperNode's reply wait sends it on
                 served += 1
                 # one JSON line per message: the round profile reads these wall clocks
                 print(f"site runner: served message {served} {json.dumps(times)}", flush=True)
                 wait = POLL_S
             else:
-                time.sleep(wait)
-                wait = min(wait * 2, POLL_MAX_S)
+                if wakeups is not None:
+                    wakeups.task_ready.wait(wait)
+                else:
+                    time.sleep(wait)
+                wait = min(wait * 2, poll_max_s)
     finally:
         client.close()
 

@@ -26,6 +26,15 @@ the first pull often finds an object missing and waited 1-3 s of backoff per exc
 loopback. Here the first retry is after PULL_BACKOFF_S, capped at PULL_BACKOFF_CAP_S; the
 number of tries and the overall deadline are Flower's. The site runner calls Flower's pull
 with the same arguments (its own code, no patch). Profile: `benchmarks/bench_fl.py --profile`.
+
+`--site-runner` (our flag, taken out before Flower parses the rest): the site's long-lived
+ClientApp runner (backends/fl/site_runner.py) runs as a thread of this process instead of
+a process of its own, claiming tasks over the same local Runtime API, so a site is one
+process, not two. The two waits between them become wake-ups inside the process: the
+SuperNode's reply wait (the patched 0.5 s sleep, entered right after it has stored a
+message and all its objects) tells the runner a task is there, and the runner tells the
+reply wait its reply is pushed; each wait keeps a short timeout as a fallback. The process
+dies with the worker as before (PR_SET_PDEATHSIG on the launcher), the thread with it.
 """
 
 from __future__ import annotations
@@ -43,9 +52,12 @@ REPLY_POLL_S = 0.05     # instead of 0.5 s: how often it checks for its ClientAp
 PULL_BACKOFF_S = 0.02   # instead of 1 s: first retry of an object not uploaded yet
 PULL_BACKOFF_CAP_S = 0.25   # instead of 10 s: the longest wait between two tries
 PATCHED = (f"SuperNode idle poll {IDLE_POLL_S:g} s after a message, doubling to {IDLE_POLL_MAX_S:g} s, instead of "
-           f"Flower's fixed 3 s, and object-pull "
+           f"Flower's fixed 3 s; the site's ClientApp runner is a thread of the SuperNode "
+           f"process calling its Runtime API handlers in-process (not over loopback HTTP) "
+           f"and waking its reply wait (instead of a 0.5 s poll); object-pull "
            f"retry backoff {PULL_BACKOFF_S:g}-{PULL_BACKOFF_CAP_S:g} s instead of 1-10 s "
-           f"(monkeypatch of flwr.supernode.start_client_internal and, in the ServerApp, "
+           f"(monkeypatch of flwr.supernode.start_client_internal, "
+           f"flwr.supernode.cli.flower_supernode and, in the ServerApp, "
            f"flwr.superlink.grid.http_grid; no supported setting in Flower 1.42)")
 
 
@@ -74,8 +86,26 @@ class IdleBackoff:
         return wait
 
 
+class Wakeups:
+    """The in-process signals between the SuperNode loop and its site-runner thread."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.task_ready = threading.Event()    # the SuperNode stored a message: claim it
+        self.reply_ready = threading.Event()   # the runner pushed a reply: send it on
+
+    def reply_wait(self, timeout: float) -> None:
+        """The SuperNode's wait for its ClientApp's reply (Flower: a 0.5 s poll)."""
+        self.task_ready.set()
+        self.reply_ready.wait(timeout)
+        self.reply_ready.clear()
+
+
 def patch_supernode_poll(idle_s: float = IDLE_POLL_S, reply_s: float = REPLY_POLL_S,
-                         idle_max_s: float = IDLE_POLL_MAX_S) -> None:
+                         idle_max_s: float = IDLE_POLL_MAX_S, wakeups: Wakeups | None = None) -> None:
+    """`wakeups`: the reply wait is woken by the in-process site runner (`reply_s` becomes
+    the fallback timeout) and wakes the runner in turn."""
     import inspect
     import time
 
@@ -93,7 +123,10 @@ def patch_supernode_poll(idle_s: float = IDLE_POLL_S, reply_s: float = REPLY_POL
             real_sleep(idle.next_wait())
         elif seconds == 0.5:
             idle.activity()
-            real_sleep(reply_s)
+            if wakeups is not None:
+                wakeups.reply_wait(reply_s)
+            else:
+                real_sleep(reply_s)
         else:
             real_sleep(seconds)
 
@@ -118,13 +151,46 @@ def patch_object_pull(module, initial_s: float = PULL_BACKOFF_S, cap_s: float = 
     module.pull_objects = functools.partial(original, initial_backoff=initial_s, backoff_cap=cap_s)
 
 
+SITE_RUNNER_FLAG = "--site-runner"
+SITE_RUNNER_FALLBACK_S = 2.0   # the runner's longest wait without a wake-up (a missed one)
+
+
+def start_site_runner_thread(argv: list[str], wakeups: Wakeups, runtime=None):
+    """The site runner as a daemon thread of this process, on this SuperNode's Runtime API
+    (its `--port`, or in-process calls with `runtime`); it retries until the API is up."""
+    import threading
+
+    from backends.fl.site_runner import serve
+
+    port = argv[argv.index("--port") + 1]
+    thread = threading.Thread(target=serve, name="site-runner", daemon=True,
+                              args=(f"127.0.0.1:{port}",),
+                              kwargs=dict(wakeups=wakeups, poll_max_s=SITE_RUNNER_FALLBACK_S,
+                                          runtime=runtime))
+    thread.start()
+    return thread
+
+
 def main() -> None:
     from flwr.supernode import start_client_internal
     from flwr.supernode.cli import flower_supernode
 
-    patch_supernode_poll()
+    args = sys.argv[1:]
+    wakeups = None
+    if SITE_RUNNER_FLAG in args:
+        args.remove(SITE_RUNNER_FLAG)
+        if "--port" not in args:
+            raise SystemExit(f"{SITE_RUNNER_FLAG} needs the SuperNode's --port (its Runtime API)")
+        wakeups = Wakeups()
+    patch_supernode_poll(wakeups=wakeups)
     patch_object_pull(start_client_internal)
-    sys.argv[0] = "flower-supernode"
+    if wakeups is not None:
+        from backends.fl.local_runtime import LocalRuntime
+
+        runtime = LocalRuntime()
+        runtime.capture()
+        start_site_runner_thread(args, wakeups, runtime)
+    sys.argv = ["flower-supernode", *args]
     flower_supernode()
 
 
