@@ -90,11 +90,12 @@ def _bits(t: torch.Tensor) -> np.ndarray:
 
 
 def _opened_tensors(opened) -> list[torch.Tensor]:
-    """Each opened int64 tensor, plus the difference and XOR of each equal-sized pair in one message."""
+    """Each opened int64 tensor of at least 16 words (1024 bits: packed ReLU bits come 32 per
+    word), plus the difference and XOR of each equal-sized pair in one message."""
     out = []
     for message in opened:
         items = [t for t in (message if isinstance(message, list) else [message])
-                 if isinstance(t, torch.Tensor) and t.dtype == torch.int64 and t.numel() >= 64]
+                 if isinstance(t, torch.Tensor) and t.dtype == torch.int64 and t.numel() >= 16]
         out += items
         for i in range(len(items)):
             for j in range(i + 1, len(items)):

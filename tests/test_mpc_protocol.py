@@ -83,7 +83,8 @@ def test_exact_truncation_never_wraps(d):
 
 def test_truncation_costs_about_one_relu():
     n = 1 << 14
-    assert _and_words(truncate_triple_requests(n)) <= _and_words(relu_triple_requests(n)) + n // 32
+    # (the circuit runs without a dealer: compare with the first-party ReLU)
+    assert _and_words(truncate_triple_requests(n)) <= _and_words(relu_triple_requests(n, dealer=False)) + n // 32
 
 
 def _and_words(requests) -> int:
@@ -104,11 +105,12 @@ def test_bit_packing_round_trips(n):
 
 def test_relu_uses_fewer_and_words_than_cryptens_adder():
     n = 1 << 14
-    words = _and_words(relu_triple_requests(n))
+    requests = relu_triple_requests(n, dealer=False)        # the circuit alone
+    words = _and_words(requests)
     # CrypTen's A2B adder: 1 AND on n words + 6 levels on 2n stacked words = 13n
     assert words < 5 * n < 13 * n
     # the tree's paired ANDs share one operand: it is opened once (3 words per 2 ANDs)
-    assert _opened_words(relu_triple_requests(n)) < 8 * n < 2 * words
+    assert _opened_words(requests) < 8 * n < 2 * words
 
 
 @pytest.mark.parametrize("args,kwargs", [
@@ -195,3 +197,21 @@ def test_relu_mask_gives_x_times_d_with_one_opening():
     z = d ^ r
     out = sum(z * xi + (1 - 2 * z) * (ci + eps * rai) for xi, rai, ci, _ in shares)
     assert torch.equal(out, x * d)
+
+
+def test_private_and_from_each_partys_own_input():
+    """TwoPartyGates._private_and's algebra: x0 & x1 from e = x0 ^ a, f = x1 ^ b and shares
+    of a & b; what each party sees (the other's masked word) is a one-time pad."""
+    x0, x1, a, b, c1 = (_rand64((300,)) for _ in range(5))
+    c0 = (a & b) ^ c1
+    e, f = x0 ^ a, x1 ^ b
+    z0 = c0 ^ (a & f)
+    z1 = c1 ^ (e & b) ^ (e & f)
+    assert torch.equal(z0 ^ z1, x0 & x1)
+
+
+def test_relu_requests_with_the_dealer_open_fewer_words():
+    n = 1 << 14
+    with_dealer = relu_triple_requests(n)
+    assert with_dealer[0] == ("private_and", (torch.Size([n]),))
+    assert _opened_words(with_dealer) < _opened_words(relu_triple_requests(n, dealer=False))

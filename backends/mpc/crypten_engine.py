@@ -227,7 +227,11 @@ class CrypTenBackend(PartyBackend):
             "fixed_point_precision_bits and fixed_point_headroom_bits give both figures)",) + (
             ("the classifier's output scale to the data owner (scaling=channels: a power of two near "
              "the largest logit on the model owner's public calibration images)",)
-            if self.options.scaling == "channels" else ())
+            if self.options.scaling == "channels" else ()) + (
+            ("the model owner's compute time per layer to the data owner, which tells whether all of a "
+             "layer's fixed-point weights fit in 21 (or 43) bits: products skip empty weight limbs "
+             "(backends/mpc/ring.py)",) if self.options.triples == "ttp" and self.options.truncation == "exact"
+            else ())
 
     def _randomness_text(self) -> str:
         if self.options.rng == "torch":

@@ -1,6 +1,8 @@
 """One MPC party (or the triple dealer) as its own OS process.
 
-Party 0 is the model owner: it holds the folded plan's parameters and secret-shares them.
+Party 0 is the model owner: it holds the folded plan's parameters; with the dealer it keeps
+the product weights in clear (`plain_weight_ops`, `protocol.TwoPartyGates.plain_product`) and
+secret-shares the rest.
 Party 1 is the data owner: it holds the images and secret-shares them, and drives the session:
 for each batch it announces the batch shape to party 0 over the MPC channel. Party 1 learns
 the plan's *shapes* (the architecture) from party 0, never its values. They talk through
@@ -171,6 +173,7 @@ def install_counters(traffic: Traffic) -> None:
         traffic.received += _nbytes(others)
         traffic.rounds += 1
         keep("all_gather", others)
+        keep_opened(out)               # both parties see every contribution
         return out
 
     def broadcast(self, input, src, group=None, batched=False):
@@ -697,7 +700,8 @@ def _party_loop(rank: int, conn: Any, settings: dict[str, Any], model: tuple | N
         if gates is not None:
             gates.fault = faults[n_batch] if n_batch < len(faults) else ""
         start, cpu_start = time.perf_counter(), time.process_time()
-        if dealer is not None and plain:      # the whole batch's triples and pairs, announced ahead
+        if dealer is not None and plain and settings.get("relu", "packed") == "packed":
+            # the whole batch's triples and pairs, announced ahead (the planner knows our gates only)
             from backends.mpc.dealer_plan import batch_requests
 
             dealer.plan_batch(batch_requests(plan, shared, shape, bits), device="cpu")
