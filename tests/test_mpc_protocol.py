@@ -197,21 +197,3 @@ def test_relu_mask_gives_x_times_d_with_one_opening():
     z = d ^ r
     out = sum(z * xi + (1 - 2 * z) * (ci + eps * rai) for xi, rai, ci, _ in shares)
     assert torch.equal(out, x * d)
-
-
-def test_private_and_from_each_partys_own_input():
-    """TwoPartyGates._private_and's algebra: x0 & x1 from e = x0 ^ a, f = x1 ^ b and shares
-    of a & b; what each party sees (the other's masked word) is a one-time pad."""
-    x0, x1, a, b, c1 = (_rand64((300,)) for _ in range(5))
-    c0 = (a & b) ^ c1
-    e, f = x0 ^ a, x1 ^ b
-    z0 = c0 ^ (a & f)
-    z1 = c1 ^ (e & b) ^ (e & f)
-    assert torch.equal(z0 ^ z1, x0 & x1)
-
-
-def test_relu_requests_with_the_dealer_open_fewer_words():
-    n = 1 << 14
-    with_dealer = relu_triple_requests(n)
-    assert with_dealer[0] == ("private_and", (torch.Size([n]),))
-    assert _opened_words(with_dealer) < _opened_words(relu_triple_requests(n, dealer=False))

@@ -123,26 +123,20 @@ def _signed(v: int) -> int:
     return v - (1 << 64) if v >= 1 << 63 else v
 
 
-def _generate_and_carry63(share: torch.Tensor, rank: int, and_fn: AndFn,
-                          private_and: Callable | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def _generate_and_carry63(share: torch.Tensor, rank: int, and_fn: AndFn) -> tuple[torch.Tensor, torch.Tensor]:
     """XOR-shares of the generate bits g = x0 & x1 (all 64) and of carry63, the carry into
-    bit 63 of x0 + x1, for this party's arithmetic share of x (flat). `private_and(own)`, if
-    given, computes x0 & x1 from each party's own input (one word sent each, not two)."""
-    if private_and is not None:
-        g = private_and(share)
-    else:
-        zero = torch.zeros_like(share)
-        u, v = (share, zero) if rank == 0 else (zero, share)  # each party's bits, as its own input
-        (g,) = and_fn([u], [v])
+    bit 63 of x0 + x1, for this party's arithmetic share of x (flat)."""
+    zero = torch.zeros_like(share)
+    u, v = (share, zero) if rank == 0 else (zero, share)  # each party's bits, as its own input
+    (g,) = and_fn([u], [v])
     low = share & MASK63
     p = low ^ TOP if rank == 0 else low                 # bit 63 propagates: the carry passes
     return g, carry_tree(g & MASK63, p, and_fn)
 
 
-def msb_shares(share: torch.Tensor, rank: int, and_fn: AndFn, private_and: Callable | None = None
-               ) -> torch.Tensor:
+def msb_shares(share: torch.Tensor, rank: int, and_fn: AndFn) -> torch.Tensor:
     """This party's XOR-share (0/1) of MSB(x) for its arithmetic share `share` of x (flat)."""
-    _, c63 = _generate_and_carry63(share, rank, and_fn, private_and)
+    _, c63 = _generate_and_carry63(share, rank, and_fn)
     return c63 ^ ((share >> 63) & 1)
 
 
@@ -171,10 +165,9 @@ def unpack_bits(words: torch.Tensor, n: int) -> torch.Tensor:
     return ((words.unsqueeze(-1) >> _BIT) & 1).reshape(words.shape[:-1] + (-1,))[..., :n]
 
 
-def _tree_requests(n: int, dealer: bool = False) -> list[tuple[str, tuple]]:
+def _tree_requests(n: int) -> list[tuple[str, tuple]]:
     size = torch.Size
-    # g = x0 & x1: with the dealer from each party's own input (`TwoPartyGates._private_and`)
-    out = [("private_and", (size([n]),)) if dealer else ("binary", (size([n]), size([n])))]
+    out = [("binary", (size([n]), size([n])))]            # g = u & v
     k = n
     for level in range(6):
         if level < 5:                                     # p_hi & [g_lo, p_lo]: one shared operand
@@ -196,7 +189,7 @@ def relu_triple_requests(n: int, dealer: bool = True) -> list[tuple[str, tuple]]
     """The dealer requests one `TwoPartyGates.relu` on n elements makes, in order (dealer=False:
     what the trusted-first-party variant draws)."""
     size = torch.Size
-    out = _tree_requests(n, dealer)
+    out = _tree_requests(n)
     if dealer:
         out.append(("relu_mask", (size([n]),)))
     else:
@@ -316,8 +309,6 @@ def result_size(func_name: str, args: tuple, kwargs: dict) -> torch.Size:
         return torch.Size(args[0])
     if func_name in ("trunc_pair", "relu_mask"):
         return torch.Size([2, *args[0]])
-    if func_name == "private_and":
-        return torch.Size(args[0])
     if func_name == "weight_masks":
         return torch.Size([1])
     if func_name == "plain_product":
@@ -420,18 +411,6 @@ def serve_dealer() -> None:
             t -= draw(size, generator=g1)
             m -= draw(size, generator=g1)
             return torch.stack([t, m])
-
-        def private_and(self, size):
-            """Party 0's c0 = (a & b) ^ c1 for a private-input AND: a from party 0's generator,
-            b and c1 from party 1's (`TwoPartyGates._private_and`)."""
-            from crypten.mpc.provider import ttp_provider
-
-            kbit = ttp_provider.generate_kbit_random_tensor
-            g0, g1 = self._get_generators(device=self.device)[:2]
-            a = kbit(size, generator=g0)
-            c = a & kbit(size, generator=g1)
-            c ^= kbit(size, generator=g1)
-            return c
 
         def relu_mask(self, size):
             """Party 0's (r_A, c) of a ReLU mask (`relu_mask_shares`): r = r_B0 xor r_B1 and
@@ -750,31 +729,9 @@ class TwoPartyGates:
         sent.wait()
         return z
 
-    def _private_and(self, own: torch.Tensor) -> torch.Tensor:
-        """XOR-shares of x0 & x1, x0 party 0's own input and x1 party 1's (the generate bits of
-        x0 + x1): the dealer gives party 0 a, party 1 b, and shares of a & b; party 0 opens
-        e = x0 ^ a, party 1 f = x1 ^ b (one exchange, one word each), and
-        x0 & x1 = (a & f) ^ (e & b) ^ (e & f) ^ (a & b), each term computed by who knows it."""
-        from crypten.mpc.provider import ttp_provider
-
-        client = ttp_provider.TTPClient.get()
-        generator = client.get_generator(device=own.device)
-        kbit = ttp_provider.generate_kbit_random_tensor
-        if self.rank == 0:
-            mask = kbit(own.size(), generator=generator, device=own.device)
-            c = client.ttp_request("private_and", own.device, own.size())
-        else:
-            mask = kbit(own.size(), generator=generator, device=own.device)
-            c = kbit(own.size(), generator=generator, device=own.device)
-        e, f = self.comm.all_gather(own ^ mask)
-        if self.rank == 0:
-            return c ^ (mask & f)
-        return c ^ (e & mask) ^ (e & f)
-
     def drelu_shares(self, share: torch.Tensor) -> torch.Tensor:
         """XOR-shares (0/1) of [x >= 0]."""
-        private = self._private_and if self.provider.NAME == "TTP" else None
-        msb = msb_shares(share.reshape(-1), self.rank, self._and, private)
+        msb = msb_shares(share.reshape(-1), self.rank, self._and)
         return msb ^ 1 if self.rank == 0 else msb
 
     def relu(self, x):
