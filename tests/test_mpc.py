@@ -58,7 +58,7 @@ def _backend(tmp_path, bundle, **options):
     from suite.backend import BackendContext
     from suite.meter import CommMeter
 
-    backend = MPCBackend(MPCOptions(**{"timeout_s": 120, **options}))
+    backend = MPCBackend(MPCOptions(**{"timeout_s": 300, **options}))
     ctx = BackendContext(model=bundle, meter=CommMeter(), workdir=tmp_path, threads=2)
     return backend, ctx
 

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from backends.mpc.protocol import (
-    MASK63, TOP, _result_size, carry_tree, pack_bits, relu_triple_requests, truncate_triple_requests,
-    unpack_bits,
+    MASK63, TOP, carry_tree, pack_bit_pairs, pack_bits, relu_triple_requests, result_size,
+    truncate_triple_requests, unpack_bit_pairs, unpack_bits,
 )
 
 GEN = torch.Generator().manual_seed(0)
@@ -83,8 +83,18 @@ def test_exact_truncation_never_wraps(d):
 
 def test_truncation_costs_about_one_relu():
     n = 1 << 14
-    words = lambda reqs: sum(a[0][0] for f, a in reqs if f == "binary")  # noqa: E731
-    assert words(truncate_triple_requests(n)) <= words(relu_triple_requests(n)) + n // 32
+    # (the circuit runs without a dealer: compare with the first-party ReLU)
+    assert _and_words(truncate_triple_requests(n)) <= _and_words(relu_triple_requests(n, dealer=False)) + n // 32
+
+
+def _and_words(requests) -> int:
+    """AND words (triple outputs) in a list of dealer requests."""
+    return sum(int(result_size(f, a, {}).numel()) for f, a in requests if f == "binary")
+
+
+def _opened_words(requests) -> int:
+    """Words one party opens for the ANDs of a list of dealer requests (both operands' masks)."""
+    return sum(int(a[0].numel() + a[1].numel()) for f, a in requests if f == "binary")
 
 
 @pytest.mark.parametrize("n", [1, 63, 64, 65, 200])
@@ -95,9 +105,12 @@ def test_bit_packing_round_trips(n):
 
 def test_relu_uses_fewer_and_words_than_cryptens_adder():
     n = 1 << 14
-    words = sum(args[0][0] for f, args in relu_triple_requests(n) if f == "binary")
+    requests = relu_triple_requests(n, dealer=False)        # the circuit alone
+    words = _and_words(requests)
     # CrypTen's A2B adder: 1 AND on n words + 6 levels on 2n stacked words = 13n
     assert words < 5 * n < 13 * n
+    # the tree's paired ANDs share one operand: it is opened once (3 words per 2 ANDs)
+    assert _opened_words(requests) < 8 * n < 2 * words
 
 
 @pytest.mark.parametrize("args,kwargs", [
@@ -112,7 +125,7 @@ def test_relu_uses_fewer_and_words_than_cryptens_adder():
 ])
 def test_dealer_answer_sizes_match_torch(args, kwargs):
     func, a = args
-    got = _result_size(func, a, kwargs)
+    got = result_size(func, a, kwargs)
     if func == "additive":
         x = torch.empty(a[0], device="meta")
         y = torch.empty(a[1], device="meta")
@@ -120,3 +133,67 @@ def test_dealer_answer_sizes_match_torch(args, kwargs):
     else:
         want = torch.broadcast_shapes(*a) if func == "binary" else a[0]
     assert got == want
+
+
+def sim_pair_truncate(y: torch.Tensor, d: int, wrap: bool = True) -> torch.Tensor:
+    """floor(y / 2^d) from random two-party shares and a dealer's truncation pair, as
+    TwoPartyGates._truncate_with_pair computes it per party (wrap=False: a broken variant
+    that ignores the mask's wrap)."""
+    from backends.mpc.protocol import OFFSET, truncate_from_opening, truncation_pair
+
+    y0 = _rand64(y.shape)
+    y1 = y - y0
+    r = _rand64(y.shape)
+    t, m = truncation_pair(r, d)
+    if not wrap:
+        m = torch.zeros_like(m)
+    r0, t0, m0 = _rand64(y.shape), _rand64(y.shape), _rand64(y.shape)
+    z = (y0 + r0 + OFFSET) + (y1 + (r - r0))             # the one opening
+    return (truncate_from_opening(z, t0, m0, d, 0) + truncate_from_opening(z, t - t0, m - m0, d, 1))
+
+
+@pytest.mark.parametrize("d", [12, 16, 20, 24])
+def test_truncation_pair_is_exact_within_one_ulp_up_to_2_62(d):
+    y = torch.randint(-2 ** 62, 2 ** 62, (4000,), generator=GEN, dtype=torch.long)
+    y[:6] = torch.tensor([0, -1, 1, 2 ** 62 - 1, -2 ** 62, -(2 ** d)])
+    want = torch.div(y, 2 ** d, rounding_mode="floor")
+    err = sim_pair_truncate(y, d) - want
+    assert bool(((err == 0) | (err == 1)).all())
+    # positive control: without the mask's wrap term about half the values are off by 2^(64-d)
+    broken = sim_pair_truncate(y, d, wrap=False) - want
+    assert float((broken.abs() > 1).double().mean()) > 0.2
+
+
+def test_truncation_pair_opening_does_not_depend_on_the_secret():
+    from backends.mpc.protocol import OFFSET
+
+    y = torch.full((20000,), 12345 << 20)
+    z = y + OFFSET + _rand64(y.shape)                    # what both parties see
+    bits = ((z.unsqueeze(-1) >> torch.arange(64)) & 1).double().mean(0)
+    assert float((bits - 0.5).abs().max()) < 0.02        # every bit uniform for a fixed secret
+
+
+@pytest.mark.parametrize("n", [1, 31, 32, 33, 100])
+def test_bit_pairs_open_to_the_xor_of_both_parties_bits(n):
+    b0, b1 = torch.randint(0, 2, (n,), generator=GEN), torch.randint(0, 2, (n,), generator=GEN)
+    opened = pack_bit_pairs(b0) + pack_bit_pairs(b1)          # the SUM all_reduce
+    assert torch.equal(unpack_bit_pairs(opened, n), b0 ^ b1)
+    # positive control: packed one per bit, a SUM carries into the neighbour
+    assert n < 2 or not torch.equal(unpack_bits(pack_bits(b0) + pack_bits(b1), n), b0 ^ b1)
+
+
+def test_relu_mask_gives_x_times_d_with_one_opening():
+    """relu's last step on a simulation of both parties: d = z xor r, x * r = c + eps * r_A."""
+    x = torch.randint(-2 ** 40, 2 ** 40, (500,), generator=GEN)
+    d = torch.randint(0, 2, (500,), generator=GEN)
+    x0 = _rand64(x.shape)
+    x1 = x - x0
+    r = torch.randint(0, 2, (500,), generator=GEN)
+    a = _rand64(x.shape)
+    c = a * r
+    ra0, c0, a0 = _rand64(x.shape), _rand64(x.shape), _rand64(x.shape)
+    shares = [(x0, ra0, c0, a0), (x1, r - ra0, c - c0, a - a0)]
+    eps = sum(xi - ai for xi, _, _, ai in shares)
+    z = d ^ r
+    out = sum(z * xi + (1 - 2 * z) * (ci + eps * rai) for xi, rai, ci, _ in shares)
+    assert torch.equal(out, x * d)

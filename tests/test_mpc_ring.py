@@ -70,3 +70,19 @@ def test_import_crypten_routes_every_product_module_through_the_ring():
         proxy = sys.modules[name].torch
         assert proxy.conv2d is ring.ring_conv2d and proxy.matmul is ring.ring_matmul, name
         assert proxy.Size is torch.Size          # everything else is torch's own
+
+
+@pytest.mark.parametrize("bound,products", [(2 ** 20, 3), (2 ** 30, 5), (2 ** 42, 5), (2 ** 62, 6)])
+def test_small_weights_skip_empty_limbs_and_stay_exact(bound, products, monkeypatch):
+    """A plain fixed-point weight (|w| < 2^43) has empty top limbs: fewer products, same result."""
+    g = torch.Generator().manual_seed(7)
+    x = _random(2, 8, 6, 6, seed=8)
+    w = torch.randint(-bound, bound, (4, 8, 3, 3), generator=g)
+    w[0, 0, 0, 0] = -bound
+    calls = []
+    real = torch.conv2d
+    monkeypatch.setattr(torch, "conv2d", lambda *a, **k: calls.append(a[1].shape[0]) or real(*a, **k))
+    got = ring.ring_conv2d(x, w, padding=1)
+    monkeypatch.undo()
+    assert torch.equal(got, torch.conv2d(x, w, padding=1))
+    assert sum(calls) == products * w.shape[0]     # limb products actually computed

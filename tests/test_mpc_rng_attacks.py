@@ -114,7 +114,7 @@ def recorded_view(request, tmp_path_factory):
     tmp = tmp_path_factory.mktemp(f"rng-{request.param}")
     os.environ["MPC_RECORD_DIR"] = str(tmp)
     images = _images(2)
-    backend = MPCBackend(MPCOptions(triples="ttp", batch_size=1, rng=request.param, timeout_s=120))
+    backend = MPCBackend(MPCOptions(triples="ttp", batch_size=1, rng=request.param, timeout_s=300))
     ctx = BackendContext(model=_bundle(), meter=CommMeter(), workdir=tmp, threads=2)
     try:
         backend.setup(ctx)

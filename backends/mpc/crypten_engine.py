@@ -1,7 +1,10 @@
 """Two-party secure inference with CrypTen: the whole DenseNet under MPC.
 
 Parties (each its own OS process, children of the benchmark worker):
-  party 0  model owner   holds the weights; secret-shares them (`crypten.cryptensor(w, src=0)`)
+  party 0  model owner   holds the weights; with the dealer (triples=ttp, the default) it keeps
+                         every product weight in clear and the data owner gets them once, masked
+                         (W - b, b the dealer's uniform mask: `protocol.TwoPartyGates.plain_product`);
+                         biases and shifts, and with tfp everything, it secret-shares
   party 1  data owner    holds the images; secret-shares them (`src=1`) and alone receives
                          the output logits (sigmoid applied by the receiver)
   party 2  dealer        only with `triples=ttp`: CrypTen's trusted third party, which
@@ -205,8 +208,14 @@ class CrypTenBackend(PartyBackend):
                    f"protocol: {o.relu}; "
                    + ("all parties on one host over loopback; " if o.local_parties == "all" else "")
                    + "WAN/LAN latency rows are projections; "
-                   + ("fixed-point products are truncated exactly (wrap bit from a carry circuit, "
-                      "error at most one least significant bit)" if o.truncation == "exact" else
+                   + ("product weights stay with the model owner in clear, the data owner holds them "
+                      "only one-time-padded by the dealer's mask (W - b); " if o.triples == "ttp" and
+                      o.truncation == "exact" else "")
+                   + (("fixed-point products are truncated exactly from the dealer's truncation pairs "
+                       "(one masked opening; error at most one least significant bit for |y| < 2^62)"
+                       if o.triples == "ttp" else
+                       "fixed-point products are truncated exactly (wrap bit from a carry circuit, "
+                       "error at most one least significant bit)") if o.truncation == "exact" else
                       "fixed-point truncation is CrypTen's local one, which fails (a large error) "
                       "with probability ~|x| * 2^(2p-64) per product")),
         )
@@ -218,7 +227,11 @@ class CrypTenBackend(PartyBackend):
             "fixed_point_precision_bits and fixed_point_headroom_bits give both figures)",) + (
             ("the classifier's output scale to the data owner (scaling=channels: a power of two near "
              "the largest logit on the model owner's public calibration images)",)
-            if self.options.scaling == "channels" else ())
+            if self.options.scaling == "channels" else ()) + (
+            ("the model owner's compute time per layer to the data owner, which tells whether all of a "
+             "layer's fixed-point weights fit in 21 (or 43) bits: products skip empty weight limbs "
+             "(backends/mpc/ring.py)",) if self.options.triples == "ttp" and self.options.truncation == "exact"
+            else ())
 
     def _randomness_text(self) -> str:
         if self.options.rng == "torch":
@@ -302,8 +315,10 @@ class CrypTenBackend(PartyBackend):
         shape = tuple(x.shape)
         step = f"secure inference, {self._step} ({shape[0]} images)"
         # only the data owner is told; it announces the batch shape to the model owner
+        dealer_before = _process_cpu_s(self._procs.get(2))
         self._send(1, ("infer", shape, x), step)
         replies = self._wait(step)
+        dealer_cpu = _process_cpu_s(self._procs.get(2))
         for rank, reply in replies.items():
             self._record(rank, reply, phase=None)
         logits = replies[1]["logits"]
@@ -311,6 +326,8 @@ class CrypTenBackend(PartyBackend):
             raise MPCPartyError(f"data owner received no logits of shape {(shape[0], self._n_labels)}")
         self._batches.append({"n": shape[0], "local_s": replies[1]["local_s"],
                               "cpu_s": {r: replies[r]["cpu_s"] for r in replies},
+                              "dealer_cpu_s": None if dealer_cpu is None or dealer_before is None
+                              else dealer_cpu - dealer_before,
                               "profile": replies[1].get("profile"),
                               "traffic": {r: replies[r]["traffic"] for r in replies}})
         self.last_logits = logits          # diagnostics: the revealed logits, before sigmoid
@@ -352,7 +369,29 @@ class CrypTenBackend(PartyBackend):
 
 
     def extra_rows(self) -> list[dict]:
-        return self._precision_rows() + super().extra_rows()
+        return self._precision_rows() + super().extra_rows() + self._dealer_rows()
+
+    def _dealer_rows(self) -> list[dict]:
+        n = sum(b["n"] for b in self._batches)
+        cpu = [b.get("dealer_cpu_s") for b in self._batches]
+        if not n or not cpu or any(c is None for c in cpu):
+            return []
+        return [{"metric": "party_cpu_time_per_image", "unit": "s", "higher_is_better": False,
+                 "value": sum(cpu) / n, "party": METER_PARTY[2], "phase": "online",
+                 "note": "CPU seconds of the dealer process (user + system, read from /proc by the "
+                         "orchestrator) while the parties computed the batches, per image"}]
+
+
+def _process_cpu_s(proc: Any) -> float | None:
+    """User + system CPU seconds of a local child process so far (None if not readable)."""
+    if proc is None:
+        return None
+    try:
+        with open(f"/proc/{proc.pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def _start_party(rank: int, settings: dict[str, Any], threads: int):

@@ -1,6 +1,8 @@
 """One MPC party (or the triple dealer) as its own OS process.
 
-Party 0 is the model owner: it holds the folded plan's parameters and secret-shares them.
+Party 0 is the model owner: it holds the folded plan's parameters; with the dealer it keeps
+the product weights in clear (`plain_weight_ops`, `protocol.TwoPartyGates.plain_product`) and
+secret-shares the rest.
 Party 1 is the data owner: it holds the images and secret-shares them, and drives the session:
 for each batch it announces the batch shape to party 0 over the MPC channel. Party 1 learns
 the plan's *shapes* (the architecture) from party 0, never its values. They talk through
@@ -171,6 +173,7 @@ def install_counters(traffic: Traffic) -> None:
         traffic.received += _nbytes(others)
         traffic.rounds += 1
         keep("all_gather", others)
+        keep_opened(out)               # both parties see every contribution
         return out
 
     def broadcast(self, input, src, group=None, batched=False):
@@ -266,10 +269,16 @@ class CrypTenOps:
         self._gates = gates if truncation == "exact" else None
 
     def _product(self, op, x, w, **kwargs):
-        """op(x, w) for shared x, w, truncated exactly (or by CrypTen when truncation=local)."""
+        """op(x, w) for shared x and shared or plain (model owner's) w, truncated exactly (or by
+        CrypTen when truncation=local)."""
+        from backends.mpc.protocol import PlainWeight
+
         if self._gates is None:
             return getattr(x, op)(w, **kwargs)        # CrypTen's own product and local division
-        product = self._gates.product(op, x.share, w.share, **kwargs)   # carries 2p fractional bits
+        if isinstance(w, PlainWeight):
+            product = self._gates.plain_product(x.share, w, **kwargs)
+        else:
+            product = self._gates.product(op, x.share, w.share, **kwargs)   # carries 2p fractional bits
         y = x.shallow_copy()
         y._tensor = x._tensor.shallow_copy()          # MPCTensor.shallow_copy shares _tensor
         y._tensor.share = self._gates.truncate(product, _fraction_bits(x))
@@ -280,7 +289,10 @@ class CrypTenOps:
         return y if b is None else y + b.view(1, -1, 1, 1)
 
     def linear(self, x, w, b):
-        return self._product("matmul", x, w.transpose(0, 1)) + b
+        from backends.mpc.protocol import PlainWeight
+
+        # a plain classifier weight is kept transposed (`plain_weight_ops`)
+        return self._product("matmul", x, w if isinstance(w, PlainWeight) else w.transpose(0, 1)) + b
 
     def relu(self, x):
         return self._relu(x) if self._relu is not None else x.relu()
@@ -331,6 +343,26 @@ class CrypTenOps:
         bits = _fraction_bits(s)            # multiply by the encoding of 1/hw, truncate exactly
         s._tensor.share = self._gates.truncate(s._tensor.share * round(2 ** bits / hw), bits)
         return s
+
+
+def plain_weight_ops(plan: Any) -> dict[str, str]:
+    """Parameter name -> product op for every parameter that is only ever a product's second
+    operand (convolution and classifier weights, "mul" scales): the model owner keeps these in
+    clear (`TwoPartyGates.plain_product`); biases and shifts stay secret-shared. The
+    classifier's weight is kept transposed, as the matmul's operand."""
+    out = {plan.stem.w: "conv2d"}
+    pres = [plan.final] + [t.pre for t in plan.transitions]
+    for block in plan.blocks:
+        for layer in block:
+            out[layer.conv1.w] = out[layer.conv2.w] = "conv2d"
+            pres.append(layer.pre)
+    for t in plan.transitions:
+        out[t.conv.w] = "conv2d"
+    out[plan.fc_w] = "matmul"
+    for pre in pres:
+        if pre.mode == "mul":
+            out[pre.s] = "mul"
+    return out
 
 
 def _fraction_bits(x: Any) -> int:
@@ -560,6 +592,7 @@ def _party_loop(rank: int, conn: Any, settings: dict[str, Any], model: tuple | N
     import torch
 
     from backends.mpc.plan import plan_from_dict, plan_to_dict, run_plan
+    from backends.mpc.protocol import PlainWeight
 
     crypten = _configure(settings, rank)
     traffic = Traffic()
@@ -626,12 +659,30 @@ def _party_loop(rank: int, conn: Any, settings: dict[str, Any], model: tuple | N
     bits = int(offer["precision_bits"])
     _set_precision(crypten, bits)
     scale = 2.0 ** bits
+    # with a dealer and exact truncation, the model owner keeps its product weights in clear
+    # (one product per party, half the bytes); everything else is secret-shared
+    plain_ops = plain_weight_ops(plan) if settings["triples"] == "ttp" and ops._gates is not None else {}
     shared = {}
+    plain = []
     with crypten.no_grad():
         for name, shape in plan.shapes.items():
+            if name in plain_ops:
+                op = plain_ops[name]
+                size = torch.Size(shape[::-1] if op == "matmul" else shape)
+                value = None
+                if rank == 0:
+                    enc = torch.round(params[name].double() * scale).long()
+                    value = enc.t().contiguous() if op == "matmul" else enc
+                shared[name] = PlainWeight(len(plain), op, size, value)
+                plain.append(shared[name])
+                continue
             # party 0 rounds to the fixed-point grid (CrypTen's encoder truncates)
             value = torch.round(params[name] * scale) / scale if rank == 0 else torch.zeros(shape)
             shared[name] = crypten.cryptensor(value, src=0, precision=bits)
+        if plain:
+            gates.fault = "unmasked_weights" if "unmasked_weights" in faults else ""
+            gates.share_plain_weights(plain)
+            gates.fault = ""
     params = None
     report("ready", {"traffic": Traffic.delta(traffic.snapshot(), before), "peak_rss": peak_rss_bytes()})
     n_batch = 0
@@ -649,6 +700,11 @@ def _party_loop(rank: int, conn: Any, settings: dict[str, Any], model: tuple | N
         if gates is not None:
             gates.fault = faults[n_batch] if n_batch < len(faults) else ""
         start, cpu_start = time.perf_counter(), time.process_time()
+        if dealer is not None and plain and settings.get("relu", "packed") == "packed":
+            # the whole batch's triples and pairs, announced ahead (the planner knows our gates only)
+            from backends.mpc.dealer_plan import batch_requests
+
+            dealer.plan_batch(batch_requests(plan, shared, shape, bits), device="cpu")
         with crypten.no_grad():
             # the data owner's public, exact rescaling of its own pixels (see Plan.input_scale)
             x = crypten.cryptensor(images.double() * plan.input_scale if rank == 1 else torch.zeros(shape),
@@ -658,6 +714,8 @@ def _party_loop(rank: int, conn: Any, settings: dict[str, Any], model: tuple | N
                 out = logits.get_plain_text()
             else:
                 out = logits.get_plain_text(dst=1)
+        if dealer is not None:
+            dealer.end_batch()
         local_s = time.perf_counter() - start
         cpu_s = time.process_time() - cpu_start
         if record_dir is not None:

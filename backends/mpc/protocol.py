@@ -38,12 +38,35 @@ removes the failure: with u0, u1 the shares read as unsigned and y = u0 + u1 - w
 (CrypTen's B2A_rng). Cost ~ one ReLU (9 rounds), and the result is wrong by at most one
 least significant bit for any |y| * 2^(2p) < 2^63.
 
+With the third-party dealer (triples=ttp, the default) three things are cheaper still,
+because the dealer can hand out correlated randomness beyond Beaver triples:
+
+* Truncation pairs. The dealer shares a uniform r together with r >> d and MSB(r); the
+  parties open z = y + 2^62 + r (uniform whatever y is) and each computes its share of
+  floor(y / 2^d) locally (`truncate_from_opening`): one round of n words instead of the
+  carry circuit, exact within one ulp for |y| < 2^62 (the precision's 2^8 headroom keeps
+  products below 2^55).
+* The ReLU's last step uses a ReLU mask: a random bit r (shared both ways), a uniform a and
+  c = a * r, so x * r = c + (x - a) * r needs only x - a opened, and the masked bit d xor r
+  travels packed 32 per word (`pack_bit_pairs`), in the same message.
+* Plain weights. Every product's second operand is the model owner's own weight, which it
+  keeps in clear: `plain_product` costs one product per party (not two) and opens only the
+  data owner's masked input; the weight reaches the data owner once, one-time-padded by the
+  dealer's mask b.
+In every case a mask is used once per opened value (b per weight, whose masked value is the
+same every time), so what a party sees is uniformly random whatever the secret; the leak
+tests (tests/test_mpc_leaks.py) check this on the real two-process path, with broken variants.
+
+The carry tree's paired ANDs (p_hi & g_lo, p_hi & p_lo) share their first operand, which is
+opened once (`_and_shared`, one triple with a broadcast a): 3 words opened per 2 ANDs.
+
 `carry_tree` is written over share tensors with an injected AND, so tests run it on a
 plaintext simulation of both parties' shares.
 """
 
 from __future__ import annotations
 
+import threading
 from typing import Callable
 
 import torch
@@ -147,8 +170,10 @@ def _tree_requests(n: int) -> list[tuple[str, tuple]]:
     out = [("binary", (size([n]), size([n])))]            # g = u & v
     k = n
     for level in range(6):
-        m = 2 * k if level < 5 else k
-        out.append(("binary", (size([m]), size([m]))))
+        if level < 5:                                     # p_hi & [g_lo, p_lo]: one shared operand
+            out.append(("binary", (size([1, k]), size([2, k]))))
+        else:
+            out.append(("binary", (size([k]), size([k]))))
         k = (k + 1) // 2
     return out
 
@@ -160,13 +185,51 @@ def truncate_triple_requests(n: int) -> list[tuple[str, tuple]]:
     return _tree_requests(n) + [("binary", (size([words]), size([words]))), ("B2A", (size([2 * n]),))]
 
 
-def relu_triple_requests(n: int) -> list[tuple[str, tuple]]:
-    """The dealer requests one `TwoPartyGates.relu` on n elements makes, in order."""
+def relu_triple_requests(n: int, dealer: bool = True) -> list[tuple[str, tuple]]:
+    """The dealer requests one `TwoPartyGates.relu` on n elements makes, in order (dealer=False:
+    what the trusted-first-party variant draws)."""
     size = torch.Size
     out = _tree_requests(n)
-    out.append(("B2A", (size([n]),)))
-    out.append(("additive", (size([n]), size([n]), "mul")))
+    if dealer:
+        out.append(("relu_mask", (size([n]),)))
+    else:
+        out.append(("B2A", (size([n]),)))
+        out.append(("additive", (size([n]), size([n]), "mul")))
     return out
+
+
+def relu_mask_shares(size: torch.Size, rank: int, device=None) -> tuple[torch.Tensor, ...]:
+    """This party's shares of a ReLU mask from the dealer: a random bit r (XOR share r_B and
+    arithmetic share r_A), a uniform a and c = a * r, so that x * r = c + (x - a) * r with one
+    opening (x - a). Party 0 receives its r_A and c (`serve_dealer`'s `relu_mask`)."""
+    from crypten.mpc.provider import ttp_provider
+
+    client = ttp_provider.TTPClient.get()
+    generator = client.get_generator(device=device)
+    ring = ttp_provider.generate_random_ring_element
+    r_b = ttp_provider.generate_kbit_random_tensor(size, bitlength=1, generator=generator, device=device)
+    a = ring(size, generator=generator, device=device)
+    if rank == 0:
+        rc = client.ttp_request("relu_mask", device, size)
+        return r_b, rc[0], a, rc[1]
+    return r_b, ring(size, generator=generator, device=device), a, ring(size, generator=generator, device=device)
+
+
+_PAIR_SLOTS = torch.arange(0, 64, 2, dtype=torch.long)
+
+
+def pack_bit_pairs(bits: torch.Tensor) -> torch.Tensor:
+    """0/1 values -> words of 32, one per 2-bit field: a SUM of two parties' words keeps each
+    field's b0 + b1 <= 2 in its field, so the opened field's low bit is b0 xor b1."""
+    n = bits.shape[-1]
+    pad = (-n) % 32
+    if pad:
+        bits = torch.cat([bits, torch.zeros(pad, dtype=bits.dtype)])
+    return (bits.reshape(-1, 32) << _PAIR_SLOTS).sum(-1)
+
+
+def unpack_bit_pairs(words: torch.Tensor, n: int) -> torch.Tensor:
+    return ((words.unsqueeze(-1) >> _PAIR_SLOTS) & 1).reshape(-1)[:n]
 
 
 class DealerClient:
@@ -191,14 +254,31 @@ class DealerClient:
         self.comm = comm.get()
         self.client = TTPClient.get()
         self.expected: deque = deque()
+        self.planned = False          # a whole batch announced ahead (`plan_batch`)
         self.client.ttp_request = self._ttp_request      # instance attribute: this client only
 
-    def announce(self, requests: list[tuple[str, tuple]], device=None) -> None:
+    def plan_batch(self, requests: list[tuple], device=None) -> None:
+        """Announce every request of the coming batch at once (`dealer_plan.batch_requests`):
+        the dealer works ahead; the gates' own announcements are then checked, not sent."""
+        self.announce(requests, device)
+        self.planned = True
+
+    def end_batch(self) -> None:
+        if self.planned and self.expected:
+            raise RuntimeError(f"dealer plan out of step: {len(self.expected)} planned requests unused, "
+                               f"next {self.expected[0][0]}")
+        self.planned = False
+
+    def announce(self, requests: list[tuple], device=None) -> None:
+        """Ask for these (function, args[, kwargs]) answers now; they are read in order."""
+        if self.planned:
+            return                    # already announced with the batch plan
+        full = [(r[0], r[1], r[2] if len(r) > 2 else {}) for r in requests]
         msgs = [{"function": f, "device": None if device is None else str(device), "args": args,
-                 "kwargs": {}} for f, args in requests]
+                 "kwargs": kwargs} for f, args, kwargs in full]
         self.comm.send_obj({"function": BATCH, "requests": msgs}, self.comm.get_ttp_rank(),
                            self.client.ttp_group)
-        self.expected.extend((f, args, ()) for f, args in requests)
+        self.expected.extend((f, tuple(args), tuple(sorted(kwargs.items()))) for f, args, kwargs in full)
 
     def _ttp_request(self, func_name, device, *args, **kwargs):
         if device is not None:
@@ -212,12 +292,12 @@ class DealerClient:
             request = {"function": func_name, "device": device, "args": args, "kwargs": kwargs}
             self.comm.send_obj({"function": BATCH, "requests": [request]}, self.comm.get_ttp_rank(),
                                self.client.ttp_group)
-        result = torch.empty(_result_size(func_name, args, kwargs), dtype=torch.long, device=device)
+        result = torch.empty(result_size(func_name, args, kwargs), dtype=torch.long, device=device)
         self.comm.broadcast(result, self.comm.get_ttp_rank(), self.client.comm_group)
         return result
 
 
-def _result_size(func_name: str, args: tuple, kwargs: dict) -> torch.Size:
+def result_size(func_name: str, args: tuple, kwargs: dict) -> torch.Size:
     """Size of the dealer's answer to a request (party 0 knows it without being told).
 
     Shape arithmetic by hand: evaluating the op on "meta" tensors would do, but its first
@@ -227,6 +307,12 @@ def _result_size(func_name: str, args: tuple, kwargs: dict) -> torch.Size:
         return _broadcast(args[0], args[1])
     if func_name in ("square", "wraps", "B2A"):
         return torch.Size(args[0])
+    if func_name in ("trunc_pair", "relu_mask"):
+        return torch.Size([2, *args[0]])
+    if func_name == "weight_masks":
+        return torch.Size([1])
+    if func_name == "plain_product":
+        return result_size("additive", args[1:], kwargs)
     if func_name != "additive":
         raise ValueError(f"unknown dealer function {func_name}")
     size0, size1, op, *rest = args
@@ -272,7 +358,7 @@ def size_triples_without_products() -> None:
     party's generator, but on every party but 0 it first computes the whole product a * b
     (a convolution, for a convolution's triple) only to learn c's size ("TODO: Compute size
     without executing computation"): a quarter of the data owner's product work, thrown
-    away. Here the size comes from `_result_size`; the draws (a, b, then c, from the same
+    away. Here the size comes from `result_size`; the draws (a, b, then c, from the same
     generator, which the dealer mirrors) are unchanged. Idempotent.
     """
     import crypten.communicator as comm
@@ -291,7 +377,7 @@ def size_triples_without_products() -> None:
         generator = ttp_provider.TTPClient.get().get_generator(device=device)
         a = draw(size0, generator=generator, device=device)
         b = draw(size1, generator=generator, device=device)
-        c = draw(_result_size("additive", (size0, size1, op, *args), kwargs), generator=generator,
+        c = draw(result_size("additive", (size0, size1, op, *args), kwargs), generator=generator,
                  device=device)
         return tuple(ArithmeticSharedTensor.from_shares(t, precision=0) for t in (a, b, c))
 
@@ -313,22 +399,198 @@ def serve_dealer() -> None:
             self.device = "cpu"
             self._setup_generators()
 
+        def trunc_pair(self, size, d):
+            """Party 0's shares of (r >> d, MSB(r)) for r = r0 + r1 drawn from both parties'
+            generators; party 1 draws its own shares of them (`truncation_pair_shares`)."""
+            from crypten.mpc.provider import ttp_provider
+
+            draw = ttp_provider.generate_random_ring_element
+            g0, g1 = self._get_generators(device=self.device)[:2]
+            r = draw(size, generator=g0) + draw(size, generator=g1)
+            t, m = truncation_pair(r, d)
+            t -= draw(size, generator=g1)
+            m -= draw(size, generator=g1)
+            return torch.stack([t, m])
+
+        def relu_mask(self, size):
+            """Party 0's (r_A, c) of a ReLU mask (`relu_mask_shares`): r = r_B0 xor r_B1 and
+            a = a0 + a1 from both generators, c = a * r; party 1 draws its r_A and c."""
+            from crypten.mpc.provider import ttp_provider
+
+            ring, kbit = ttp_provider.generate_random_ring_element, ttp_provider.generate_kbit_random_tensor
+            g0, g1 = self._get_generators(device=self.device)[:2]
+            r = kbit(size, bitlength=1, generator=g0) ^ kbit(size, bitlength=1, generator=g1)
+            a = ring(size, generator=g0) + ring(size, generator=g1)
+            r_a = r - ring(size, generator=g1)
+            c = a * r
+            c -= ring(size, generator=g1)
+            return torch.stack([r_a, c])
+
+        def weight_masks(self, sizes):
+            """Draw the mask b of every plain weight from party 0's generator (party 0 draws the
+            same); keep them for `plain_product`."""
+            from crypten.mpc.provider import ttp_provider
+
+            g0 = self._get_generators(device=self.device)[0]
+            self.masks = [ttp_provider.generate_random_ring_element(sz, generator=g0) for sz in sizes]
+            return torch.zeros(1, dtype=torch.long)
+
+        def plain_product(self, index, size_x, size_w, op, **kwargs):
+            """Party 0's share c0 = op(a, b) - c1 of a plain-weight product: a and c1 drawn
+            from party 1's generator (party 1 draws the same), b the weight's mask."""
+            from crypten.mpc.provider import ttp_provider
+
+            draw = ttp_provider.generate_random_ring_element
+            g1 = self._get_generators(device=self.device)[1]
+            a = draw(size_x, generator=g1)
+            c = _product_fn(op)(a, self.masks[index], **kwargs)
+            c -= draw(c.size(), generator=g1)
+            return c
+
         def serve(self) -> None:
+            """Answer requests in order; a sender thread ships them, so the dealer computes
+            the next answers while party 0 is still busy (at most QUEUE_BYTES ahead)."""
             ttp_rank = comm.get().get_ttp_rank()
-            while True:
-                message = comm.get().recv_obj(0, self.ttp_group)
-                if message == "terminate":
-                    return
-                for request in message["requests"]:
-                    self.device = request["device"]
-                    result = getattr(self, request["function"])(*request["args"], **request["kwargs"])
-                    comm.get().broadcast(result, ttp_rank, self.comm_group)
+            queue = _ByteBoundedQueue(QUEUE_BYTES)
+            failure: list[BaseException] = []
+
+            def ship() -> None:
+                try:
+                    while (result := queue.get()) is not None:
+                        comm.get().broadcast(result, ttp_rank, self.comm_group)
+                except BaseException as exc:  # noqa: BLE001 - re-raised by the serving loop
+                    failure.append(exc)
+                    queue.close()
+
+            sender = threading.Thread(target=ship, daemon=True, name="dealer-sender")
+            sender.start()
+            try:
+                while True:
+                    message = comm.get().recv_obj(0, self.ttp_group)
+                    if message == "terminate":
+                        return
+                    for request in message["requests"]:
+                        self.device = request["device"]
+                        result = getattr(self, request["function"])(*request["args"], **request["kwargs"])
+                        if not queue.put(result):
+                            raise failure[0] if failure else RuntimeError("dealer sender stopped")
+            finally:
+                queue.put(None)
+                sender.join(timeout=5)
 
     BatchingTTPServer().serve()
 
 
+#: how far (bytes of answers not yet received by party 0) the dealer may run ahead
+QUEUE_BYTES = 768 << 20
+
+
+class _ByteBoundedQueue:
+    """FIFO of tensors holding at most `limit` bytes (one larger item is always let in)."""
+
+    def __init__(self, limit: int) -> None:
+        from collections import deque
+
+        self.limit, self.bytes, self.closed = limit, 0, False
+        self.items: deque = deque()
+        self.cond = threading.Condition()
+
+    def put(self, item) -> bool:
+        n = 0 if item is None else item.nelement() * item.element_size()
+        with self.cond:
+            while self.items and self.bytes + n > self.limit and not self.closed:
+                self.cond.wait()
+            if self.closed and item is not None:
+                return False
+            self.items.append(item)
+            self.bytes += n
+            self.cond.notify_all()
+            return True
+
+    def get(self):
+        with self.cond:
+            while not self.items:
+                if self.closed:
+                    return None
+                self.cond.wait()
+            item = self.items.popleft()
+            if item is not None:
+                self.bytes -= item.nelement() * item.element_size()
+            self.cond.notify_all()
+            return item
+
+    def close(self) -> None:
+        with self.cond:
+            self.closed = True
+            self.cond.notify_all()
+
+
+#: the public offset that makes a truncated value non-negative: y + 2^62 in [0, 2^63)
+OFFSET = 1 << 62
+
+
+def truncation_pair(r: torch.Tensor, d: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the dealer shares with a uniform mask r: (r >> d) logical, and MSB(r)."""
+    return (r >> d) & ((1 << (64 - d)) - 1), (r >> 63) & 1
+
+
+def truncation_pair_shares(size: torch.Size, d: int, rank: int, device=None
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """This party's arithmetic shares of a truncation pair (r, r >> d, MSB(r)) for masks r of
+    `size`: drawn from the generator it shares with the dealer, except party 0's shares of
+    r >> d and MSB(r), which the dealer sends (`serve_dealer`'s `trunc_pair`)."""
+    from crypten.mpc.provider import ttp_provider
+
+    client = ttp_provider.TTPClient.get()
+    generator = client.get_generator(device=device)
+    draw = ttp_provider.generate_random_ring_element     # the CSPRNG's, once installed
+    r = draw(size, generator=generator, device=device)
+    if rank == 0:
+        tm = client.ttp_request("trunc_pair", device, size, d)
+        return r, tm[0], tm[1]
+    return r, draw(size, generator=generator, device=device), draw(size, generator=generator, device=device)
+
+
+def truncate_from_opening(z: torch.Tensor, t: torch.Tensor, m: torch.Tensor, d: int, rank: int
+                          ) -> torch.Tensor:
+    """This party's share of floor(y / 2^d) (+0 or +1) from z = y + 2^62 + r (opened, mod 2^64)
+    and its shares t of r >> d and m of MSB(r).
+
+    With y' = y + 2^62 in [0, 2^63) and r uniform, y' + r = z + w * 2^64 with the wrap
+    w = MSB(r) * (1 - MSB(z)) (r < 2^63 cannot wrap; r >= 2^63 wraps exactly when z < 2^63),
+    which is linear in the shares of MSB(r) since z is public. So
+    floor(y' / 2^d) = (z >> d) - (r >> d) + w * 2^(64-d) - [z mod 2^d < r mod 2^d], and the
+    last (borrow) term, 0 or 1, is dropped: the result is floor(y / 2^d) or one ulp above.
+    """
+    keep = 1 - ((z >> 63) & 1)                 # public 1 - MSB(z)
+    out = (m * keep) << (64 - d)
+    out -= t
+    if rank == 0:
+        out += ((z >> d) & ((1 << (64 - d)) - 1)) - (OFFSET >> d)
+    return out
+
+
+class PlainWeight:
+    """A product operand the model owner holds in clear (a convolution's or the classifier's
+    weights, a "mul" scale), used by `TwoPartyGates.plain_product` instead of a sharing.
+
+    On the model owner it carries the fixed-point encoding W; on the data owner the masked
+    delta = W - b, b the dealer's uniform mask for this weight (known to the model owner and
+    the dealer only), received once at setup. `index` names the weight to the dealer."""
+
+    def __init__(self, index: int, op: str, size: torch.Size, value: torch.Tensor | None = None) -> None:
+        self.index, self.op, self.size = index, op, torch.Size(size)
+        self.value = value            # model owner: W; data owner: W - b (after `share_plain_weights`)
+
+
+def _product_fn(op: str):
+    from backends.mpc.ring import ring_conv2d, ring_matmul
+
+    return {"conv2d": ring_conv2d, "matmul": ring_matmul, "mul": torch.mul}[op]
+
+
 #: deliberately broken variants, for the leak tests only (MPC_PROTOCOL_FAULTS)
-FAULTS = ("open_bits", "reuse_mask", "own_share")
+FAULTS = ("open_bits", "reuse_mask", "own_share", "unmasked_input", "unmasked_weights")
 
 
 class TwoPartyGates:
@@ -352,6 +614,8 @@ class TwoPartyGates:
     def _and(self, xs: list[torch.Tensor], ys: list[torch.Tensor]) -> list[torch.Tensor]:
         import torch.distributed as dist
 
+        if len(xs) > 1 and all(t is xs[0] for t in xs[1:]):
+            return self._and_shared(xs[0], ys)
         shapes = [x.shape for x in xs]
         x = torch.cat([t.reshape(-1) for t in xs])
         y = torch.cat([t.reshape(-1) for t in ys])
@@ -367,6 +631,22 @@ class TwoPartyGates:
             out.append(z[start:start + k].view(shape))
             start += k
         return out
+
+    def _and_shared(self, x: torch.Tensor, ys: list[torch.Tensor]) -> list[torch.Tensor]:
+        """x & y for each y in ys with one opening of x: a triple (a, [b_k], [a & b_k]) whose a
+        masks x once (the carry tree's p_hi & g_lo, p_hi & p_lo): 3 words opened, not 4."""
+        import torch.distributed as dist
+
+        shape = x.shape
+        x = x.reshape(1, -1)
+        y = torch.stack([t.reshape(-1) for t in ys])
+        a, b, c = self.provider.generate_binary_triple(x.size(), y.size(), device=x.device)
+        a, b, c = a.share, b.share, c.share
+        eps, delta = self.comm.all_reduce([x ^ a, y ^ b], op=dist.ReduceOp.BXOR, batched=True)
+        z = c ^ (eps & b) ^ (a & delta)
+        if self.rank == 0:
+            z ^= eps & delta
+        return [z[k].view(shape) for k in range(len(ys))]
 
     def product(self, op: str, x: torch.Tensor, y: torch.Tensor, **kwargs) -> torch.Tensor:
         """This party's share of op(x, y) (op: conv2d, matmul or mul) for its int64 shares x, y:
@@ -386,6 +666,69 @@ class TwoPartyGates:
         z += c.share
         return z
 
+    def share_plain_weights(self, weights: list[PlainWeight]) -> None:
+        """Setup: the model owner draws each weight's mask b (the dealer draws the same) and
+        sends the data owner delta = W - b, once; b is uniform on Z_2^64, so delta is a
+        one-time pad of W, and re-using it for every batch reveals nothing new."""
+        from crypten.mpc.provider import ttp_provider
+
+        sizes = [w.size for w in weights]
+        n = sum(int(sz.numel()) for sz in sizes)
+        if self.rank == 0:
+            if self.dealer is not None:
+                self.dealer.announce([("weight_masks", (sizes,))])
+            ttp_provider.TTPClient.get().ttp_request("weight_masks", None, sizes)
+            generator = ttp_provider.TTPClient.get().get_generator()
+            draw = ttp_provider.generate_random_ring_element
+            deltas = []
+            for w in weights:
+                b = draw(w.size, generator=generator)
+                deltas.append((w.value - b).reshape(-1) if self.fault != "unmasked_weights"
+                              else w.value.reshape(-1).clone())          # BROKEN: W - 0
+            flat = torch.cat(deltas) if deltas else torch.zeros(0, dtype=torch.long)
+        else:
+            flat = torch.empty(n, dtype=torch.long)
+        flat = self.comm.broadcast(flat, 0)
+        if self.rank == 1:
+            start = 0
+            for w in weights:
+                k = int(w.size.numel())
+                w.value = flat[start:start + k].view(w.size)
+                start += k
+
+    def plain_product(self, x: torch.Tensor, weight: PlainWeight, **kwargs) -> torch.Tensor:
+        """This party's share of op(x, W) for its int64 share x and the model owner's plain
+        weight W (not truncated): one product per party instead of Beaver's two.
+
+        The dealer gives the data owner (a, c1) and the model owner c0 with c0 + c1 = op(a, b);
+        the data owner sends eps = x1 - a (a fresh per product: a one-time pad of x1), and
+        op(x, W) = op(x0 + eps, W) + op(a, delta) + op(a, b), delta = W - b from setup:
+        model owner  op(x0 + eps, W) + c0,   data owner  op(a, delta) + c1."""
+        from crypten.mpc.provider import ttp_provider
+
+        fn = _product_fn(weight.op)
+        client = ttp_provider.TTPClient.get()
+        if self.view is not None:
+            self.view.append(x.reshape(-1).clone())
+        if self.rank == 0:
+            args = (weight.index, x.size(), weight.size, weight.op)
+            if self.dealer is not None:
+                self.dealer.announce([("plain_product", args, kwargs)], device=x.device)
+            eps = self.comm.recv(torch.empty_like(x), 1)
+            c = client.ttp_request("plain_product", x.device, *args, **kwargs)
+            z = fn(x + eps, weight.value, **kwargs)
+            z += c
+            return z
+        draw = ttp_provider.generate_random_ring_element
+        generator = client.get_generator(device=x.device)
+        a = draw(x.size(), generator=generator, device=x.device)
+        eps = x - a if self.fault != "unmasked_input" else x.clone()     # BROKEN: x1 - 0
+        sent = self.comm.isend(eps, 0)
+        z = fn(a, weight.value, **kwargs)            # input-independent: overlaps the transfer
+        z += draw(z.size(), generator=generator, device=x.device)
+        sent.wait()
+        return z
+
     def drelu_shares(self, share: torch.Tensor) -> torch.Tensor:
         """XOR-shares (0/1) of [x >= 0]."""
         msb = msb_shares(share.reshape(-1), self.rank, self._and)
@@ -393,11 +736,38 @@ class TwoPartyGates:
 
     def relu(self, x):
         """relu(x) for an arithmetic MPCTensor x (any shape, any fixed-point scale)."""
+        if self.provider.NAME != "TTP":
+            return self._relu_first_party(x)
+        share = x.share
+        flat = share.reshape(-1)
+        if self.view is not None:
+            self.view.append(flat.clone())
+        n = flat.numel()
+        if self.dealer is not None:
+            self.dealer.announce(relu_triple_requests(n), device=share.device)
+        d = self.drelu_shares(share)
+        r_b, r_a, a, c = relu_mask_shares(torch.Size([n]), self.rank, share.device)
+        if self.fault == "reuse_mask":                      # BROKEN: the same mask every evaluation
+            a = torch.full_like(a, 0x5DEECE66D * (self.rank + 1))
+        eps_part = flat - a
+        if self.fault == "own_share" and self.rank == 1:    # BROKEN: sends its own share
+            eps_part = flat
+        # one message: the masked bit (packed, 32 per word) and the opening of x - a
+        z_sum, eps = self.comm.all_reduce([pack_bit_pairs((d ^ r_b) & 1), eps_part], batched=True)
+        z = unpack_bit_pairs(z_sum, n)                      # d xor r: uniformly random
+        xr = c + eps * r_a                                  # shares of x * r
+        out = z * flat + (1 - 2 * z) * xr                   # x * d, d = z xor r
+        result = x.shallow_copy()
+        result._tensor = x._tensor.shallow_copy()        # MPCTensor.shallow_copy shares _tensor
+        result._tensor.share = out.view(share.shape)
+        return result
+
+    def _relu_first_party(self, x):
+        """`relu` with CrypTen's trusted-first-party provider (a bit conversion and a Beaver
+        multiplication in one message)."""
         share = x.share
         if self.view is not None:
             self.view.append(share.reshape(-1).clone())
-        if self.dealer is not None:
-            self.dealer.announce(relu_triple_requests(share.numel()), device=share.device)
         d = self.drelu_shares(share)
         n = d.numel()
         provider = self.provider
@@ -425,7 +795,31 @@ class TwoPartyGates:
         return result
 
     def truncate(self, share: torch.Tensor, d: int) -> torch.Tensor:
-        """This party's share of floor(y / 2^d) (within one ulp) for its int64 share of y."""
+        """This party's share of floor(y / 2^d) (within one ulp) for its int64 share of y:
+        with a dealer, from a truncation pair (one opening); else by the carry circuit."""
+        if self.provider.NAME == "TTP":
+            return self._truncate_with_pair(share, d)
+        return self._truncate_by_circuit(share, d)
+
+    def _truncate_with_pair(self, share: torch.Tensor, d: int) -> torch.Tensor:
+        """`truncate` from a dealer's truncation pair (see `truncation_pair`): one opening of
+        n words, no circuit. Exact within one ulp for |y| < 2^62."""
+        flat = share.reshape(-1)
+        if self.view is not None:
+            self.view.append(flat.clone())
+        n = flat.numel()
+        size = torch.Size([n])
+        if self.dealer is not None:
+            self.dealer.announce([("trunc_pair", (size, d))], device=share.device)
+        r, t, m = truncation_pair_shares(size, d, self.rank, share.device)
+        masked = flat + r if self.fault != "open_bits" else flat.clone()   # BROKEN: unmasked
+        if self.rank == 0:
+            masked += OFFSET
+        (z,) = self.comm.all_reduce([masked], batched=True)      # y + 2^62 + r: uniformly random
+        return truncate_from_opening(z, t, m, d, self.rank).view(share.shape)
+
+    def _truncate_by_circuit(self, share: torch.Tensor, d: int) -> torch.Tensor:
+        """`truncate` by the carry circuit (no dealer: CrypTen's trusted first party)."""
         if self.dealer is not None:
             self.dealer.announce(truncate_triple_requests(share.numel()), device=share.device)
         flat = share.reshape(-1)

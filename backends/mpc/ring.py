@@ -15,7 +15,9 @@ sum a BLAS kernel forms on the way is too, whenever that bound is <= 2^53. Only 
 (i + j) * b < 64 matter modulo 2^64. With n = 3 (b = 22, 6 limb products) K may reach 2048,
 which covers every product of the DenseNets here; longer contractions take n = 4 (b = 16,
 10 products, K up to 2^23) or more. Each x-limb is convolved once with the stacked w-limbs it
-pairs with, so the input is unfolded n times, not once per pair.
+pairs with, so the input is unfolded n times, not once per pair. A w whose upper limbs are all
+zero (the model owner's plain fixed-point weights, |w| < 2^43) skips their products: 5 limb
+products instead of 6.
 
 `install(crypten)` routes CrypTen's int64 conv2d / matmul through `ring_conv2d` /
 `ring_matmul` in the modules that compute them (beaver, the TTP dealer, the TFP provider,
@@ -77,9 +79,11 @@ def _ring_product(x: torch.Tensor, w: torch.Tensor, k: int, product, split: int,
     """product(x_limb, stacked w_limbs) per x-limb, split back along w's stacked axis."""
     n, b, pairs = limb_plan(k)
     xs, ws = limbs(x, n, b), limbs(w, n, b)
+    # a small operand (a plain weight) has all-zero upper limbs: their products are skipped
+    zero = [j > 0 and not bool(wj.any()) for j, wj in enumerate(ws)]
     parts = {}
     for i in range(n):
-        js = [j for (p, j) in pairs if p == i]
+        js = [j for (p, j) in pairs if p == i and not zero[j]]
         stacked = torch.cat([ws[j] for j in js], dim=w_dim) if len(js) > 1 else ws[js[0]]
         y = product(xs[i], stacked)
         for j, piece in zip(js, torch.split(y, split, dim=1 if w_dim == 0 else -1)):
