@@ -21,8 +21,9 @@
 #                        plaintext,mpc:local_parties=data_owner:channel=...`; it starts only
 #                        the data owner (party 1); plaintext is there only as the fidelity reference
 # --engine and --channel take comma-separated lists: the namespaces (and tunnels) are made
-# once and one session runs per engine x channel, in that order, each with its own vendor
-# processes, counters, capture and summary (so a test gets both channels from one setup).
+# once and one session runs per channel, each with fresh vendor processes for every engine,
+# ONE benchmark run on the hospital with an mpc row per engine, and its own counters,
+# capture and summary (so a test gets both channels and both engines from one setup).
 # With channel tls-vpn every pair of hosts gets its own OpenVPN tunnel
 # (`python -m backends.mpc.tunnel`: per-run CA and Ed25519 certificates from os.urandom, both
 # ends verify each other, TLS 1.3, AES-256-GCM), each host has one address inside the
@@ -44,8 +45,8 @@
 #   --checkpoint FILE  the vendor's model; default: the vendor trains one with `suite train`
 #                      on the config's dataset (it must not have seen the run's test images)
 #   --work DIR         logs, checkpoint, run folders and summaries (default: a new temp dir);
-#                      each session's in DIR/ENGINE-CHANNEL/ (summary.json there), and
-#                      DIR/summary.json holds all of them keyed "ENGINE-CHANNEL"
+#                      each session's in DIR/CHANNEL/ (summary.json there), and
+#                      DIR/summary.json holds every row's figures keyed "ENGINE-CHANNEL"
 #   --port P           CrypTen's rendezvous port on the vendor (default 29517); SPU's
 #                      model owner listens on P+2, its data owner on P+3
 #   --mtu N            veth MTU (default 1500, as on Ethernet; loopback has 65536)
@@ -57,13 +58,13 @@
 #   --dealer-on W      third (default): CrypTen's dealer in its own namespace; vendor:
 #                      co-located with the model owner (labelled in the row)
 #   --capture FILE     tcpdump on the link bridge during each session (from before the
-#                      vendor's parties start to after they exit); with one session into
-#                      FILE, with several into FILE's name plus -ENGINE-CHANNEL (link-spu-plain.pcap)
+#                      vendor's parties start to after they exit); with one channel into
+#                      FILE, with several into FILE's name plus -CHANNEL (link-plain.pcap)
 #   --quick            pass --quick to `suite run`
 # Environment: PYTHON (default <repo>/.venv/bin/python), MPC_NS_ID (suffix for the namespace
 # and interface names, default this shell's pid), MPC_NS_TIMEOUT (seconds for each benchmark
 # run, default 900), MPC_NS_RECORD_DIR (tests only: the parties record what they receive and
-# CrypTen's dealer what it sends, in MPC_NS_RECORD_DIR/ENGINE-CHANNEL/, so a capture can be
+# CrypTen's dealer what it sends, in MPC_NS_RECORD_DIR/CHANNEL/, so a capture can be
 # searched for them).
 # Exit status: 0 all checks passed; 1 a check or a step failed; 2 cannot run here (not root,
 # no `ip netns`, no openvpn or /dev/net/tun for tls-vpn, no tcpdump for --capture, no
@@ -312,9 +313,10 @@ from suite.models import load_checkpoint
 print(','.join(p for p in load_checkpoint(sys.argv[1]).pathologies if p))" "$CHECKPOINT")"
 log "vendor model $CHECKPOINT, labels $LABELS"
 
-# ------------------------------------------------------------------ one session per engine x channel
-# Each session: the vendor's party (and CrypTen's dealer) started fresh, the link captured,
-# the hospital's benchmark run, counters read before and after, figures checked.
+# ------------------------------------------------------------------ one session per channel
+# Each session: the vendor's parties for every engine (CrypTen's model owner and dealer, SPU's
+# model owner) started fresh, the link captured, ONE benchmark run on the hospital with an
+# mpc row per engine (one after the other), counters read before and after, figures checked.
 DEALER_NS="$NS_D" DEALER_HOST=third_party
 [ "$DEALER_ON" = vendor ] && DEALER_NS="$NS_V" DEALER_HOST=model_owner
 tunnels_alive() {
@@ -323,9 +325,10 @@ tunnels_alive() {
 }
 SESSIONS=()
 FAILED=()
+SPU_PORT=$((PORT + 2))       # SPU's model owner; its data owner listens on SPU_PORT + 1
 
-session() {  # ENGINE CHANNEL -> 0 when every check passed
-  local engine=$1 channel=$2 name="$1-$2" SW="$WORK/$1-$2"
+session() {  # CHANNEL -> 0 when every check passed
+  local channel=$1 SW="$WORK/$1"
   mkdir -p "$SW/vendor" "$SW/hospital" "$SW/dealer"
   local master_v="$ADDR_V" addr_h="$ADDR_H" if_h="${VETH[hospital]}" if_v="${VETH[vendor]}"
   local if_d="${VETH[dealer]}"
@@ -337,19 +340,19 @@ session() {  # ENGINE CHANNEL -> 0 when every check passed
   local capture="" cap_log="$SW/capture.log"
   if [ -n "$CAPTURE" ]; then
     capture="$CAPTURE"
-    if [ "${#SESSIONS_PLANNED[@]}" -gt 1 ]; then
-      case "$CAPTURE" in *.pcap) capture="${CAPTURE%.pcap}-$name.pcap" ;; *) capture="$CAPTURE-$name" ;; esac
+    if [ "${#CHANNEL_LIST[@]}" -gt 1 ]; then
+      case "$CAPTURE" in *.pcap) capture="${CAPTURE%.pcap}-$channel.pcap" ;; *) capture="$CAPTURE-$channel" ;; esac
     fi
     mkdir -p "$(dirname "$capture")"
     ip netns exec "$NS_L" tcpdump -i "$BRIDGE" -s 0 -B 32768 -U -n -w "$capture" >"$cap_log" 2>&1 &
     CAPTURE_PID=$!
     for _ in $(seq 100); do grep -q "listening on" "$cap_log" && break; sleep 0.1; done
     grep -q "listening on" "$cap_log" || { cat "$cap_log" >&2; echo "error: tcpdump did not start" >&2; return 1; }
-    log "[$name] capturing the link ($BRIDGE) into $capture"
+    log "[$channel] capturing the link ($BRIDGE) into $capture"
   fi
   local record_env=() record_dir="" dealer_cmd=(-m backends.mpc.crypten_party)
   if [ -n "${MPC_NS_RECORD_DIR:-}" ]; then    # tests only: what the secret material looks like
-    record_dir="$MPC_NS_RECORD_DIR/$name"
+    record_dir="$MPC_NS_RECORD_DIR/$channel"
     mkdir -p "$record_dir"
     record_env=(MPC_RECORD_DIR="$record_dir")
     dealer_cmd=("$ROOT/tests/mpc_dealer_recording.py" "$record_dir/dealer_sent.pkl")
@@ -358,72 +361,87 @@ session() {  # ENGINE CHANNEL -> 0 when every check passed
   before_h="$(counters "$NS_H" "${VETH[hospital]}")"
   before_v="$(counters "$NS_V" "${VETH[vendor]}")"
 
-  # vendor: party 0 (and CrypTen's dealer, party 2)
-  local owner_pid dealer_pid="" spec spu_port=$((PORT + 2))     # SPU: its own ports (TIME_WAIT)
-  if [ "$engine" = crypten ]; then
-    ip netns exec "$DEALER_NS" env GLOO_SOCKET_IFNAME="$if_d" OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 \
-      "$PY" "${dealer_cmd[@]}" dealer --master-addr "$master_v" --master-port "$PORT" \
-      >"$SW/dealer/dealer.log" 2>&1 &
-    PIDS+=($!); dealer_pid=$!
-    ip netns exec "$NS_V" env GLOO_SOCKET_IFNAME="$if_v" OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 \
-      "$PY" -m backends.mpc.crypten_party model-owner \
-      --master-addr "$master_v" --master-port "$PORT" --checkpoint "$CHECKPOINT" --labels "$LABELS" \
-      >"$SW/vendor/model_owner.log" 2>&1 &
-    PIDS+=($!); owner_pid=$!
-    spec="mpc:local_parties=data_owner:channel=$channel:dealer_host=$DEALER_HOST"
-    log "[$name] vendor: model owner pid $owner_pid, rendezvous $master_v:$PORT; dealer pid $dealer_pid in $DEALER_NS"
-  else
-    ip netns exec "$NS_V" env OMP_NUM_THREADS=1 "${record_env[@]}" \
-      "$PY" -m backends.mpc.spu_engine model-owner --listen "$master_v:$spu_port" \
-      --data-owner "$addr_h:$((spu_port + 1))" --checkpoint "$CHECKPOINT" --labels "$LABELS" \
-      --timeout-s "${MPC_NS_TIMEOUT:-900}" --workdir "$SW/vendor" \
-      >"$SW/vendor/model_owner.log" 2>&1 &
-    PIDS+=($!); owner_pid=$!
-    spec="mpc:engine=spu:local_parties=data_owner:channel=$channel:master_port=$spu_port"
-    spec+=":data_owner_addr=$addr_h:data_owner_port=$((spu_port + 1))"
-    log "[$name] vendor: SPU model owner pid $owner_pid, link $master_v:$spu_port, data owner at $addr_h:$((spu_port + 1))"
-  fi
+  # vendor: party 0 of every engine (and CrypTen's dealer, party 2)
+  local specs="" engine
+  local -A owner_pid dealer_pid owner_status dealer_status
+  for engine in "${ENGINE_LIST[@]}"; do
+    owner_status[$engine]=running dealer_status[$engine]=none
+    if [ "$engine" = crypten ]; then
+      ip netns exec "$DEALER_NS" env GLOO_SOCKET_IFNAME="$if_d" OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 \
+        "$PY" "${dealer_cmd[@]}" dealer --master-addr "$master_v" --master-port "$PORT" \
+        >"$SW/dealer/dealer.log" 2>&1 &
+      PIDS+=($!); dealer_pid[$engine]=$!; dealer_status[$engine]=running
+      ip netns exec "$NS_V" env GLOO_SOCKET_IFNAME="$if_v" OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 \
+        "$PY" -m backends.mpc.crypten_party model-owner \
+        --master-addr "$master_v" --master-port "$PORT" --checkpoint "$CHECKPOINT" --labels "$LABELS" \
+        >"$SW/vendor/model_owner-crypten.log" 2>&1 &
+      PIDS+=($!); owner_pid[$engine]=$!
+      specs+=",mpc:local_parties=data_owner:channel=$channel:dealer_host=$DEALER_HOST"
+      log "[$channel] vendor: CrypTen model owner pid ${owner_pid[$engine]}, rendezvous $master_v:$PORT; dealer pid ${dealer_pid[$engine]} in $DEALER_NS"
+    else
+      ip netns exec "$NS_V" env OMP_NUM_THREADS=1 "${record_env[@]}" \
+        "$PY" -m backends.mpc.spu_engine model-owner --listen "$master_v:$SPU_PORT" \
+        --data-owner "$addr_h:$((SPU_PORT + 1))" --checkpoint "$CHECKPOINT" --labels "$LABELS" \
+        --timeout-s "${MPC_NS_TIMEOUT:-900}" --workdir "$SW/vendor" \
+        >"$SW/vendor/model_owner-spu.log" 2>&1 &
+      PIDS+=($!); owner_pid[$engine]=$!
+      specs+=",mpc:engine=spu:local_parties=data_owner:channel=$channel:master_port=$SPU_PORT"
+      specs+=":data_owner_addr=$addr_h:data_owner_port=$((SPU_PORT + 1))"
+      log "[$channel] vendor: SPU model owner pid ${owner_pid[$engine]}, link $master_v:$SPU_PORT, data owner at $addr_h:$((SPU_PORT + 1))"
+    fi
+  done
 
-  # hospital: the benchmark
+  # hospital: the benchmark, one mpc row per engine
   local run_dir="$SW/hospital/run"
-  log "[$name] hospital: suite run (plaintext reference + $spec) -> $run_dir"
+  log "[$channel] hospital: suite run (plaintext reference$specs) -> $run_dir"
   ip netns exec "$NS_H" env GLOO_SOCKET_IFNAME="$if_h" MPC_MASTER_ADDR="$master_v" \
     MPC_MASTER_PORT="$PORT" "${record_env[@]}" \
     timeout "${MPC_NS_TIMEOUT:-900}" "$PY" -m suite run --config "$CONFIG" --model "$CHECKPOINT" \
-    --backends "plaintext,$spec" --out "$run_dir" --no-report "${QUICK[@]}" \
+    --backends "plaintext$specs" --out "$run_dir" --no-report "${QUICK[@]}" \
     >"$SW/hospital/run.log" 2>&1 &
   PIDS+=($!)
-  local run_pid=$! run_status=0 owner_status=running dealer_status=running
-  [ -z "$dealer_pid" ] && dealer_status=none
-  reap() {  # set owner_status / dealer_status once that process has exited
-    if [ "$owner_status" = running ] && ! kill -0 "$owner_pid" 2>/dev/null; then
-      owner_status=0; wait "$owner_pid" || owner_status=$?
-    fi
-    if [ "$dealer_status" = running ] && ! kill -0 "$dealer_pid" 2>/dev/null; then
-      dealer_status=0; wait "$dealer_pid" || dealer_status=$?
-    fi
+  local run_pid=$! run_status=0
+  reap() {  # note the exit status of every vendor process that has ended
+    local e
+    for e in "${ENGINE_LIST[@]}"; do
+      if [ "${owner_status[$e]}" = running ] && ! kill -0 "${owner_pid[$e]}" 2>/dev/null; then
+        owner_status[$e]=0; wait "${owner_pid[$e]}" || owner_status[$e]=$?
+      fi
+      if [ "${dealer_status[$e]}" = running ] && ! kill -0 "${dealer_pid[$e]}" 2>/dev/null; then
+        dealer_status[$e]=0; wait "${dealer_pid[$e]}" || dealer_status[$e]=$?
+      fi
+    done
+  }
+  vendor_failed() {  # a vendor process that exited non-zero: name it
+    local e
+    for e in "${ENGINE_LIST[@]}"; do
+      case "${owner_status[$e]}" in 0|running) ;; *) tail -15 "$SW/vendor/model_owner-$e.log" >&2
+        echo "error: [$channel] the $e model owner exited (status ${owner_status[$e]}) while the benchmark ran; logs in $SW" >&2
+        return 0 ;; esac
+      case "${dealer_status[$e]}" in 0|running|none) ;; *) tail -15 "$SW/dealer/dealer.log" >&2
+        echo "error: [$channel] the dealer exited (status ${dealer_status[$e]}) while the benchmark ran; logs in $SW" >&2
+        return 0 ;; esac
+    done
+    return 1
   }
   while kill -0 "$run_pid" 2>/dev/null; do
     # a vendor party that fails ends the session now, not when the data owner times out
     reap
-    for who in vendor/model_owner:"$owner_status" dealer/dealer:"$dealer_status"; do
-      case "${who#*:}" in
-        0|running|none) ;;
-        *) tail -15 "$SW/${who%%:*}.log" >&2
-           echo "error: [$name] the ${who%%:*} process exited (status ${who#*:}) while the benchmark ran; logs in $SW" >&2
-           kill -TERM "$run_pid" 2>/dev/null; wait "$run_pid" 2>/dev/null
-           return 1 ;;
-      esac
-    done
+    if vendor_failed; then kill -TERM "$run_pid" 2>/dev/null; wait "$run_pid" 2>/dev/null; return 1; fi
     tunnels_alive || { tail -5 "$WORK"/tunnel/*.log >&2; echo "error: a tunnel went down during the run" >&2; return 1; }
     sleep 0.5
   done
   wait "$run_pid" || run_status=$?
 
-  # the model owner stops when the data owner says so (and stops CrypTen's dealer)
+  # each model owner stops when its data owner says so (CrypTen's stops the dealer)
+  local done_all
   for _ in $(seq 150); do
     reap
-    [ "$owner_status" != running ] && [ "$dealer_status" != running ] && break
+    done_all=true
+    for engine in "${ENGINE_LIST[@]}"; do
+      [ "${owner_status[$engine]}" = running ] || [ "${dealer_status[$engine]}" = running ] && done_all=false
+    done
+    [ "$done_all" = true ] && break
     sleep 0.2
   done
   local tunnels_up=true
@@ -432,41 +450,42 @@ session() {  # ENGINE CHANNEL -> 0 when every check passed
   after_v="$(counters "$NS_V" "${VETH[vendor]}")"
   if [ -n "$CAPTURE_PID" ]; then
     kill -INT "$CAPTURE_PID" 2>/dev/null; wait "$CAPTURE_PID" 2>/dev/null || true; CAPTURE_PID=""
-    log "[$name] capture: $(grep -E 'captured|dropped' "$cap_log" | paste -sd',')"
+    log "[$channel] capture: $(grep -E 'captured|dropped' "$cap_log" | paste -sd',')"
   fi
   if [ "$run_status" != 0 ]; then
     tail -25 "$SW/hospital/run.log" >&2
-    for f in vendor/model_owner dealer/dealer; do
-      [ -f "$SW/$f.log" ] && { echo "--- $f.log" >&2; tail -5 "$SW/$f.log" >&2; }
+    for f in "$SW"/vendor/model_owner-*.log "$SW/dealer/dealer.log"; do
+      [ -f "$f" ] && { echo "--- $f" >&2; tail -5 "$f" >&2; }
     done
-    echo "error: [$name] the benchmark run failed (exit $run_status); logs in $SW" >&2
+    echo "error: [$channel] the benchmark run failed (exit $run_status); logs in $SW" >&2
     return 1
   fi
-  log "[$name] exit codes: model owner $owner_status, dealer $dealer_status"
+  local exits=""
+  for engine in "${ENGINE_LIST[@]}"; do
+    exits+="${exits:+,}$engine=${owner_status[$engine]}/${dealer_status[$engine]}"
+  done
+  log "[$channel] exit codes (model owner/dealer): $exits"
   "$PY" "$ROOT/scripts/mpc_ns_summary.py" "$run_dir" "$SW" "$before_h" "$after_h" "$before_v" "$after_v" \
-    "$owner_status" "$dealer_status" "$engine" "$channel" "$DEALER_ON" "$TUNNEL_SETUP_S" "$tunnels_up" "$capture"
+    "$exits" "$channel" "$DEALER_ON" "$TUNNEL_SETUP_S" "$tunnels_up" "$capture"
 }
 
-SESSIONS_PLANNED=()
-for engine in "${ENGINE_LIST[@]}"; do
-  for channel in "${CHANNEL_LIST[@]}"; do SESSIONS_PLANNED+=("$engine-$channel"); done
+for channel in "${CHANNEL_LIST[@]}"; do
+  if session "$channel"; then SESSIONS+=("$channel"); else FAILED+=("$channel"); fi
+  if [ -n "$CAPTURE_PID" ]; then        # a session that failed early left its capture running
+    kill -INT "$CAPTURE_PID" 2>/dev/null; wait "$CAPTURE_PID" 2>/dev/null || true; CAPTURE_PID=""
+  fi
 done
-for engine in "${ENGINE_LIST[@]}"; do
-  for channel in "${CHANNEL_LIST[@]}"; do
-    if session "$engine" "$channel"; then SESSIONS+=("$engine-$channel"); else FAILED+=("$engine-$channel"); fi
-    if [ -n "$CAPTURE_PID" ]; then        # a session that failed early left its capture running
-      kill -INT "$CAPTURE_PID" 2>/dev/null; wait "$CAPTURE_PID" 2>/dev/null || true; CAPTURE_PID=""
-    fi
-  done
-done
-"$PY" - "$WORK" "${SESSIONS_PLANNED[@]}" <<'EOF'
+"$PY" - "$WORK" "${CHANNEL_LIST[@]}" <<'EOF'
 import json, sys
 from pathlib import Path
 
 work = Path(sys.argv[1])
-runs = {name: json.loads((work / name / "summary.json").read_text())
-        for name in sys.argv[2:] if (work / name / "summary.json").exists()}
+runs = {}
+for channel in sys.argv[2:]:
+    path = work / channel / "summary.json"
+    if path.exists():
+        runs.update({f"{engine}-{channel}": s for engine, s in json.loads(path.read_text()).items()})
 (work / "summary.json").write_text(json.dumps(runs, indent=2))
 EOF
 [ ${#FAILED[@]} -eq 0 ] || { echo "error: session(s) failed: ${FAILED[*]} (logs in $WORK)" >&2; exit 1; }
-log "sessions passed: ${SESSIONS[*]}; summaries in $WORK/summary.json"
+log "sessions passed: ${SESSIONS[*]} (engines ${ENGINE_LIST[*]}); summaries in $WORK/summary.json"

@@ -23,16 +23,26 @@ environment, `.venv-spu/` (created by scripts/setup.sh), as separate processes
 its folded model and the data owner its images, and reads back outputs and statistics. The
 parties talk over SPU's brpc link, each listening on its own host:port.
 
+Across hosts (`local_parties=data_owner`): this worker starts only the data owner; the model
+owner runs `python -m backends.mpc.spu_engine model-owner --listen ADDR:PORT --data-owner
+ADDR:PORT --checkpoint M --labels ...` on its own host (it folds its checkpoint with torch and
+starts party 0 from its `.venv-spu/`). The data owner then needs master_port (or
+$MPC_MASTER_PORT), data_owner_addr and data_owner_port, the same addresses as the model
+owner's flags. With `channel=tls-vpn` both are addresses inside the suite's OpenVPN tunnels
+(backends.mpc.tunnel), which carry brpc's TCP unchanged; every row's channel line says
+which the link had (`_channel_text`). scripts/mpc_two_namespaces.sh --engine spu shows it.
+
 SPU options (the rest as for CrypTen: batch_size, max_images, pre_mode, reveal_to,
-master_addr / master_port (the model owner's link address), timeout_s):
+master_addr / master_port (the model owner's link address), local_parties, channel, timeout_s):
   protocol           semi2k (default) | cheetah
   field              FM64 (default) | FM128: the ring; FM128 doubles every share's bytes
   fxp_fraction_bits  fixed-point fractional bits (0: SPU's default, 18 for FM64, 26 for FM128)
                      FM64's 18 bits hold the fidelity bar on trained models (max |dp| 1.5e-4)
                      but not on the untrained small DenseNet (NIH sample, 64 px: 3.4e-3);
                      FM128 does (5.6e-6) for ~1.2x the time and 1.9x the bytes
-  data_owner_addr    the data owner's link address (default: master_addr)
-  data_owner_port    its port (default: a free one)
+  data_owner_addr    the data owner's link address (default: master_addr; required with
+                     local_parties=data_owner)
+  data_owner_port    its port (default: a free one; required with local_parties=data_owner)
 SPU's link statistics count bytes and *messages* (send actions), not rounds: the online
 traffic rows report messages, the rounds rows are absent, and the projected LAN/WAN
 latencies charge one round trip per message of the busier party (an upper bound on rounds).
