@@ -15,7 +15,11 @@ protocols:
            stubs; building it needs SPU's bazel tree), and MultiParty is refused ("unsupported
            beaver type 2"): tests/test_mpc_spu_beaver.py pins this, so no dealer is offered.
   cheetah  dealer-free: products by lattice HE (silent OT for the nonlinear parts); neither
-           party holds the other's randomness. Several times slower.
+           party holds the other's randomness. Several times slower: random DenseNet-121 at
+           112 px, batch 1, one NIH image (2026-12-02, 2 cores UNDER HEAVY LOAD, load average
+           15-25): 2110 s, 835 MB, party CPU 568 / 510 s, party peak RSS 3.5 / 3.2 GB; at 224 and
+           160 px the parties outgrew the memory left on the shared machine (tree RSS 14.7 GB
+           at 224 px after 21 min) and were stopped by a watchdog.
 
 SPU 0.9.5 needs numpy<2 and jax<=0.4.34, so its parties run from their own virtual
 environment, `.venv-spu/` (created by scripts/setup.sh), as separate processes
