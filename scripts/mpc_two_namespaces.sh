@@ -1,31 +1,39 @@
 #!/usr/bin/env bash
-# Two-party CrypTen secure inference across network namespaces on one machine, the dealer on
-# a host of its own, every party link inside an authenticated, encrypted tunnel.
+# Two-party secure inference (CrypTen, SecretFlow SPU) across network namespaces on one
+# machine, CrypTen's dealer on a host of its own, every party link inside an authenticated,
+# encrypted tunnel - or, for the positive control, in the clear.
 #
 #   sudo scripts/mpc_two_namespaces.sh [--config RUN.toml] [--checkpoint MODEL.pt]
 #          [--work DIR] [--port P] [--mtu N] [--port-range LO-HI] [--quick]
-#          [--channel tls-vpn|plain] [--dealer-on third|vendor] [--capture FILE.pcap]
+#          [--engine crypten|spu[,...]] [--channel tls-vpn|plain[,...]]
+#          [--dealer-on third|vendor] [--capture FILE.pcap]
 #
 # Three namespaces, each with its own lo and one veth end; the other ends sit on a bridge in
 # a fourth namespace ("link": the untrusted network between the hosts, where --capture
 # listens). No namespace has any other path to another:
 #   vendor    10.77.0.2  trains (or is given) the model, then runs the model owner (party 0,
-#                        which hosts the rendezvous):
-#                        `python -m backends.mpc.crypten_party model-owner ...`
-#   dealer    10.77.0.3  the triple dealer (party 2), run by neither party:
-#                        `python -m backends.mpc.crypten_party dealer ...`
+#                        which hosts the rendezvous / listens on the link):
+#                        crypten: `python -m backends.mpc.crypten_party model-owner ...`
+#                        spu:     `python -m backends.mpc.spu_engine model-owner ...`
+#   dealer    10.77.0.3  CrypTen's triple dealer (party 2), run by neither party:
+#                        `python -m backends.mpc.crypten_party dealer ...` (SPU has none)
 #   hospital  10.77.0.1  runs the benchmark: `python -m suite run --backends
 #                        plaintext,mpc:local_parties=data_owner:channel=...`; it starts only
 #                        the data owner (party 1); plaintext is there only as the fidelity reference
-# With --channel tls-vpn (default) every pair of hosts gets its own OpenVPN tunnel
+# --engine and --channel take comma-separated lists: the namespaces (and tunnels) are made
+# once and one session runs per channel, each with fresh vendor processes for every engine,
+# ONE benchmark run on the hospital with an mpc row per engine, and its own counters,
+# capture and summary (so a test gets both channels and both engines from one setup).
+# With channel tls-vpn every pair of hosts gets its own OpenVPN tunnel
 # (`python -m backends.mpc.tunnel`: per-run CA and Ed25519 certificates from os.urandom, both
 # ends verify each other, TLS 1.3, AES-256-GCM), each host has one address inside the
-# tunnels (10.78.0.1 / .2 / .3), and gloo binds to it (GLOO_SOCKET_IFNAME = a tun device).
-# --channel plain runs gloo directly on the bridge (the insecure setting, for the capture's
-# positive control and to measure the tunnel's cost). --dealer-on vendor starts the dealer in
+# tunnels (10.78.0.1 / .2 / .3), and the parties use it (gloo binds to it via
+# GLOO_SOCKET_IFNAME = a tun device; SPU's brpc listens on it). Channel plain runs the
+# parties' TCP directly on the bridge (the insecure setting, for the capture's positive
+# control and to measure the tunnel's cost). --dealer-on vendor starts CrypTen's dealer in
 # the vendor's namespace instead (no dealer host; the row then says dealer_host=model_owner:
 # images protected from the model owner by trust).
-# Then it prints the mpc row's fidelity (max |dp| vs plaintext), latency and bytes, and checks
+# Then it prints each mpc row's fidelity (max |dp| vs plaintext), latency and bytes, and checks
 # that the hospital's veth counters moved at least the bytes the data owner reported.
 # Everything it starts is killed and every namespace (with the veths and bridge) is deleted
 # on any exit, failure or Ctrl-C included.
@@ -36,29 +44,37 @@
 #                      mpc max_images=8
 #   --checkpoint FILE  the vendor's model; default: the vendor trains one with `suite train`
 #                      on the config's dataset (it must not have seen the run's test images)
-#   --work DIR         logs, checkpoint, run folder and summary.json (default: a new temp dir)
-#   --port P           rendezvous port on the vendor (default 29517)
+#   --work DIR         logs, checkpoint, run folders and summaries (default: a new temp dir);
+#                      each session's in DIR/CHANNEL/ (summary.json there), and
+#                      DIR/summary.json holds every row's figures keyed "ENGINE-CHANNEL"
+#   --port P           CrypTen's rendezvous port on the vendor (default 29517); SPU's
+#                      model owner listens on P+2, its data owner on P+3
 #   --mtu N            veth MTU (default 1500, as on Ethernet; loopback has 65536)
 #   --port-range LO-HI ephemeral port range in the party namespaces (net.ipv4.ip_local_port_range),
 #                      which is where gloo's listening sockets are: what a firewall must open
-#   --channel C        tls-vpn (default): OpenVPN tunnels between every pair of hosts;
-#                      plain: gloo's TCP in the clear (insecure)
-#   --dealer-on W      third (default): the dealer in its own namespace; vendor: co-located
-#                      with the model owner (labelled in the row)
-#   --capture FILE     tcpdump on the link bridge into FILE (pcap), for the whole session
+#   --engine E[,E]     crypten (default) and/or spu (SEMI2K; needs .venv-spu/)
+#   --channel C[,C]    tls-vpn (default): OpenVPN tunnels between every pair of hosts;
+#                      plain: the parties' TCP in the clear (insecure)
+#   --dealer-on W      third (default): CrypTen's dealer in its own namespace; vendor:
+#                      co-located with the model owner (labelled in the row)
+#   --capture FILE     tcpdump on the link bridge during each session (from before the
+#                      vendor's parties start to after they exit); with one channel into
+#                      FILE, with several into FILE's name plus -CHANNEL (link-plain.pcap)
 #   --quick            pass --quick to `suite run`
 # Environment: PYTHON (default <repo>/.venv/bin/python), MPC_NS_ID (suffix for the namespace
-# and interface names, default this shell's pid), MPC_NS_TIMEOUT (seconds for the whole
-# benchmark run, default 900), MPC_NS_RECORD_DIR (tests only: the data owner records what it
-# receives and the dealer what it sends, so a capture can be searched for them).
+# and interface names, default this shell's pid), MPC_NS_TIMEOUT (seconds for each benchmark
+# run, default 900), MPC_NS_RECORD_DIR (tests only: the parties record what they receive and
+# CrypTen's dealer what it sends, in MPC_NS_RECORD_DIR/CHANNEL/, so a capture can be
+# searched for them).
 # Exit status: 0 all checks passed; 1 a check or a step failed; 2 cannot run here (not root,
-# no `ip netns`, no openvpn or /dev/net/tun for tls-vpn, no tcpdump for --capture).
+# no `ip netns`, no openvpn or /dev/net/tun for tls-vpn, no tcpdump for --capture, no
+# .venv-spu/ for spu).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 PY="${PYTHON:-$ROOT/.venv/bin/python}"
 CONFIG="" CHECKPOINT="" WORK="" PORT=29517 MTU=1500 PORT_RANGE="" QUICK=()
-CHANNEL=tls-vpn DEALER_ON=third CAPTURE=""
+CHANNELS=tls-vpn ENGINES=crypten DEALER_ON=third CAPTURE=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --config) CONFIG="$(realpath "$2")"; shift 2 ;;
@@ -67,7 +83,8 @@ while [ $# -gt 0 ]; do
     --port) PORT="$2"; shift 2 ;;
     --mtu) MTU="$2"; shift 2 ;;
     --port-range) PORT_RANGE="$2"; shift 2 ;;
-    --channel) CHANNEL="$2"; shift 2 ;;
+    --channel) CHANNELS="$2"; shift 2 ;;
+    --engine) ENGINES="$2"; shift 2 ;;
     --dealer-on) DEALER_ON="$2"; shift 2 ;;
     --capture) CAPTURE="$(realpath -m "$2")"; shift 2 ;;
     --quick) QUICK=(--quick); shift ;;
@@ -75,7 +92,17 @@ while [ $# -gt 0 ]; do
     *) echo "error: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
 done
-case "$CHANNEL" in tls-vpn|plain) ;; *) echo "error: --channel must be tls-vpn or plain, got '$CHANNEL'" >&2; exit 2 ;; esac
+IFS=, read -r -a CHANNEL_LIST <<<"$CHANNELS"
+IFS=, read -r -a ENGINE_LIST <<<"$ENGINES"
+for c in "${CHANNEL_LIST[@]}"; do
+  case "$c" in tls-vpn|plain) ;; *) echo "error: --channel takes tls-vpn and/or plain, got '$c'" >&2; exit 2 ;; esac
+done
+for e in "${ENGINE_LIST[@]}"; do
+  case "$e" in crypten|spu) ;; *) echo "error: --engine takes crypten and/or spu, got '$e'" >&2; exit 2 ;; esac
+done
+[ ${#CHANNEL_LIST[@]} -gt 0 ] && [ ${#ENGINE_LIST[@]} -gt 0 ] || { echo "error: --engine and --channel need a value" >&2; exit 2; }
+TUNNELS=false
+case ",$CHANNELS," in *,tls-vpn,*) TUNNELS=true ;; esac
 case "$DEALER_ON" in third|vendor) ;; *) echo "error: --dealer-on must be third or vendor, got '$DEALER_ON'" >&2; exit 2 ;; esac
 
 if [ "$(id -u)" != 0 ]; then
@@ -86,7 +113,7 @@ if ! command -v ip >/dev/null 2>&1 || ! ip netns list >/dev/null 2>&1; then
   echo "error: 'ip netns' is unavailable (install iproute2; the kernel needs network namespaces)" >&2
   exit 2
 fi
-if [ "$CHANNEL" = tls-vpn ]; then
+if [ "$TUNNELS" = true ]; then
   if ! command -v openvpn >/dev/null 2>&1; then
     echo "error: --channel tls-vpn needs openvpn (Debian: apt-get install openvpn; scripts/setup.sh does)" >&2
     exit 2
@@ -96,6 +123,11 @@ if [ "$CHANNEL" = tls-vpn ]; then
     exit 2
   fi
 fi
+case ",$ENGINES," in
+  *,spu,*) "$PY" -c "import sys; sys.path.insert(0, sys.argv[1])
+from backends.mpc.spu_engine import spu_available; sys.exit(0 if spu_available() else 1)" "$ROOT" || {
+    echo "error: --engine spu needs SPU's own environment .venv-spu/ (bash scripts/setup.sh)" >&2; exit 2; } ;;
+esac
 if [ -n "$CAPTURE" ] && ! command -v tcpdump >/dev/null 2>&1; then
   echo "error: --capture needs tcpdump (Debian: apt-get install tcpdump; scripts/setup.sh does)" >&2
   exit 2
@@ -205,35 +237,24 @@ counters() {  # NS DEV -> "rx_bytes tx_bytes rx_packets tx_packets"
   ip netns exec "$1" sh -c "cd /sys/class/net/$2/statistics && cat rx_bytes tx_bytes rx_packets tx_packets" | paste -sd' '
 }
 
-if [ -n "$CAPTURE" ]; then           # everything on the link, tunnel handshakes included
-  mkdir -p "$(dirname "$CAPTURE")"
-  ip netns exec "$NS_L" tcpdump -i "$BRIDGE" -s 0 -B 32768 -U -n -w "$CAPTURE" >"$WORK/capture.log" 2>&1 &
-  CAPTURE_PID=$!
-  for _ in $(seq 100); do grep -q "listening on" "$WORK/capture.log" && break; sleep 0.1; done
-  grep -q "listening on" "$WORK/capture.log" || { cat "$WORK/capture.log" >&2; echo "error: tcpdump did not start" >&2; exit 1; }
-  log "capturing the link ($BRIDGE) into $CAPTURE"
-fi
-
 # ------------------------------------------------------------------ channel: tunnels or plain
 TUNNEL_SETUP_S=0
-declare -A IFNAME MASTER
-if [ "$CHANNEL" = tls-vpn ]; then
+declare -A TUN_IF TPID
+if [ "$TUNNELS" = true ]; then
   t0=$(date +%s.%N)
   "$PY" -m backends.mpc.tunnel pki "$WORK/tunnel/pki" "${HOSTS[@]}"
-  declare -A TPID
   port_of() { case "$1$2" in hospitalvendor|vendorhospital) echo 1194 ;; hospitaldealer|dealerhospital) echo 1195 ;; *) echo 1196 ;; esac; }
   for host in "${HOSTS[@]}"; do
     peers=()
     for peer in "${HOSTS[@]}"; do
       [ "$peer" = "$host" ] && continue
       peers+=(--peer "$peer=${ADDR[$peer]}=${TUN[$peer]}=$(port_of "$host" "$peer")")
-      IFNAME[$host]="tun${host:0:1}${peer:0:1}$ID"; IFNAME[$host]="${IFNAME[$host]:0:15}"
+      TUN_IF[$host]="tun${host:0:1}${peer:0:1}$ID"; TUN_IF[$host]="${TUN_IF[$host]:0:15}"
     done
     (cd "$ROOT" && exec ip netns exec "${NS[$host]}" "$PY" -m backends.mpc.tunnel host --pki "$WORK/tunnel/pki" \
       --me "$host" --underlay "${ADDR[$host]}" --overlay "${TUN[$host]}" "${peers[@]}" --suffix "$ID" \
       --log-dir "$WORK/tunnel" --ready-file "$WORK/tunnel/$host.ready" >"$WORK/tunnel/$host.log" 2>&1) &
     PIDS+=($!); TPID[$host]=$!
-    MASTER[$host]="$TUN_V"
   done
   for _ in $(seq 600); do
     up=0
@@ -248,9 +269,6 @@ if [ "$CHANNEL" = tls-vpn ]; then
   TUNNEL_SETUP_S=$("$PY" -c "print(round($(date +%s.%N) - $t0, 3))")
   log "tunnels up in ${TUNNEL_SETUP_S} s (certificates made and every pair's handshake done): $(cat "$WORK"/tunnel/*.log | grep -o 'up in .*' | paste -sd';')"
   log "route hospital -> vendor: $(ip -n "$NS_H" route get "$TUN_V" | head -1 | tr -s ' ')"
-else
-  for host in "${HOSTS[@]}"; do IFNAME[$host]="${VETH[$host]}"; MASTER[$host]="$ADDR_V"; done
-  log "channel: PLAIN TCP on the link (insecure)"
 fi
 log "route hospital -> vendor (link): $(ip -n "$NS_H" route get "$ADDR_V" | head -1 | tr -s ' ')"
 
@@ -295,193 +313,179 @@ from suite.models import load_checkpoint
 print(','.join(p for p in load_checkpoint(sys.argv[1]).pathologies if p))" "$CHECKPOINT")"
 log "vendor model $CHECKPOINT, labels $LABELS"
 
-BEFORE_H="$(counters "$NS_H" "${VETH[hospital]}")"
-BEFORE_V="$(counters "$NS_V" "${VETH[vendor]}")"
-
-# ------------------------------------------------------------------ vendor: party 0; the dealer: party 2
-RECORD_ENV=() DEALER_CMD=(-m backends.mpc.crypten_party)
-if [ -n "${MPC_NS_RECORD_DIR:-}" ]; then    # tests only: what the secret material looks like
-  mkdir -p "$MPC_NS_RECORD_DIR"
-  RECORD_ENV=(MPC_RECORD_DIR="$MPC_NS_RECORD_DIR")
-  DEALER_CMD=("$ROOT/tests/mpc_dealer_recording.py" "$MPC_NS_RECORD_DIR/dealer_sent.pkl")
-fi
+# ------------------------------------------------------------------ one session per channel
+# Each session: the vendor's parties for every engine (CrypTen's model owner and dealer, SPU's
+# model owner) started fresh, the link captured, ONE benchmark run on the hospital with an
+# mpc row per engine (one after the other), counters read before and after, figures checked.
 DEALER_NS="$NS_D" DEALER_HOST=third_party
 [ "$DEALER_ON" = vendor ] && DEALER_NS="$NS_V" DEALER_HOST=model_owner
-DEALER_IF="${IFNAME[dealer]:-${IFNAME[vendor]}}"
-ip netns exec "$DEALER_NS" env GLOO_SOCKET_IFNAME="$DEALER_IF" OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 \
-  "$PY" "${DEALER_CMD[@]}" dealer --master-addr "${MASTER[vendor]}" --master-port "$PORT" \
-  >"$WORK/dealer/dealer.log" 2>&1 &
-PIDS+=($!); DEALER_PID=$!
-ip netns exec "$NS_V" env GLOO_SOCKET_IFNAME="${IFNAME[vendor]}" OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 \
-  "$PY" -m backends.mpc.crypten_party model-owner \
-  --master-addr "${MASTER[vendor]}" --master-port "$PORT" --checkpoint "$CHECKPOINT" --labels "$LABELS" \
-  >"$WORK/vendor/model_owner.log" 2>&1 &
-PIDS+=($!); OWNER_PID=$!
-log "vendor: model owner pid $OWNER_PID, rendezvous ${MASTER[vendor]}:$PORT; dealer pid $DEALER_PID in $DEALER_NS"
-
-# ------------------------------------------------------------------ hospital: the benchmark
-RUN_DIR="$WORK/hospital/run"
-MPC_SPEC="mpc:local_parties=data_owner:channel=$CHANNEL:dealer_host=$DEALER_HOST"
-log "hospital: suite run (plaintext reference + $MPC_SPEC) -> $RUN_DIR"
-ip netns exec "$NS_H" env GLOO_SOCKET_IFNAME="${IFNAME[hospital]}" MPC_MASTER_ADDR="${MASTER[hospital]}" \
-  MPC_MASTER_PORT="$PORT" "${RECORD_ENV[@]}" \
-  timeout "${MPC_NS_TIMEOUT:-900}" "$PY" -m suite run --config "$CONFIG" --model "$CHECKPOINT" \
-  --backends "plaintext,$MPC_SPEC" --out "$RUN_DIR" --no-report "${QUICK[@]}" \
-  >"$WORK/hospital/run.log" 2>&1 &
-PIDS+=($!); RUN_PID=$!
-RUN_STATUS=0 OWNER_STATUS=running DEALER_STATUS=running
-reap() {  # set OWNER_STATUS / DEALER_STATUS once that process has exited
-  if [ "$OWNER_STATUS" = running ] && ! kill -0 "$OWNER_PID" 2>/dev/null; then
-    OWNER_STATUS=0; wait "$OWNER_PID" || OWNER_STATUS=$?
-  fi
-  if [ "$DEALER_STATUS" = running ] && ! kill -0 "$DEALER_PID" 2>/dev/null; then
-    DEALER_STATUS=0; wait "$DEALER_PID" || DEALER_STATUS=$?
-  fi
-}
 tunnels_alive() {
-  [ "$CHANNEL" = tls-vpn ] || return 0
+  [ "$TUNNELS" = true ] || return 0
   for host in "${HOSTS[@]}"; do kill -0 "${TPID[$host]}" 2>/dev/null || return 1; done
 }
-while kill -0 "$RUN_PID" 2>/dev/null; do
-  # a vendor party that fails ends the demo now, not when the data owner's rendezvous times out
-  reap
-  for who in vendor/model_owner:"$OWNER_STATUS" dealer/dealer:"$DEALER_STATUS"; do
-    case "${who#*:}" in
-      0|running) ;;
-      *) tail -15 "$WORK/${who%%:*}.log" >&2
-         echo "error: the ${who%%:*} process exited (status ${who#*:}) while the benchmark ran; logs in $WORK" >&2
-         exit 1 ;;
-    esac
+SESSIONS=()
+FAILED=()
+SPU_PORT=$((PORT + 2))       # SPU's model owner; its data owner listens on SPU_PORT + 1
+
+session() {  # CHANNEL -> 0 when every check passed
+  local channel=$1 SW="$WORK/$1"
+  mkdir -p "$SW/vendor" "$SW/hospital" "$SW/dealer"
+  local master_v="$ADDR_V" addr_h="$ADDR_H" if_h="${VETH[hospital]}" if_v="${VETH[vendor]}"
+  local if_d="${VETH[dealer]}"
+  if [ "$channel" = tls-vpn ]; then
+    master_v="$TUN_V" addr_h="$TUN_H" if_h="${TUN_IF[hospital]}" if_v="${TUN_IF[vendor]}"
+    if_d="${TUN_IF[dealer]:-}"
+  fi
+  [ "$DEALER_ON" = vendor ] && if_d="$if_v"
+  local capture="" cap_log="$SW/capture.log"
+  if [ -n "$CAPTURE" ]; then
+    capture="$CAPTURE"
+    if [ "${#CHANNEL_LIST[@]}" -gt 1 ]; then
+      case "$CAPTURE" in *.pcap) capture="${CAPTURE%.pcap}-$channel.pcap" ;; *) capture="$CAPTURE-$channel" ;; esac
+    fi
+    mkdir -p "$(dirname "$capture")"
+    ip netns exec "$NS_L" tcpdump -i "$BRIDGE" -s 0 -B 32768 -U -n -w "$capture" >"$cap_log" 2>&1 &
+    CAPTURE_PID=$!
+    for _ in $(seq 100); do grep -q "listening on" "$cap_log" && break; sleep 0.1; done
+    grep -q "listening on" "$cap_log" || { cat "$cap_log" >&2; echo "error: tcpdump did not start" >&2; return 1; }
+    log "[$channel] capturing the link ($BRIDGE) into $capture"
+  fi
+  local record_env=() record_dir="" dealer_cmd=(-m backends.mpc.crypten_party)
+  if [ -n "${MPC_NS_RECORD_DIR:-}" ]; then    # tests only: what the secret material looks like
+    record_dir="$MPC_NS_RECORD_DIR/$channel"
+    mkdir -p "$record_dir"
+    record_env=(MPC_RECORD_DIR="$record_dir")
+    dealer_cmd=("$ROOT/tests/mpc_dealer_recording.py" "$record_dir/dealer_sent.pkl")
+  fi
+  local before_h before_v after_h after_v
+  before_h="$(counters "$NS_H" "${VETH[hospital]}")"
+  before_v="$(counters "$NS_V" "${VETH[vendor]}")"
+
+  # vendor: party 0 of every engine (and CrypTen's dealer, party 2)
+  local specs="" engine
+  local -A owner_pid dealer_pid owner_status dealer_status
+  for engine in "${ENGINE_LIST[@]}"; do
+    owner_status[$engine]=running dealer_status[$engine]=none
+    if [ "$engine" = crypten ]; then
+      ip netns exec "$DEALER_NS" env GLOO_SOCKET_IFNAME="$if_d" OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 \
+        "$PY" "${dealer_cmd[@]}" dealer --master-addr "$master_v" --master-port "$PORT" \
+        >"$SW/dealer/dealer.log" 2>&1 &
+      PIDS+=($!); dealer_pid[$engine]=$!; dealer_status[$engine]=running
+      ip netns exec "$NS_V" env GLOO_SOCKET_IFNAME="$if_v" OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 \
+        "$PY" -m backends.mpc.crypten_party model-owner \
+        --master-addr "$master_v" --master-port "$PORT" --checkpoint "$CHECKPOINT" --labels "$LABELS" \
+        >"$SW/vendor/model_owner-crypten.log" 2>&1 &
+      PIDS+=($!); owner_pid[$engine]=$!
+      specs+=",mpc:local_parties=data_owner:channel=$channel:dealer_host=$DEALER_HOST"
+      log "[$channel] vendor: CrypTen model owner pid ${owner_pid[$engine]}, rendezvous $master_v:$PORT; dealer pid ${dealer_pid[$engine]} in $DEALER_NS"
+    else
+      ip netns exec "$NS_V" env OMP_NUM_THREADS=1 "${record_env[@]}" \
+        "$PY" -m backends.mpc.spu_engine model-owner --listen "$master_v:$SPU_PORT" \
+        --data-owner "$addr_h:$((SPU_PORT + 1))" --checkpoint "$CHECKPOINT" --labels "$LABELS" \
+        --timeout-s "${MPC_NS_TIMEOUT:-900}" --workdir "$SW/vendor" \
+        >"$SW/vendor/model_owner-spu.log" 2>&1 &
+      PIDS+=($!); owner_pid[$engine]=$!
+      specs+=",mpc:engine=spu:local_parties=data_owner:channel=$channel:master_port=$SPU_PORT"
+      specs+=":data_owner_addr=$addr_h:data_owner_port=$((SPU_PORT + 1))"
+      log "[$channel] vendor: SPU model owner pid ${owner_pid[$engine]}, link $master_v:$SPU_PORT, data owner at $addr_h:$((SPU_PORT + 1))"
+    fi
   done
-  tunnels_alive || { tail -5 "$WORK"/tunnel/*.log >&2; echo "error: a tunnel went down during the run" >&2; exit 1; }
-  sleep 0.5
-done
-wait "$RUN_PID" || RUN_STATUS=$?
 
-# the model owner stops when the data owner says so, and stops the dealer
-for _ in $(seq 150); do
-  reap
-  [ "$OWNER_STATUS" != running ] && [ "$DEALER_STATUS" != running ] && break
-  sleep 0.2
-done
-TUNNELS_UP_AT_END=true
-tunnels_alive || TUNNELS_UP_AT_END=false
-AFTER_H="$(counters "$NS_H" "${VETH[hospital]}")"
-AFTER_V="$(counters "$NS_V" "${VETH[vendor]}")"
-if [ -n "$CAPTURE_PID" ]; then
-  kill -INT "$CAPTURE_PID" 2>/dev/null; wait "$CAPTURE_PID" 2>/dev/null || true; CAPTURE_PID=""
-  log "capture: $(grep -E 'captured|dropped' "$WORK/capture.log" | paste -sd',')"
-fi
-if [ "$RUN_STATUS" != 0 ]; then
-  tail -25 "$WORK/hospital/run.log" >&2
-  for f in vendor/model_owner dealer/dealer; do echo "--- $f.log" >&2; tail -5 "$WORK/$f.log" >&2; done
-  echo "error: the benchmark run failed (exit $RUN_STATUS); logs in $WORK" >&2
-  exit 1
-fi
-log "exit codes: model owner $OWNER_STATUS, dealer $DEALER_STATUS"
+  # hospital: the benchmark, one mpc row per engine
+  local run_dir="$SW/hospital/run"
+  log "[$channel] hospital: suite run (plaintext reference$specs) -> $run_dir"
+  ip netns exec "$NS_H" env GLOO_SOCKET_IFNAME="$if_h" MPC_MASTER_ADDR="$master_v" \
+    MPC_MASTER_PORT="$PORT" "${record_env[@]}" \
+    timeout "${MPC_NS_TIMEOUT:-900}" "$PY" -m suite run --config "$CONFIG" --model "$CHECKPOINT" \
+    --backends "plaintext$specs" --out "$run_dir" --no-report "${QUICK[@]}" \
+    >"$SW/hospital/run.log" 2>&1 &
+  PIDS+=($!)
+  local run_pid=$! run_status=0
+  reap() {  # note the exit status of every vendor process that has ended
+    local e
+    for e in "${ENGINE_LIST[@]}"; do
+      if [ "${owner_status[$e]}" = running ] && ! kill -0 "${owner_pid[$e]}" 2>/dev/null; then
+        owner_status[$e]=0; wait "${owner_pid[$e]}" || owner_status[$e]=$?
+      fi
+      if [ "${dealer_status[$e]}" = running ] && ! kill -0 "${dealer_pid[$e]}" 2>/dev/null; then
+        dealer_status[$e]=0; wait "${dealer_pid[$e]}" || dealer_status[$e]=$?
+      fi
+    done
+  }
+  vendor_failed() {  # a vendor process that exited non-zero: name it
+    local e
+    for e in "${ENGINE_LIST[@]}"; do
+      case "${owner_status[$e]}" in 0|running) ;; *) tail -15 "$SW/vendor/model_owner-$e.log" >&2
+        echo "error: [$channel] the $e model owner exited (status ${owner_status[$e]}) while the benchmark ran; logs in $SW" >&2
+        return 0 ;; esac
+      case "${dealer_status[$e]}" in 0|running|none) ;; *) tail -15 "$SW/dealer/dealer.log" >&2
+        echo "error: [$channel] the dealer exited (status ${dealer_status[$e]}) while the benchmark ran; logs in $SW" >&2
+        return 0 ;; esac
+    done
+    return 1
+  }
+  while kill -0 "$run_pid" 2>/dev/null; do
+    # a vendor party that fails ends the session now, not when the data owner times out
+    reap
+    if vendor_failed; then kill -TERM "$run_pid" 2>/dev/null; wait "$run_pid" 2>/dev/null; return 1; fi
+    tunnels_alive || { tail -5 "$WORK"/tunnel/*.log >&2; echo "error: a tunnel went down during the run" >&2; return 1; }
+    sleep 0.5
+  done
+  wait "$run_pid" || run_status=$?
 
-# ------------------------------------------------------------------ figures and checks
-"$PY" - "$RUN_DIR" "$WORK" "$BEFORE_H" "$AFTER_H" "$BEFORE_V" "$AFTER_V" "$OWNER_STATUS" "$DEALER_STATUS" \
-  "$CHANNEL" "$DEALER_ON" "$TUNNEL_SETUP_S" "$TUNNELS_UP_AT_END" "$CAPTURE" <<'EOF'
-import json, re, sys
+  # each model owner stops when its data owner says so (CrypTen's stops the dealer)
+  local done_all
+  for _ in $(seq 150); do
+    reap
+    done_all=true
+    for engine in "${ENGINE_LIST[@]}"; do
+      [ "${owner_status[$engine]}" = running ] || [ "${dealer_status[$engine]}" = running ] && done_all=false
+    done
+    [ "$done_all" = true ] && break
+    sleep 0.2
+  done
+  local tunnels_up=true
+  tunnels_alive || tunnels_up=false
+  after_h="$(counters "$NS_H" "${VETH[hospital]}")"
+  after_v="$(counters "$NS_V" "${VETH[vendor]}")"
+  if [ -n "$CAPTURE_PID" ]; then
+    kill -INT "$CAPTURE_PID" 2>/dev/null; wait "$CAPTURE_PID" 2>/dev/null || true; CAPTURE_PID=""
+    log "[$channel] capture: $(grep -E 'captured|dropped' "$cap_log" | paste -sd',')"
+  fi
+  if [ "$run_status" != 0 ]; then
+    tail -25 "$SW/hospital/run.log" >&2
+    for f in "$SW"/vendor/model_owner-*.log "$SW/dealer/dealer.log"; do
+      [ -f "$f" ] && { echo "--- $f" >&2; tail -5 "$f" >&2; }
+    done
+    echo "error: [$channel] the benchmark run failed (exit $run_status); logs in $SW" >&2
+    return 1
+  fi
+  local exits=""
+  for engine in "${ENGINE_LIST[@]}"; do
+    exits+="${exits:+,}$engine=${owner_status[$engine]}/${dealer_status[$engine]}"
+  done
+  log "[$channel] exit codes (model owner/dealer): $exits"
+  "$PY" "$ROOT/scripts/mpc_ns_summary.py" "$run_dir" "$SW" "$before_h" "$after_h" "$before_v" "$after_v" \
+    "$exits" "$channel" "$DEALER_ON" "$TUNNEL_SETUP_S" "$tunnels_up" "$capture"
+}
+
+for channel in "${CHANNEL_LIST[@]}"; do
+  if session "$channel"; then SESSIONS+=("$channel"); else FAILED+=("$channel"); fi
+  if [ -n "$CAPTURE_PID" ]; then        # a session that failed early left its capture running
+    kill -INT "$CAPTURE_PID" 2>/dev/null; wait "$CAPTURE_PID" 2>/dev/null || true; CAPTURE_PID=""
+  fi
+done
+"$PY" - "$WORK" "${CHANNEL_LIST[@]}" <<'EOF'
+import json, sys
 from pathlib import Path
 
-import pandas as pd
-
-run_dir, work = Path(sys.argv[1]), Path(sys.argv[2])
-before_h, after_h, before_v, after_v = (list(map(int, a.split())) for a in sys.argv[3:7])
-owner_status, dealer_status = sys.argv[7], sys.argv[8]      # exit codes, or "running"
-channel, dealer_on, tunnel_setup_s, tunnels_up, capture = sys.argv[9:14]
-rows = pd.read_json(run_dir / "results.jsonl", lines=True)
-mpc = rows[rows.backend == "mpc"]
-if mpc.empty:
-    sys.exit("error: the run has no mpc rows")
-
-
-def value(metric, total=False, **where):
-    sel = mpc[mpc.metric == metric]
-    for k, v in where.items():
-        sel = sel[sel[k] == v]
-    if total:                      # summed over phases (setup + online)
-        return float(sel.value.sum())
-    return float(sel.value.iloc[0]) if len(sel) else None
-
-
-status = sorted(set(mpc.status.dropna()))
-d_h = [a - b for a, b in zip(after_h, before_h)]
-d_v = [a - b for a, b in zip(after_v, before_v)]
-# what the vendor's model owner reported (its own counters, on its stderr)
-owner = {"sent": 0, "received": 0}
-for m in re.finditer(r"\[model_owner\] \w+: sent (\d+) B, received (\d+) B",
-                     (work / "vendor" / "model_owner.log").read_text()):
-    owner["sent"] += int(m[1])
-    owner["received"] += int(m[2])
-s = {
-    "backend_id": mpc.backend_id.iloc[0], "status": status,
-    "n_images": value("n_images"),
-    "max_abs_dp": value("max_abs_diff", label="__all__", site="__all__"),
-    "mean_abs_dp": value("mean_abs_diff", label="__all__", site="__all__"),
-    "latency_per_image_p50_s": value("latency_per_image_p50"),
-    "setup_time_s": value("setup_time"), "wall_time_s": value("wall_time"),
-    "bytes_sent": value("bytes_sent"), "bytes_received": value("bytes_received"),    # online
-    # everything the data owner sent / received over the MPC channel, setup included
-    "data_owner_sent": value("party_bytes_sent", total=True, party="data_owner"),
-    "data_owner_received": value("party_bytes_received", total=True, party="data_owner"),
-    "bytes_per_image": value("bytes_per_image"), "rounds": value("rounds"),
-    "data_owner_cpu_per_image_s": value("party_cpu_time_per_image", party="data_owner"),
-    "model_owner_reported": owner,
-    "veth_hospital": dict(zip(("rx_bytes", "tx_bytes", "rx_packets", "tx_packets"), d_h)),
-    "veth_vendor": dict(zip(("rx_bytes", "tx_bytes", "rx_packets", "tx_packets"), d_v)),
-    "vendor_exit": {"model_owner": owner_status, "dealer": dealer_status},
-    "channel": channel, "dealer_on": dealer_on,
-    "tunnel_setup_s": float(tunnel_setup_s) if channel == "tls-vpn" else None,
-    "tunnels_up_at_end": tunnels_up == "true" if channel == "tls-vpn" else None,
-    "row_channel_encrypted": value("channel_encrypted"),
-    "row_channel_note": (mpc[mpc.metric == "channel_encrypted"].note.iloc[0]
-                         if (mpc.metric == "channel_encrypted").any() else None),
-    "row_trust_assumptions": list(mpc.tm_trust_assumptions.iloc[0]),
-    "capture": capture or None,
-}
-if capture:
-    text = (work / "capture.log").read_text()
-    m, d = re.search(r"(\d+) packets captured", text), re.search(r"(\d+) packets dropped by kernel", text)
-    s["capture_packets"], s["capture_dropped"] = int(m[1]) if m else None, int(d[1]) if d else None
-
-checks = {
-    "mpc rows ok": status == ["ok"] and s["n_images"],
-    "fidelity max |dp| < 1e-3": s["max_abs_dp"] is not None and s["max_abs_dp"] < 1e-3,
-    "hospital veth tx >= data owner bytes sent": d_h[1] >= s["data_owner_sent"] > 0,
-    "hospital veth rx >= data owner bytes received": d_h[0] >= s["data_owner_received"] > 0,
-    "the row says which channel it had": s["row_channel_encrypted"] == (1.0 if channel == "tls-vpn" else 0.0),
-    "model owner's own counts match the data owner's": (owner["sent"], owner["received"])
-                                                       == (s["data_owner_received"], s["data_owner_sent"]),
-    "vendor parties exited cleanly": owner_status == "0" and dealer_status == "0",
-}
-if channel == "tls-vpn":
-    checks["tunnels stayed up to the end"] = s["tunnels_up_at_end"]
-s["checks"] = {k: bool(v) for k, v in checks.items()}
-(work / "summary.json").write_text(json.dumps(s, indent=2))
-mb = 1e6
-print(f"mpc row {s['backend_id']}: {s['n_images']:.0f} images, status {','.join(status)}")
-print(f"  fidelity   max |dp| {s['max_abs_dp']:.2e}, mean |dp| {s['mean_abs_dp']:.2e} (vs plaintext)")
-print(f"  latency    {s['latency_per_image_p50_s'] * 1e3:.0f} ms/image (p50), setup {s['setup_time_s']:.1f} s, "
-      f"data owner CPU {s['data_owner_cpu_per_image_s'] * 1e3:.0f} ms/image")
-print(f"  online     data owner sent {s['bytes_sent'] / mb:.3f} MB, received {s['bytes_received'] / mb:.3f} MB, "
-      f"{s['rounds']:.0f} rounds ({s['bytes_per_image'] / mb:.3f} MB/image)")
-print(f"  reported   with setup: data owner sent {s['data_owner_sent']:.0f} B, received "
-      f"{s['data_owner_received']:.0f} B; model owner (vendor log) sent {owner['sent']} B, "
-      f"received {owner['received']} B")
-if channel == "tls-vpn":
-    print(f"  channel    OpenVPN tunnels between every pair of hosts, up in {s['tunnel_setup_s']:.2f} s")
-else:
-    print("  channel    PLAIN TCP on the link (insecure)")
-if capture:
-    print(f"  capture    {capture}: {s['capture_packets']} packets, {s['capture_dropped']} dropped by the kernel")
-print(f"  veth       hospital tx {d_h[1]} B ({d_h[3]} packets), rx {d_h[0]} B ({d_h[2]} packets): "
-      f"{d_h[1] / max(s['data_owner_sent'], 1):.3f}x / {d_h[0] / max(s['data_owner_received'], 1):.3f}x "
-      f"the reported bytes")
-for name, ok in checks.items():
-    print(f"  [{'ok' if ok else 'FAILED'}] {name}")
-print(f"summary: {work / 'summary.json'}")
-sys.exit(0 if all(checks.values()) else 1)
+work = Path(sys.argv[1])
+runs = {}
+for channel in sys.argv[2:]:
+    path = work / channel / "summary.json"
+    if path.exists():
+        runs.update({f"{engine}-{channel}": s for engine, s in json.loads(path.read_text()).items()})
+(work / "summary.json").write_text(json.dumps(runs, indent=2))
 EOF
+[ ${#FAILED[@]} -eq 0 ] || { echo "error: session(s) failed: ${FAILED[*]} (logs in $WORK)" >&2; exit 1; }
+log "sessions passed: ${SESSIONS[*]} (engines ${ENGINE_LIST[*]}); summaries in $WORK/summary.json"

@@ -108,6 +108,36 @@ def test_engine_and_protocol_pick_the_implementation_and_label():
             MPCBackend.create(MPCOptions(engine="spu", protocol="aby3"))
 
 
+@needs_spu
+def test_model_owner_on_another_host_needs_both_link_addresses_and_labels_the_channel(monkeypatch):
+    """local_parties=data_owner: the model owner's party runs elsewhere
+    (`python -m backends.mpc.spu_engine model-owner`); our data owner must be told both link
+    addresses, and every row says which channel carried the brpc link."""
+    from backends.mpc import MPCBackend, MPCOptions
+    from suite.errors import SuiteError
+
+    monkeypatch.delenv("MPC_MASTER_PORT", raising=False)
+    with pytest.raises(SuiteError, match="needs data_owner_addr, data_owner_port, master_port") as err:
+        MPCBackend.create(MPCOptions(engine="spu", local_parties="data_owner"))
+    assert "\n" not in str(err.value)
+    with pytest.raises(SuiteError, match="local_parties must be"):
+        MPCBackend.create(MPCOptions(engine="spu", local_parties="model_owner"))
+    with pytest.raises(SuiteError, match="tls-vpn is for parties on other hosts"):
+        MPCBackend.create(MPCOptions(engine="spu", channel="tls-vpn"))
+    remote = dict(engine="spu", local_parties="data_owner", master_port=29517,
+                  data_owner_addr="10.78.0.1", data_owner_port=29518)
+    texts = {}
+    for channel in ("plain", "tls-vpn"):
+        backend = MPCBackend.create(MPCOptions(channel=channel, **remote))
+        tm = backend.threat_model()
+        texts[channel] = tm.trust_assumptions[-1]
+        assert "each party runs on its own host" in " ".join(tm.trust_assumptions)
+        assert "brpc" in texts[channel] and "dealer" not in texts[channel]
+    assert "ENCRYPTED" in texts["tls-vpn"] and "PLAIN TCP" in texts["plain"]
+    local = MPCBackend.create(MPCOptions(engine="spu")).threat_model().trust_assumptions[-1]
+    assert "loopback" in local
+
+
 def test_missing_spu_environment_is_a_one_line_error(tmp_path, monkeypatch):
     from backends.mpc import MPCBackend, MPCOptions
     from suite.errors import BackendUnavailable

@@ -203,7 +203,7 @@ class PartyBackend(Backend):
 
     def extra_rows(self) -> list[dict]:
         rows = [{"metric": "channel_encrypted", "value": float(self.options.channel == "tls-vpn"),
-                 "unit": "", "higher_is_better": True, "note": channel_text(self.options)}]
+                 "unit": "", "higher_is_better": True, "note": self._channel_text()}]
         rows += [{"metric": "party_peak_rss", "value": rss, "unit": "bytes", "higher_is_better": False,
                  "party": METER_PARTY[rank],
                  "note": "peak resident memory (VmHWM) of the party's own process"}
