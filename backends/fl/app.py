@@ -979,7 +979,7 @@ def server_main(grid, context, job: FLJob) -> None:
         # deployment engine: the labelled object-pull backoff patch (backends/fl/supernode.py)
         from flwr.superlink.grid import http_grid
 
-        from backends.fl.supernode import patch_object_pull
+        from backends.fl.object_pull import patch_object_pull
 
         patch_object_pull(http_grid)
     random.seed(job.seed)            # which sites a round samples: reproducible, not secret

@@ -65,7 +65,7 @@ class AppCache:
 
 def pull_task_input(client):
     """Flower's `flwr.supernode.runtime.run_clientapp.pull_task_input`, calling Flower's
-    object pull with a short retry backoff (backends.fl.supernode.PULL_BACKOFF_S): the
+    object pull with a short retry backoff (backends.fl.object_pull.PULL_BACKOFF_S): the
     SuperNode makes a task claimable before it has fetched the message's objects from the
     SuperLink, so the first pull often finds one missing, and Flower's default backoff
     (1 s, doubling) cost 1-7 s per message in the round profile."""
@@ -78,7 +78,7 @@ def pull_task_input(client):
     from flwr.supercore.inflatable.inflatable_utils import pull_and_inflate_object_from_tree
     from flwr.supercore.task_identity import TaskIdentity
 
-    from backends.fl.supernode import PULL_BACKOFF_CAP_S, PULL_BACKOFF_S
+    from backends.fl.object_pull import PULL_BACKOFF_CAP_S, PULL_BACKOFF_S
 
     res = client.PullTaskInput(PullTaskInputRequest())
     TaskIdentity.task_id, TaskIdentity.run_id = res.task_id, res.run.run_id

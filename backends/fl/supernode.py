@@ -42,6 +42,9 @@ from __future__ import annotations
 import sys
 import types
 
+from backends.fl.object_pull import PULL_BACKOFF_CAP_S, PULL_BACKOFF_S, FlowerChanged, patch_object_pull
+
+
 # The idle poll backs off: IDLE_POLL_S right after the SuperNode handled a message (the next
 # one of a round follows soon), doubling on every empty poll up to IDLE_POLL_MAX_S. A fixed
 # short poll made 7 SuperNodes and the SuperLink spend ~0.4 of a core on empty polls
@@ -49,8 +52,6 @@ import types
 IDLE_POLL_S = 0.05      # first idle poll after activity (Flower: a fixed 3 s)
 IDLE_POLL_MAX_S = 1.0   # the back-off stops here (Flower: 3 s)
 REPLY_POLL_S = 0.05     # instead of 0.5 s: how often it checks for its ClientApp's reply
-PULL_BACKOFF_S = 0.02   # instead of 1 s: first retry of an object not uploaded yet
-PULL_BACKOFF_CAP_S = 0.25   # instead of 10 s: the longest wait between two tries
 PATCHED = (f"SuperNode idle poll {IDLE_POLL_S:g} s after a message, doubling to {IDLE_POLL_MAX_S:g} s, instead of "
            f"Flower's fixed 3 s; the site's ClientApp runner is a thread of the SuperNode "
            f"process calling its Runtime API handlers in-process (not over loopback HTTP) "
@@ -59,10 +60,6 @@ PATCHED = (f"SuperNode idle poll {IDLE_POLL_S:g} s after a message, doubling to 
            f"(monkeypatch of flwr.supernode.start_client_internal, "
            f"flwr.supernode.cli.flower_supernode and, in the ServerApp, "
            f"flwr.superlink.grid.http_grid; no supported setting in Flower 1.42)")
-
-
-class FlowerChanged(RuntimeError):
-    """The installed Flower's SuperNode loop is not the one this patch was written for."""
 
 
 class IdleBackoff:
@@ -134,21 +131,6 @@ def patch_supernode_poll(idle_s: float = IDLE_POLL_S, reply_s: float = REPLY_POL
     shim.__dict__.update({k: v for k, v in vars(time).items() if not k.startswith("__")})
     shim.sleep = sleep
     loop.time = shim
-
-
-def patch_object_pull(module, initial_s: float = PULL_BACKOFF_S, cap_s: float = PULL_BACKOFF_CAP_S) -> None:
-    """Give `module`'s `pull_objects` (Flower's, imported by name) a shorter retry backoff."""
-    import functools
-
-    from flwr.supercore.inflatable import inflatable_utils
-
-    current = getattr(module, "pull_objects", None)
-    original = getattr(current, "func", current)
-    if original is not inflatable_utils.pull_objects or "initial_backoff" not in \
-            inflatable_utils.pull_objects.__code__.co_varnames:
-        raise FlowerChanged(f"{module.__name__}.pull_objects is not Flower's pull_objects with an "
-                            "initial_backoff; re-check the object pull before patching it")
-    module.pull_objects = functools.partial(original, initial_backoff=initial_s, backoff_cap=cap_s)
 
 
 SITE_RUNNER_FLAG = "--site-runner"
