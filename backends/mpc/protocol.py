@@ -612,19 +612,11 @@ class TwoPartyGates:
         self.fault = ""
 
     def _and(self, xs: list[torch.Tensor], ys: list[torch.Tensor]) -> list[torch.Tensor]:
-        import torch.distributed as dist
 
         if len(xs) > 1 and all(t is xs[0] for t in xs[1:]):
             return self._and_shared(xs[0], ys)
         shapes = [x.shape for x in xs]
-        x = torch.cat([t.reshape(-1) for t in xs])
-        y = torch.cat([t.reshape(-1) for t in ys])
-        a, b, c = self.provider.generate_binary_triple(x.size(), y.size(), device=x.device)
-        a, b, c = a.share, b.share, c.share
-        eps, delta = self.comm.all_reduce([x ^ a, y ^ b], op=dist.ReduceOp.BXOR, batched=True)
-        z = c ^ (eps & b) ^ (a & delta)
-        if self.rank == 0:
-            z ^= eps & delta
+        z = self._beaver_and(torch.cat([t.reshape(-1) for t in xs]), torch.cat([t.reshape(-1) for t in ys]))
         out, start = [], 0
         for shape in shapes:
             k = int(torch.Size(shape).numel())
@@ -635,18 +627,23 @@ class TwoPartyGates:
     def _and_shared(self, x: torch.Tensor, ys: list[torch.Tensor]) -> list[torch.Tensor]:
         """x & y for each y in ys with one opening of x: a triple (a, [b_k], [a & b_k]) whose a
         masks x once (the carry tree's p_hi & g_lo, p_hi & p_lo): 3 words opened, not 4."""
-        import torch.distributed as dist
 
         shape = x.shape
-        x = x.reshape(1, -1)
-        y = torch.stack([t.reshape(-1) for t in ys])
+        z = self._beaver_and(x.reshape(1, -1), torch.stack([t.reshape(-1) for t in ys]))
+        return [z[k].view(shape) for k in range(len(ys))]
+
+    def _beaver_and(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """XOR-shares of x & y (y may broadcast x) from one binary triple: one opening of
+        (x ^ a, y ^ b), then z = c ^ (eps & b) ^ (a & delta) (^ eps & delta on party 0)."""
+        import torch.distributed as dist
+
         a, b, c = self.provider.generate_binary_triple(x.size(), y.size(), device=x.device)
         a, b, c = a.share, b.share, c.share
         eps, delta = self.comm.all_reduce([x ^ a, y ^ b], op=dist.ReduceOp.BXOR, batched=True)
         z = c ^ (eps & b) ^ (a & delta)
         if self.rank == 0:
             z ^= eps & delta
-        return [z[k].view(shape) for k in range(len(ys))]
+        return z
 
     def product(self, op: str, x: torch.Tensor, y: torch.Tensor, **kwargs) -> torch.Tensor:
         """This party's share of op(x, y) (op: conv2d, matmul or mul) for its int64 shares x, y:
