@@ -152,6 +152,12 @@ class Backend(ABC):
         recorded as a failed audit, never swallowed. `train` is None on the inference track."""
         return []
 
+    def fit_scope(self) -> str:
+        """Training track: what the timed fit phase holds besides training itself (an
+        engine's start-up, say), so the `fit_time_ratio` row's note says what it compares;
+        "" when fit is training alone."""
+        return ""
+
     def released_model(self) -> Any:
         """Training track: the model this configuration releases (a suite.models.ModelBundle),
         which a composition (`dp>mpc`) serves through another technique; None if it releases

@@ -16,7 +16,12 @@ def fit_time_ratio_rows(base: dict[str, Any], part: dict[str, Any], ref_part: di
     theirs = ((ref_part or {}).get("timings") or {}).get("fit_s")
     if not mine or not theirs:
         return []
+    note = (f"training wall time (fit phase, measured by the harness) / that of its control "
+            f"{ref_id}, same training budget")
+    scopes = (("this row's", part.get("fit_scope")),
+              ("the control's", (ref_part or {}).get("fit_scope")))
+    for who, scope in scopes:
+        if scope:
+            note += f"; {who} fit phase also holds {scope}"
     return [ResultRow(**base, metric="fit_time_ratio", value=float(mine) / float(theirs), unit="x",
-                      higher_is_better=False, reference=ref_id, phase="fit",
-                      note=f"training wall time (fit phase, measured by the harness) / that of "
-                           f"its control {ref_id}, same training budget")]
+                      higher_is_better=False, reference=ref_id, phase="fit", note=note)]

@@ -223,6 +223,7 @@ def write_part(job: Job, status: str, error: str | None, test: ImageSet | None,
                   else asdict(AuditOutcome())),
         "n_images": len(test) if test is not None else None,
         "batch_size": backend.batch_size() if backend else None,
+        "fit_scope": _safe(lambda: backend.fit_scope(), "") if backend else "",
         "traceback": log,
     }
     write_json_atomic(meta_path, meta)

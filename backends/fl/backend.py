@@ -302,6 +302,15 @@ class FLBackend(Backend):
             protected_scope="training data at rest at each site; updates and model are exposed",
             simulated=sim, notes=where)
 
+    def fit_scope(self) -> str:
+        """The engine processes that start inside the timed run (the rest start in prepare_fit)."""
+        if self.options.mode != "federated":
+            return ""
+        if self.options.engine == "simulation":
+            return ("the Flower simulation engine's start-up (the simulation process, Ray and its "
+                    "actors, in round 1)")
+        return "the ServerApp process's start"
+
     def start_text(self) -> str:
         if self.options.start == "scratch":
             return "from a seeded initial model (no pre-training)"
