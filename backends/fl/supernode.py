@@ -6,8 +6,9 @@ sleeps a fixed `time.sleep(3)` (flwr/supernode/start_client_internal.py, the pul
 `start_client_internal`); while its ClientApp computes a reply it checks every 0.5 s.
 Neither has a CLI flag, environment variable or config key, and 1.42 has only the HTTP
 request-response transport (no streaming or push transport that would avoid the poll).
-On loopback those sleeps, not the sites, set the length of a round: each round is two
-message exchanges (train, evaluate), each costing up to 3 s of poll per site.
+On loopback those sleeps, not the sites, set the length of a round: each message exchange
+(one per round where evaluation rides on the next round's train message, else two) cost up
+to 3 s of poll per site.
 
 What this does (a MONKEYPATCH of a Flower internal, said in every row this engine
 produces): the `time` name inside that one module is replaced by a copy of the `time`
