@@ -101,3 +101,25 @@ def test_timeline_groups_a_workers_tests_into_files(tmp_path):
     runs = units(rows)["gw0"]
     assert [(u["file"], u["tests"]) for u in runs] == [("tests/test_a.py", 2), ("tests/test_b.py", 1)]
     assert "gw0: last test ended" in describe(rows)
+
+
+def test_per_file_totals_and_longest_first_order():
+    """`--per-file` sums a file's tests; `--suggest` ranks files by their unit's seconds, a
+    spread file by its longest test, and a joined file's tests count with the file they join."""
+    from tests.timeline import longest_first, per_file
+
+    def row(nodeid, seconds, cpu=1.0):
+        return {"worker": "gw0", "nodeid": nodeid, "start": 0.0, "end": seconds, "cpu_s": cpu}
+
+    rows = [row("tests/test_a.py::x", 10), row("tests/test_a.py::y", 15),
+            row("tests/test_b.py::z", 30, cpu=20.0),
+            row("tests/test_conformance.py::test_configuration_conforms[null]", 5),
+            row("tests/test_conformance.py::test_configuration_conforms[he]", 12),
+            row("tests/test_runner.py::r", 20), row("tests/test_progress.py::p", 15)]
+    totals = {f: (n, w, c) for f, n, w, c in per_file(rows)}
+    assert totals["tests/test_a.py"] == (2, 25.0, 2.0) and totals["tests/test_b.py"] == (1, 30.0, 20.0)
+    assert [f for f, *_ in per_file(rows)][:2] == ["tests/test_b.py", "tests/test_a.py"]   # by file
+    order = longest_first(rows)
+    # test_runner's unit holds test_progress's test (35 s); conformance counts its longest, 12 s
+    assert order[:3] == ("test_runner.py", "test_b.py", "test_a.py")
+    assert order.index("test_conformance.py") == 3 and "test_progress.py" not in order

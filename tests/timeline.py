@@ -9,6 +9,8 @@ worker while the other idles shows here).
 `--simulate` replays the measured test times through xdist's LoadScope policy (a worker is
 given the next unit when at most 2 of its tests are pending) with the unit order of
 tests/conftest.py, so a new LONG_FILES order can be judged without running the suite again.
+`--per-file` prints each file's tests, summed wall seconds and CPU, longest first; `--suggest`
+replays the order that starts the files longest first (a LONG_FILES candidate).
 """
 
 from __future__ import annotations
@@ -62,16 +64,39 @@ def describe(rows: list[dict], top: int = 12) -> str:
     return "\n".join(out)
 
 
-def queue(rows: list[dict]) -> list[tuple[str, list[float]]]:
-    """The work units in the order conftest.py and file_scheduling.py give them, each with its
-    tests' measured seconds in the order they ran."""
+def per_file(rows: list[dict]) -> list[tuple[str, int, float, float]]:
+    """(file, tests, summed wall seconds, summed CPU seconds), longest first."""
+    totals: dict[str, list] = defaultdict(lambda: [0, 0.0, 0.0])
+    for r in rows:
+        t = totals[r["nodeid"].split("::", 1)[0]]
+        t[0] += 1
+        t[1] += r["end"] - r["start"]
+        t[2] += r["cpu_s"]
+    return sorted(((f, n, w, c) for f, (n, w, c) in totals.items()), key=lambda x: -x[2])
+
+
+def longest_first(rows: list[dict]) -> tuple[str, ...]:
+    """File names in the order of their units' measured seconds, longest unit first (a file
+    whose tests join another file's unit counts with it; a spread file by its longest test)."""
+    longest: dict[str, float] = {}
+    for unit, tests in queue(rows, order=()):
+        name = Path(unit.split("::", 1)[0]).name
+        longest[name] = max(longest.get(name, 0.0), sum(tests))
+    return tuple(sorted(longest, key=lambda n: -longest[n]))
+
+
+def queue(rows: list[dict], order: tuple[str, ...] | None = None) -> list[tuple[str, list[float]]]:
+    """The work units in the order conftest.py (or `order`, a LONG_FILES candidate) and
+    file_scheduling.py give them, each with its tests' measured seconds in the order they ran."""
     from tests.conftest import LONG_FILES, SPREAD_FILES
     from tests.file_scheduling import file_scope
     from tests.shared_runs import SHARED_FILES, SHARED_LABELS
 
+    first = LONG_FILES if order is None else order
+
     def rank(nodeid: str) -> tuple:
         name = Path(nodeid.split("::", 1)[0]).name
-        return (LONG_FILES.index(name) if name in LONG_FILES else len(LONG_FILES), nodeid.split("::", 1)[0])
+        return (first.index(name) if name in first else len(first), nodeid.split("::", 1)[0])
 
     ordered = sorted(sorted(rows, key=lambda r: r["start"]), key=lambda r: rank(r["nodeid"]))
     found: dict[str, list[float]] = {}
@@ -108,7 +133,14 @@ if __name__ == "__main__":
     lines = Path(sys.argv[1]).read_text().splitlines()
     rows = [json.loads(line) for line in lines if line.strip()]
     print(describe(rows))
-    if "--simulate" in sys.argv:
-        for k, lane in enumerate(simulate(queue(rows))):
-            print(f"simulated worker {k}: ends at {lane['end']:.0f} s; first units: "
+    if "--per-file" in sys.argv:
+        for file, n, wall, cpu in per_file(rows):
+            print(f"{wall:7.0f} s  cpu {cpu:6.0f} s  {n:3d} tests  {file}")
+    plans = [("conftest's order", None)] if "--simulate" in sys.argv else []
+    if "--suggest" in sys.argv:
+        plans.append(("longest first", longest_first(rows)))
+        print("longest first:", ", ".join(plans[-1][1]))
+    for what, order in plans:
+        for k, lane in enumerate(simulate(queue(rows, order))):
+            print(f"simulated worker {k} ({what}): ends at {lane['end']:.0f} s; first units: "
                   + ", ".join(Path(u.split('::', 1)[0]).name for u in lane["units"][:8]))
