@@ -256,3 +256,25 @@ def test_narrow_relu_opens_fewer_words_and_needs_no_generate_and():
     assert _and_words(narrow) * 2 < _and_words(wide)
     assert _opened_words(narrow) + n < _opened_words(wide) // 2 + n      # + the one opening of c
     assert len([r for r in narrow if r[0] == "binary"]) == len([r for r in wide if r[0] == "binary"]) - 2
+
+
+@pytest.mark.parametrize("frac", [0.0, 0.25, 0.75])
+def test_fixed_point_emulation_rounds_as_the_protocol_does(frac):
+    """plan.FixedPointOps (the model owner's fidelity prediction) against both truncations on
+    their share simulations: same outcomes (floor + 0/1 ulp with pairs, floor - 1/0 with the
+    circuit) with the same probabilities; the other rounding mode is the control."""
+    from backends.mpc.plan import FixedPointOps
+
+    d, n = 20, 20000
+    y = torch.full((n,), (12345 << d) + int(frac * 2 ** d), dtype=torch.long)
+    floor = 12345
+    pair = sim_pair_truncate(y, d) - floor
+    circuit = sim_truncate(y, d) - floor
+    real = y.double() / 2.0 ** (2 * d)                  # the product as the emulation sees it
+    emulated = {m: torch.round(FixedPointOps(d, rounding=m)._truncated(real) * 2.0 ** d).long() - floor
+                for m in ("pair", "circuit")}
+    for protocol, mode, other, values in ((pair, "pair", "circuit", (0, 1)), (circuit, "circuit", "pair", (-1, 0))):
+        assert set(protocol.unique().tolist()) <= set(values)
+        assert set(emulated[mode].unique().tolist()) <= set(values)
+        assert abs(float(protocol.double().mean() - emulated[mode].double().mean())) < 0.03
+        assert abs(float(protocol.double().mean() - emulated[other].double().mean())) > 0.9
