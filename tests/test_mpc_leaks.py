@@ -9,6 +9,7 @@ same image in every batch; MPC_PROTOCOL_FAULTS picks the protocol variant per ba
     batch  6       own_share:  the data owner sends its own share in the ReLU's opening
     batch  7       unmasked_input: the data owner sends its share of a product's input
                    unmasked (x1 - 0 instead of x1 - a) to the model owner, who holds W
+    batches 8, 9   unmasked_compare: the ReLU's narrow comparison opens y + 2^32 (no mask r)
 
 A second, one-batch session (unmasked_weights) has the model owner send its plain weights
 unmasked (W - 0 instead of W - b) at setup; the data owner's view must show them.
@@ -38,7 +39,8 @@ pytestmark = pytest.mark.skipif(find_spec("crypten") is None, reason="needs the 
 ARCH = dict(growth_rate=4, block_config=(1, 1), num_init_features=8, bn_size=2)
 LABELS = ["a", "b"]
 SIZE = 32
-PLAN = ["", "", "open_bits", "open_bits", "reuse_mask", "reuse_mask", "own_share", "unmasked_input"]
+PLAN = ["", "", "open_bits", "open_bits", "reuse_mask", "reuse_mask", "own_share", "unmasked_input",
+        "unmasked_compare", "unmasked_compare"]
 
 
 def _bundle():
@@ -56,8 +58,9 @@ def _image():
                                             mode="bilinear") * 2048 - 1024).numpy()
 
 
-def _recorded_session(tmp, plan: list[str]) -> None:
-    """One recording session, batch i running protocol variant plan[i] on the same image."""
+def _recorded_session(tmp, plan: list[str]) -> dict:
+    """One recording session, batch i running protocol variant plan[i] on the same image; the
+    backend's precision rows."""
     from backends.mpc import MPCBackend, MPCOptions
     from suite.backend import BackendContext
     from suite.meter import CommMeter
@@ -72,15 +75,16 @@ def _recorded_session(tmp, plan: list[str]) -> None:
     finally:
         backend.teardown()
         del os.environ["MPC_RECORD_DIR"], os.environ["MPC_PROTOCOL_FAULTS"]
+    return {r["metric"]: r["value"] for r in backend.extra_rows() if not r.get("party")}
 
 
 @pytest.fixture(scope="module")
 def view(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("mpc-leaks")
-    _recorded_session(tmp, PLAN)
+    rows = _recorded_session(tmp, PLAN)
     load = lambda name: torch.load(tmp / name, weights_only=False)  # noqa: E731
-    return [{"received": load(f"model_owner_batch{i}.pt"), **load(f"model_owner_batch{i}_own.pt")}
-            for i in range(len(PLAN))]
+    return [{"received": load(f"model_owner_batch{i}.pt"), **load(f"model_owner_batch{i}_own.pt"),
+             "rows": rows} for i in range(len(PLAN))]
 
 
 # ------------------------------------------------------------------ the detector
@@ -167,6 +171,12 @@ def test_sending_a_partys_own_share_is_caught(view):
 
 def test_a_product_input_sent_unmasked_is_caught(view):
     assert own_share_hits(view[7]) > 0
+
+
+def test_the_narrow_comparison_ran_and_its_input_sent_unmasked_is_caught(view):
+    assert view[0]["rows"]["relu_comparison_bits"] == 32            # the real run used it
+    assert view[0]["rows"]["relu_comparison_headroom_bits"] >= 8
+    assert excess_agreement(view[8], view[9]) > 8
 
 
 def _plain_weight_encodings(bits: int) -> list[torch.Tensor]:

@@ -197,3 +197,84 @@ def test_relu_mask_gives_x_times_d_with_one_opening():
     z = d ^ r
     out = sum(z * xi + (1 - 2 * z) * (ci + eps * rai) for xi, rai, ci, _ in shares)
     assert torch.equal(out, x * d)
+
+
+def sim_narrow_sign(y: torch.Tensor, r: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """([y >= 0], the opened c) from random two-party shares and a dealer's comparison mask, as
+    TwoPartyGates._narrow_drelu computes it per party (borrow_shares on each party's bits)."""
+    from backends.mpc.protocol import NARROW_BITS, pack_low_bits
+
+    n = y.shape[-1]
+    r = _rand64(y.shape) if r is None else r
+    c = y + (1 << NARROW_BITS) + r                       # the one opening (uniform: r is)
+    low, top = pack_low_bits(r), pack_bits((r >> NARROW_BITS) & 1)
+    l1, t1 = _rand64(low.shape), _rand64(top.shape)
+    rho, rho_top = torch.stack([low ^ l1, l1]), torch.stack([top ^ t1, t1])
+    not_c = ~pack_low_bits(c)                            # borrow_shares, both parties stacked
+    g, p = rho & not_c, torch.stack([rho[0] ^ not_c, rho[1]])
+    d = carry_tree(g, p, sim_and, first_level=1, n=n) ^ unpack_bits(rho_top, n)
+    d[0] ^= (c >> NARROW_BITS) & 1
+    return d[0] ^ d[1], c
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 63, 64, 65, 1000])
+def test_narrow_comparison_is_exact_up_to_its_bound(n):
+    from backends.mpc.protocol import NARROW_BITS
+
+    k = 1 << NARROW_BITS
+    y = torch.randint(-k, k, (n,), generator=GEN, dtype=torch.long)
+    edge = torch.tensor([0, -1, 1, -k, k - 1, -k + 1, k - 2])        # at the bound, both sides
+    y[:min(n, len(edge))] = edge[:min(n, len(edge))]
+    assert torch.equal(sim_narrow_sign(y)[0], (y >= 0).long())
+
+
+def test_narrow_comparison_fails_beyond_its_bound():
+    """Positive control for the bound: just outside [-2^32, 2^32) every sign comes out wrong
+    (why the model owner keeps 2^8 headroom below it, `plan.Calibration.narrow_precision`)."""
+    from backends.mpc.protocol import NARROW_BITS
+
+    k = 1 << NARROW_BITS
+    y = torch.tensor([k, k + 5, -k - 1, -k - 7] * 50)
+    assert not bool((sim_narrow_sign(y)[0] == (y >= 0).long()).any())
+
+
+def test_narrow_comparison_opening_does_not_depend_on_the_secret():
+    y = torch.full((20000,), -(12345 << 10))
+    _, c = sim_narrow_sign(y)
+    bits = ((c.unsqueeze(-1) >> torch.arange(64)) & 1).double().mean(0)
+    assert float((bits - 0.5).abs().max()) < 0.02        # every bit uniform for a fixed secret
+    # positive control: a mask with a fixed low half (a broken dealer) shows the secret's bits
+    r = _rand64(y.shape) & ~0xFFFFFFFF
+    _, c = sim_narrow_sign(y, r)
+    bits = ((c.unsqueeze(-1) >> torch.arange(64)) & 1).double().mean(0)
+    assert float((bits - 0.5).abs().max()) > 0.4
+
+
+def test_narrow_relu_opens_fewer_words_and_needs_no_generate_and():
+    n = 1 << 14
+    wide, narrow = relu_triple_requests(n), relu_triple_requests(n, narrow=True)
+    assert _and_words(narrow) * 2 < _and_words(wide)
+    assert _opened_words(narrow) + n < _opened_words(wide) // 2 + n      # + the one opening of c
+    assert len([r for r in narrow if r[0] == "binary"]) == len([r for r in wide if r[0] == "binary"]) - 2
+
+
+@pytest.mark.parametrize("frac", [0.0, 0.25, 0.75])
+def test_fixed_point_emulation_rounds_as_the_protocol_does(frac):
+    """plan.FixedPointOps (the model owner's fidelity prediction) against both truncations on
+    their share simulations: same outcomes (floor + 0/1 ulp with pairs, floor - 1/0 with the
+    circuit) with the same probabilities; the other rounding mode is the control."""
+    from backends.mpc.plan import FixedPointOps
+
+    d, n = 20, 20000
+    y = torch.full((n,), (12345 << d) + int(frac * 2 ** d), dtype=torch.long)
+    floor = 12345
+    pair = sim_pair_truncate(y, d) - floor
+    circuit = sim_truncate(y, d) - floor
+    real = y.double() / 2.0 ** (2 * d)                  # the product as the emulation sees it
+    emulated = {m: torch.round(FixedPointOps(d, rounding=m)._truncated(real) * 2.0 ** d).long() - floor
+                for m in ("pair", "circuit")}
+    for protocol, mode, other, values in ((pair, "pair", "circuit", (0, 1)), (circuit, "circuit", "pair", (-1, 0))):
+        assert set(protocol.unique().tolist()) <= set(values)
+        assert set(emulated[mode].unique().tolist()) <= set(values)
+        assert abs(float(protocol.double().mean() - emulated[mode].double().mean())) < 0.03
+        assert abs(float(protocol.double().mean() - emulated[other].double().mean())) > 0.9

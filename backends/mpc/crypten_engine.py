@@ -205,14 +205,19 @@ class CrypTenBackend(PartyBackend):
             notes=(f"BatchNorm folded by the model owner (pre-activation BN: {o.pre_mode}"
                    + ("; feature channels rescaled by powers of two, logits unchanged" if o.scaling == "channels"
                       else "") + "); ReLU "
-                   f"protocol: {o.relu}; "
+                   f"protocol: {o.relu}"
+                   + (" (signs from a 32-bit comparison, one masked opening of y + 2^32 + r with the "
+                      "dealer's r: exact for |y| < 2^32 ulp, a wrong sign beyond, which is a fidelity "
+                      "failure, not a leak; row relu_comparison_headroom_bits)"
+                      if self._narrow_relu() else "") + "; "
                    + ("all parties on one host over loopback; " if o.local_parties == "all" else "")
                    + "WAN/LAN latency rows are projections; "
                    + ("product weights stay with the model owner in clear, the data owner holds them "
                       "only one-time-padded by the dealer's mask (W - b); " if o.triples == "ttp" and
                       o.truncation == "exact" else "")
                    + (("fixed-point products are truncated exactly from the dealer's truncation pairs "
-                       "(one masked opening; error at most one least significant bit for |y| < 2^62)"
+                       "(one masked opening; rounds stochastically to floor or one least significant "
+                       "bit up, for |y| < 2^62)"
                        if o.triples == "ttp" else
                        "fixed-point products are truncated exactly (wrap bit from a carry circuit, "
                        "error at most one least significant bit)") if o.truncation == "exact" else
@@ -220,11 +225,18 @@ class CrypTenBackend(PartyBackend):
                       "with probability ~|x| * 2^(2p-64) per product")),
         )
 
+    def _narrow_relu(self) -> bool:
+        cal = getattr(self, "_calibration", None)
+        return cal is not None and cal.comparison_bits == 32
+
     def _leaks(self) -> tuple[str, ...]:
         return super()._leaks() + (
             "the fixed-point precision (fractional bits) to the data owner: chosen by the model owner "
             "from its calibration, it bounds the model's largest activation (rows "
-            "fixed_point_precision_bits and fixed_point_headroom_bits give both figures)",) + (
+            "fixed_point_precision_bits and fixed_point_headroom_bits give both figures)",
+            "the ReLU comparison width to the data owner (32 bits when every ReLU input on the model "
+            "owner's calibration images is below 2^(32-8) ulp, else 64: row relu_comparison_bits), "
+            "a bound on the model's largest ReLU input",) + (
             ("the classifier's output scale to the data owner (scaling=channels: a power of two near "
              "the largest logit on the model owner's public calibration images)",)
             if self.options.scaling == "channels" else ()) + (
@@ -271,7 +283,9 @@ class CrypTenBackend(PartyBackend):
         if o.local_parties == "all":     # this worker plays the model owner too
             try:
                 plan, params, self._calibration, self._precision = model_owner_fixed_point(
-                    plan, params, ctx.model.resolution, o.precision_bits, o.truncation, o.scaling)
+                    plan, params, ctx.model.resolution, o.precision_bits, o.truncation, o.scaling,
+                    narrow_relu=o.triples == "ttp" and o.relu == "packed",
+                    rounding="pair" if o.triples == "ttp" else "circuit")
             except ValueError as exc:
                 raise SuiteError(f"mpc: {exc}") from None
         else:                             # the remote model owner chooses; 0 adopts its choice
@@ -285,6 +299,7 @@ class CrypTenBackend(PartyBackend):
             "profile": os.environ.get("MPC_PROFILE") == "1", "relu": o.relu,
             "cprofile_dir": os.environ.get("MPC_CPROFILE") or None,     # diagnostics: cProfile per party
             "truncation": o.truncation, "rng": o.rng,
+            "comparison_bits": self._calibration.comparison_bits if self._calibration else 64,
             "faults": os.environ.get("MPC_PROTOCOL_FAULTS", ""),   # tests only: broken variants
         }
         if o.local_parties == "all":
@@ -359,6 +374,17 @@ class CrypTenBackend(PartyBackend):
                                  f"{min(cal.images, EMULATED_IMAGES)} of the calibration images, by the "
                                  f"model owner's plaintext emulation (mpc_plan.FixedPointOps); "
                                  f"|dp| <= a quarter of it"})
+        if self.options.triples == "ttp" and self.options.relu == "packed":
+            rows.append({"metric": "relu_comparison_bits", "value": cal.comparison_bits, "unit": "bits",
+                         "higher_is_better": False,
+                         "note": "width of every ReLU's sign comparison (the max-pool's are 64): 32 when "
+                                 "the ReLU inputs on the calibration images leave 2^8 headroom below "
+                                 "2^32 ulp (automatic precision may give up one bit for it), else 64"})
+            if cal.comparison_bits == 32:
+                rows.append({"metric": "relu_comparison_headroom_bits", "unit": "bits", "higher_is_better": True,
+                             "value": cal.comparison_headroom_bits(self._precision),
+                             "note": f"log2(2^32 / (largest ReLU input * 2^p)) on {source}: how much larger "
+                                     f"the data owner's ReLU inputs may be before a sign comes out wrong"})
         if self.options.truncation == "local":
             rows.append({"metric": "expected_truncation_failures_per_image",
                          "value": cal.local_failures_per_image(self._precision), "unit": "",

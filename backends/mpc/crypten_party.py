@@ -259,14 +259,18 @@ class CrypTenOps:
     """
 
     def __init__(self, crypten: Any, relu: str = "packed", dealer: Any = None,
-                 truncation: str = "exact") -> None:
-        from backends.mpc.protocol import TwoPartyGates
+                 truncation: str = "exact", comparison_bits: int = 64) -> None:
+        from backends.mpc.protocol import NARROW_BITS, TwoPartyGates
 
         self.crypten = crypten
         gates = TwoPartyGates(crypten, dealer) if relu == "packed" or truncation == "exact" else None
         self.gates = gates
         self._relu = gates.relu if relu == "packed" else None
         self._gates = gates if truncation == "exact" else None
+        # the model owner's calibrated bound on every ReLU input (not the max-pool's differences,
+        # whose padding is -2^20): with the dealer, a 32-bit comparison (`TwoPartyGates.relu`)
+        self.narrow = (comparison_bits == NARROW_BITS and gates is not None and relu == "packed"
+                       and gates.provider.NAME == "TTP")
 
     def _product(self, op, x, w, **kwargs):
         """op(x, w) for shared x and shared or plain (model owner's) w, truncated exactly (or by
@@ -295,15 +299,21 @@ class CrypTenOps:
         return self._product("matmul", x, w if isinstance(w, PlainWeight) else w.transpose(0, 1)) + b
 
     def relu(self, x):
+        if self._relu is None:
+            return x.relu()
+        return self._relu(x, narrow=True) if self.narrow else self._relu(x)
+
+    def _relu_wide(self, x):
         return self._relu(x) if self._relu is not None else x.relu()
 
     def maximum_many(self, a_list, b_list):
-        """max(a, b) = b + relu(a - b) for every pair, in one batched comparison."""
+        """max(a, b) = b + relu(a - b) for every pair, in one batched comparison (full width:
+        a difference with the padding is ~2^20)."""
         diffs = [a - b for a, b in zip(a_list, b_list)]
         if len(diffs) == 1:
-            return [b_list[0] + self.relu(diffs[0])]
+            return [b_list[0] + self._relu_wide(diffs[0])]
         sizes = [d.nelement() for d in diffs]
-        r = self.relu(self.crypten.cat([d.flatten() for d in diffs], dim=0))
+        r = self._relu_wide(self.crypten.cat([d.flatten() for d in diffs], dim=0))
         out, start = [], 0
         for b, d, n in zip(b_list, diffs, sizes):
             out.append(b + r[start:start + n].view(d.size()))
@@ -493,13 +503,15 @@ def party_main(rank: int, conn: Any, settings: dict[str, Any], parent_pid: int) 
 @contextmanager
 def _cprofiled(folder: str | None, rank: int):
     """With MPC_CPROFILE=DIR (diagnostics): the party's whole life under cProfile, written to
-    DIR/party<rank>.prof when it ends (the dealer is party 2)."""
+    DIR/party<rank>.prof when it ends (the dealer is party 2). MPC_CPROFILE_CLOCK=cpu times
+    with the process's CPU clock (all its threads) instead of wall time, so waiting is free."""
     if not folder:
         yield
         return
     import cProfile
 
-    profiler = cProfile.Profile()
+    cpu = os.environ.get("MPC_CPROFILE_CLOCK") == "cpu"
+    profiler = cProfile.Profile(time.process_time) if cpu else cProfile.Profile()
     profiler.enable()
     try:
         yield
@@ -573,7 +585,10 @@ def _standalone(argv: list[str]) -> int:
     bundle = load_checkpoint(Path(a.checkpoint)).restricted([x for x in a.labels.split(",") if x])
     plan, params = build_plan(bundle.net, a.pre_mode)
     plan, params, cal, settings["precision_bits"] = model_owner_fixed_point(
-        plan, params, bundle.resolution, a.precision_bits, a.truncation, a.scaling)
+        plan, params, bundle.resolution, a.precision_bits, a.truncation, a.scaling,
+        narrow_relu=a.triples == "ttp" and a.relu == "packed",
+        rounding="pair" if a.triples == "ttp" else "circuit")
+    settings["comparison_bits"] = cal.comparison_bits
     print(f"[model owner] fixed point: {settings['precision_bits']} fractional bits "
           f"({cal.headroom_bits(settings['precision_bits']):.1f} bits of headroom on calibration)",
           file=sys.stderr, flush=True)
@@ -613,20 +628,7 @@ def _party_loop(rank: int, conn: Any, settings: dict[str, Any], model: tuple | N
         from backends.mpc.protocol import DealerClient
 
         dealer = DealerClient()       # talks to mpc_protocol.serve_dealer, tensor-only answers
-    ops = CrypTenOps(crypten, settings.get("relu", "packed"), dealer, settings.get("truncation", "exact"))
-    gates = ops.gates
-    faults = (settings.get("faults") or "").split(",")    # tests only: one variant per batch
-    from backends.mpc.protocol import FAULTS
-
-    unknown = sorted({f for f in faults if f and f not in FAULTS})
-    if unknown or (any(faults) and (gates is None or record_dir is None)):
-        raise ValueError(f"MPC_PROTOCOL_FAULTS is for the leak tests only (with MPC_RECORD_DIR and our "
-                         f"gates); known variants {', '.join(FAULTS)}, got {','.join(faults)}")
-    if record_dir is not None and gates is not None:
-        gates.view = []
-    if settings.get("profile"):
-        ops = ProfiledOps(ops)
-
+    ops = None                    # made once the precision and comparison width are agreed
     def report(kind: str, payload: dict) -> None:
         if conn is not None:
             send(conn, (kind, payload))
@@ -645,7 +647,8 @@ def _party_loop(rank: int, conn: Any, settings: dict[str, Any], model: tuple | N
     before = init_before          # setup traffic includes CrypTen's seed exchange
     agreed = {k: settings.get(k) for k in ("triples", "relu", "reveal_to", "truncation", "rng")}
     bits = int(settings["precision_bits"])
-    offer = comm.broadcast_obj({"plan": plan_to_dict(plan), "settings": agreed, "precision_bits": bits}
+    offer = comm.broadcast_obj({"plan": plan_to_dict(plan), "settings": agreed, "precision_bits": bits,
+                                "comparison_bits": int(settings.get("comparison_bits") or 64)}
                                if rank == 0 else None, 0)
     # the data owner adopts the model owner's precision unless it asked for a specific one
     # (CrypTen's broadcast_obj refuses None from the source: "" means agreement)
@@ -657,6 +660,22 @@ def _party_loop(rank: int, conn: Any, settings: dict[str, Any], model: tuple | N
         raise RuntimeError(f"the parties disagree on the protocol settings: {verdict}")
     plan = plan_from_dict(offer["plan"])
     bits = int(offer["precision_bits"])
+    comparison_bits = int(offer["comparison_bits"])     # the model owner's choice (calibrated)
+    ops = CrypTenOps(crypten, settings.get("relu", "packed"), dealer, settings.get("truncation", "exact"),
+                     comparison_bits)
+    gates = ops.gates
+    faults = (settings.get("faults") or "").split(",")    # tests only: one variant per batch
+    from backends.mpc.protocol import FAULTS
+
+    unknown = sorted({f for f in faults if f and f not in FAULTS})
+    if unknown or (any(faults) and (gates is None or record_dir is None)):
+        raise ValueError(f"MPC_PROTOCOL_FAULTS is for the leak tests only (with MPC_RECORD_DIR and our "
+                         f"gates); known variants {', '.join(FAULTS)}, got {','.join(faults)}")
+    if record_dir is not None and gates is not None:
+        gates.view = []
+    if settings.get("profile"):
+        ops = ProfiledOps(ops)
+
     _set_precision(crypten, bits)
     scale = 2.0 ** bits
     # with a dealer and exact truncation, the model owner keeps its product weights in clear
@@ -704,7 +723,7 @@ def _party_loop(rank: int, conn: Any, settings: dict[str, Any], model: tuple | N
             # the whole batch's triples and pairs, announced ahead (the planner knows our gates only)
             from backends.mpc.dealer_plan import batch_requests
 
-            dealer.plan_batch(batch_requests(plan, shared, shape, bits), device="cpu")
+            dealer.plan_batch(batch_requests(plan, shared, shape, bits, ops.narrow), device="cpu")
         with crypten.no_grad():
             # the data owner's public, exact rescaling of its own pixels (see Plan.input_scale)
             x = crypten.cryptensor(images.double() * plan.input_scale if rank == 1 else torch.zeros(shape),

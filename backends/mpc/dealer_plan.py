@@ -40,8 +40,9 @@ class Shape:
 class RequestPlanner:
     """`CrypTenOps` on shapes (plain weights, exact truncation by pairs, packed ReLU)."""
 
-    def __init__(self, bits: int) -> None:
+    def __init__(self, bits: int, narrow: bool = False) -> None:
         self.bits = bits
+        self.narrow = narrow          # ReLUs by the narrow comparison (`CrypTenOps.narrow`)
         self.requests: list[tuple] = []
 
     def _product(self, op: str, x: Shape, w: Any, **kwargs) -> Shape:
@@ -66,11 +67,11 @@ class RequestPlanner:
         return self._product("mul", x, s)
 
     def relu(self, x):
-        self.requests.extend(relu_triple_requests(x.nelement()))
+        self.requests.extend(relu_triple_requests(x.nelement(), narrow=self.narrow))
         return x
 
-    def maximum_many(self, a_list, b_list):
-        self.relu(Shape([sum(a.nelement() for a in a_list)]))
+    def maximum_many(self, a_list, b_list):          # always full width
+        self.requests.extend(relu_triple_requests(sum(a.nelement() for a in a_list)))
         return list(b_list)
 
     def add(self, x, t):
@@ -103,10 +104,11 @@ class RequestPlanner:
         return out
 
 
-def batch_requests(plan: Any, params: dict[str, Any], input_shape, bits: int) -> list[tuple]:
+def batch_requests(plan: Any, params: dict[str, Any], input_shape, bits: int, narrow: bool = False
+                   ) -> list[tuple]:
     """The dealer requests, in order, of one secure evaluation of `plan` on `input_shape`."""
     from backends.mpc.graph import run_plan
 
-    planner = RequestPlanner(bits)
+    planner = RequestPlanner(bits, narrow)
     run_plan(plan, params, Shape(input_shape), planner)
     return planner.requests

@@ -203,6 +203,11 @@ class RangeOps(TorchOps):
     def __init__(self) -> None:
         self.max_abs = 0.0
         self.sum_abs = 0.0
+        self.max_abs_relu = 0.0         # every ReLU's input (not the max-pool's differences)
+
+    def relu(self, x):
+        self.max_abs_relu = max(self.max_abs_relu, float(x.abs().max())) if x.numel() else self.max_abs_relu
+        return torch.relu(x)
 
     def _seen(self, y: torch.Tensor) -> torch.Tensor:
         self.max_abs = max(self.max_abs, float(y.abs().max()))
@@ -230,6 +235,21 @@ class Calibration:
     max_abs_product: float
     sum_abs_products_per_image: float
     logit_error: float | None = None      # `predicted_logit_error` at the chosen precision
+    max_abs_relu_input: float = 0.0
+    #: width of the ReLU's comparison: NARROW_BITS (|input| * 2^p < 2^32 with the headroom
+    #: below) or 64 (the full carry circuit); chosen in `model_owner_fixed_point`
+    comparison_bits: int = 64
+
+    def comparison_headroom_bits(self, precision_bits: int) -> float:
+        """log2 of (the narrow comparison's range 2^32 / the largest ReLU input's encoding)."""
+        from backends.mpc.protocol import NARROW_BITS
+
+        return NARROW_BITS - precision_bits - math.log2(max(self.max_abs_relu_input, 2.0 ** -30))
+
+    def narrow_precision(self) -> int:
+        """The most fractional bits that leave RANGE_HEADROOM_BITS below the narrow comparison's
+        range on every ReLU input."""
+        return math.floor(self.comparison_headroom_bits(0) - RANGE_HEADROOM_BITS)
 
     def headroom_bits(self, precision_bits: int) -> float:
         """log2 of (ring's signed range / largest product encoding) at this precision."""
@@ -261,7 +281,8 @@ def calibrate(plan: Plan, params: dict[str, torch.Tensor], images: torch.Tensor)
     with torch.no_grad():
         run_plan(plan, params, images.double() * plan.input_scale, ops)
     n = int(images.shape[0])
-    return Calibration(images=n, max_abs_product=ops.max_abs, sum_abs_products_per_image=ops.sum_abs / n)
+    return Calibration(images=n, max_abs_product=ops.max_abs, sum_abs_products_per_image=ops.sum_abs / n,
+                       max_abs_relu_input=ops.max_abs_relu)
 
 
 def choose_precision(requested: int, truncation: str, cal: Calibration) -> int:
@@ -287,11 +308,17 @@ def model_owner_precision(plan: Plan, params: dict[str, torch.Tensor], resolutio
 
 
 def model_owner_fixed_point(plan: Plan, params: dict[str, torch.Tensor], resolution: int, requested: int,
-                            truncation: str, scaling: str = "channels"
-                            ) -> tuple[Plan, dict[str, torch.Tensor], Calibration, int]:
+                            truncation: str, scaling: str = "channels", narrow_relu: bool = False,
+                            rounding: str = "pair") -> tuple[Plan, dict[str, torch.Tensor], Calibration, int]:
     """What the model owner shares: its plan and parameters, rescaled per channel on its public calibration
     images (`scaling="channels"`, see `balance_channels`; "none" keeps them), the calibration of
-    the plan it will run and the precision it implies."""
+    the plan it will run and the precision it implies.
+
+    narrow_relu (the dealer's protocol): every ReLU may use the 32-bit comparison when its inputs
+    leave RANGE_HEADROOM_BITS below 2^32 on calibration (`cal.comparison_bits`); automatic
+    precision gives up at most NARROW_TRADE_BITS fractional bits for it, a requested one none.
+    rounding: how the secure truncation rounds ("pair" with the dealer, "circuit" without;
+    `FixedPointOps`)."""
     if scaling not in SCALINGS:
         raise ValueError(f"scaling must be one of {SCALINGS}, got {scaling!r}")
     images = public_calibration_images(resolution)
@@ -299,8 +326,12 @@ def model_owner_fixed_point(plan: Plan, params: dict[str, torch.Tensor], resolut
         plan, params = balance_channels(plan, params, images)
     cal = calibrate(plan, params, images)
     bits = choose_precision(requested, truncation, cal)
+    if narrow_relu and truncation == "exact":
+        fit = cal.narrow_precision()
+        if fit >= bits or (not requested and fit >= max(8, bits - NARROW_TRADE_BITS)):
+            bits, cal.comparison_bits = min(bits, fit), 32
     if truncation == "exact":
-        cal.logit_error = predicted_logit_error(plan, params, images[:EMULATED_IMAGES], bits)
+        cal.logit_error = predicted_logit_error(plan, params, images[:EMULATED_IMAGES], bits, rounding)
         worst_dp = cal.logit_error / 4          # sigmoid's slope is at most 1/4
         if not requested and worst_dp > FIDELITY_BAR:
             raise ValueError(
@@ -312,6 +343,8 @@ def model_owner_fixed_point(plan: Plan, params: dict[str, torch.Tensor], resolut
     return plan, params, cal, bits
 
 
+#: fractional bits automatic precision may give up so that the ReLUs fit the narrow comparison
+NARROW_TRADE_BITS = 1
 #: the largest |probability difference| against plaintext an MPC row may have
 FIDELITY_BAR = 1e-3
 #: calibration images the fixed-point emulation runs on (two plaintext passes each)
@@ -321,18 +354,27 @@ EMULATED_IMAGES = 2
 class FixedPointOps(TorchOps):
     """Plaintext emulation of the CrypTen path's fixed point at `bits` fractional bits: weights,
     biases and shifts rounded to the grid, every product truncated as `TwoPartyGates.truncate`
-    does (floor, and one more ulp down when the shares' low bits carry, taken as a coin flip)."""
+    does. With the dealer's truncation pairs (rounding="pair", the default) that is floor plus
+    the dropped borrow [z mod 2^d < r mod 2^d], which for a uniform r is 1 with probability
+    frac(y * 2^p): stochastic rounding, floor or one ulp up. The carry circuit (rounding=
+    "circuit", CrypTen's trusted first party) drops the low bits' carry instead, 1 with
+    probability 1 - frac: one ulp below that."""
 
-    def __init__(self, bits: int, seed: int = 0) -> None:
+    def __init__(self, bits: int, seed: int = 0, rounding: str = "pair") -> None:
+        if rounding not in ("pair", "circuit"):
+            raise ValueError(f"rounding must be pair or circuit, got {rounding!r}")
         self.scale = 2.0 ** bits
+        self.rounding = rounding
         self._gen = torch.Generator().manual_seed(seed)    # emulation noise, not a secret
 
     def grid(self, t: torch.Tensor) -> torch.Tensor:
         return torch.round(t * self.scale) / self.scale
 
     def _truncated(self, y: torch.Tensor) -> torch.Tensor:
-        carry = torch.randint(0, 2, y.shape, generator=self._gen, dtype=torch.float64)
-        return (torch.floor(y * self.scale) - carry) / self.scale
+        v = y * self.scale
+        low = torch.floor(v)
+        up = (torch.rand(y.shape, generator=self._gen, dtype=torch.float64) < v - low).double()
+        return (low + up - (1.0 if self.rounding == "circuit" else 0.0)) / self.scale
 
     def conv(self, x, w, b, stride, padding):
         y = self._truncated(F.conv2d(x, self.grid(w), None, stride=stride, padding=padding))
@@ -354,11 +396,11 @@ class FixedPointOps(TorchOps):
 
 
 def predicted_logit_error(plan: Plan, params: dict[str, torch.Tensor], images: torch.Tensor,
-                          bits: int) -> float:
+                          bits: int, rounding: str = "pair") -> float:
     """Largest |logit change| fixed point at `bits` causes on `images` (the model owner's
     plaintext emulation; on a random DenseNet-121 at 224 px it predicted 3.4e-2 at 19 bits and
     the secure run measured ...)."""
-    ops = FixedPointOps(bits)
+    ops = FixedPointOps(bits, rounding=rounding)
     x = images.double() * plan.input_scale
     with torch.no_grad():
         exact = run_plan(plan, params, x, TorchOps())

@@ -79,18 +79,27 @@ LEVEL_MASKS = [0x5555555555555555, 0x3333333333333333, 0x0F0F0F0F0F0F0F0F,
 AndFn = Callable[[list[torch.Tensor], list[torch.Tensor]], list[torch.Tensor]]
 
 
-def carry_tree(g: torch.Tensor, p: torch.Tensor, and_fn: AndFn) -> torch.Tensor:
+def carry_tree(g: torch.Tensor, p: torch.Tensor, and_fn: AndFn, first_level: int = 0,
+               n: int | None = None) -> torch.Tensor:
     """XOR-shares of the carry out of bit 63 for each element (0/1 in bit 0).
 
     g, p: shares of the per-bit generate / propagate words, shape [..., n] (the last axis
     indexes elements; leading axes, if any, are carried along, e.g. simulated parties).
     Level L combines adjacent blocks of 2^L bits: G = G_hi ^ (P_hi & G_lo), P = P_hi & P_lo;
     afterwards each element has half as many block bits, so two words are packed into one.
+    first_level=1: the words already hold the layout after one packing (`pack_low_bits`:
+    n elements of 32 one-bit blocks, two per word), so the tree starts at level 1.
     """
-    n = g.shape[-1]
+    n = g.shape[-1] if first_level == 0 else int(n)
     word = torch.arange(n, device=g.device)                # where each element lives: word index, bit slot
     slot = torch.zeros(n, dtype=torch.long)
-    for level in range(6):
+    count = n
+    for level in range(first_level):                       # the packings already done
+        count = (count + 1) // 2
+        moved = word >= count
+        word = torch.where(moved, word - count, word)
+        slot = torch.where(moved, slot + (1 << level), slot)
+    for level in range(first_level, 6):
         shift = 1 << level
         m = _signed(LEVEL_MASKS[level])
         g_lo, g_hi = g & m, (g >> shift) & m
@@ -165,11 +174,43 @@ def unpack_bits(words: torch.Tensor, n: int) -> torch.Tensor:
     return ((words.unsqueeze(-1) >> _BIT) & 1).reshape(words.shape[:-1] + (-1,))[..., :n]
 
 
+#: the ReLU's narrow comparison (with the dealer): the sign of y for |y| < 2^NARROW_BITS from
+#: its low NARROW_BITS + 1 bits, two elements per word in the carry tree
+NARROW_BITS = 32
+_SPREAD = [(16, 0x0000FFFF0000FFFF), (8, 0x00FF00FF00FF00FF), (4, 0x0F0F0F0F0F0F0F0F),
+           (2, 0x3333333333333333), (1, 0x5555555555555555)]
+
+
+def pack_low_bits(v: torch.Tensor) -> torch.Tensor:
+    """The low 32 bits of each int64 (last axis, n) as the carry tree's layout after its first
+    packing: bit i of element e at position 2i (+1 for the second half's elements), ceil(n/2)
+    words. A local move of XOR-shares, and of public values."""
+    x = v & 0xFFFFFFFF
+    for shift, mask in _SPREAD:                 # Morton spread: bit i -> position 2i
+        x = (x | (x << shift)) & _signed(mask)
+    return _pack(x, 1)
+
+
+def borrow_shares(c: torch.Tensor, rho_low: torch.Tensor, rank: int, and_fn: AndFn) -> torch.Tensor:
+    """XOR-shares (0/1) of [c mod 2^32 < r mod 2^32] for public c (n values) and r's low bits
+    XOR-shared in `pack_low_bits` layout: the borrow out of c - r, i.e. the carry of the tree
+    with generate r_i & ~c_i and propagate ~(r_i ^ c_i) (both local: c is public)."""
+    not_c = ~pack_low_bits(c)
+    g = rho_low & not_c
+    p = rho_low ^ not_c if rank == 0 else rho_low
+    return carry_tree(g, p, and_fn, first_level=1, n=c.shape[-1])
+
+
 def _tree_requests(n: int) -> list[tuple[str, tuple]]:
     size = torch.Size
-    out = [("binary", (size([n]), size([n])))]            # g = u & v
-    k = n
-    for level in range(6):
+    return [("binary", (size([n]), size([n])))] + _level_requests(n, 0)     # g = u & v, the tree
+
+
+def _level_requests(k: int, first_level: int) -> list[tuple[str, tuple]]:
+    """The carry tree's ANDs from `first_level` on, k words at that level."""
+    size = torch.Size
+    out = []
+    for level in range(first_level, 6):
         if level < 5:                                     # p_hi & [g_lo, p_lo]: one shared operand
             out.append(("binary", (size([1, k]), size([2, k]))))
         else:
@@ -185,10 +226,13 @@ def truncate_triple_requests(n: int) -> list[tuple[str, tuple]]:
     return _tree_requests(n) + [("binary", (size([words]), size([words]))), ("B2A", (size([2 * n]),))]
 
 
-def relu_triple_requests(n: int, dealer: bool = True) -> list[tuple[str, tuple]]:
+def relu_triple_requests(n: int, dealer: bool = True, narrow: bool = False) -> list[tuple[str, tuple]]:
     """The dealer requests one `TwoPartyGates.relu` on n elements makes, in order (dealer=False:
-    what the trusted-first-party variant draws)."""
+    what the trusted-first-party variant draws; narrow: the NARROW_BITS comparison)."""
     size = torch.Size
+    if narrow:
+        return ([("cmp_mask", (size([n]),))] + _level_requests((n + 1) // 2, 1)
+                + [("relu_mask", (size([n]),))])
     out = _tree_requests(n)
     if dealer:
         out.append(("relu_mask", (size([n]),)))
@@ -213,6 +257,25 @@ def relu_mask_shares(size: torch.Size, rank: int, device=None) -> tuple[torch.Te
         rc = client.ttp_request("relu_mask", device, size)
         return r_b, rc[0], a, rc[1]
     return r_b, ring(size, generator=generator, device=device), a, ring(size, generator=generator, device=device)
+
+
+def comparison_mask_shares(size: torch.Size, rank: int, device=None) -> tuple[torch.Tensor, ...]:
+    """This party's shares of a comparison mask from the dealer: a uniform r (arithmetic share)
+    with XOR-shares of its low NARROW_BITS bits (`pack_low_bits` layout) and of its bit
+    NARROW_BITS (`pack_bits`). Party 0 receives its bit shares (`serve_dealer`'s `cmp_mask`)."""
+    from crypten.mpc.provider import ttp_provider
+
+    client = ttp_provider.TTPClient.get()
+    generator = client.get_generator(device=device)
+    ring = ttp_provider.generate_random_ring_element
+    n = int(torch.Size(size).numel())
+    low, top = (n + 1) // 2, (n + 63) // 64
+    r = ring(size, generator=generator, device=device)
+    if rank == 0:
+        bits = client.ttp_request("cmp_mask", device, size)
+        return r, bits[:low], bits[low:]
+    return (r, ring(torch.Size([low]), generator=generator, device=device),
+            ring(torch.Size([top]), generator=generator, device=device))
 
 
 _PAIR_SLOTS = torch.arange(0, 64, 2, dtype=torch.long)
@@ -309,6 +372,9 @@ def result_size(func_name: str, args: tuple, kwargs: dict) -> torch.Size:
         return torch.Size(args[0])
     if func_name in ("trunc_pair", "relu_mask"):
         return torch.Size([2, *args[0]])
+    if func_name == "cmp_mask":
+        n = int(torch.Size(args[0]).numel())
+        return torch.Size([(n + 1) // 2 + (n + 63) // 64])
     if func_name == "weight_masks":
         return torch.Size([1])
     if func_name == "plain_product":
@@ -425,6 +491,21 @@ def serve_dealer() -> None:
             c = a * r
             c -= ring(size, generator=g1)
             return torch.stack([r_a, c])
+
+        def cmp_mask(self, size):
+            """Party 0's XOR-shares of the bits of a comparison mask r = r0 + r1 (both parties'
+            generators; `comparison_mask_shares`): its low NARROW_BITS bits, packed for the
+            carry tree, and its bit NARROW_BITS; party 1 draws its own shares."""
+            from crypten.mpc.provider import ttp_provider
+
+            ring = ttp_provider.generate_random_ring_element
+            g0, g1 = self._get_generators(device=self.device)[:2]
+            r = ring(size, generator=g0) + ring(size, generator=g1)
+            low = pack_low_bits(r.reshape(-1))
+            top = pack_bits((r.reshape(-1) >> NARROW_BITS) & 1)
+            low ^= ring(low.size(), generator=g1)
+            top ^= ring(top.size(), generator=g1)
+            return torch.cat([low, top])
 
         def weight_masks(self, sizes):
             """Draw the mask b of every plain weight from party 0's generator (party 0 draws the
@@ -590,7 +671,8 @@ def _product_fn(op: str):
 
 
 #: deliberately broken variants, for the leak tests only (MPC_PROTOCOL_FAULTS)
-FAULTS = ("open_bits", "reuse_mask", "own_share", "unmasked_input", "unmasked_weights")
+FAULTS = ("open_bits", "reuse_mask", "own_share", "unmasked_input", "unmasked_weights",
+          "unmasked_compare")
 
 
 class TwoPartyGates:
@@ -731,8 +813,12 @@ class TwoPartyGates:
         msb = msb_shares(share.reshape(-1), self.rank, self._and)
         return msb ^ 1 if self.rank == 0 else msb
 
-    def relu(self, x):
-        """relu(x) for an arithmetic MPCTensor x (any shape, any fixed-point scale)."""
+    def relu(self, x, narrow: bool = False):
+        """relu(x) for an arithmetic MPCTensor x (any shape, any fixed-point scale).
+
+        narrow (dealer only): the caller guarantees |x's encoding| < 2^NARROW_BITS (the model
+        owner's calibrated bound, `plan.Calibration.comparison_bits`), so the sign comes from
+        one opening and a 32-bit comparison instead of the 64-bit carry circuit."""
         if self.provider.NAME != "TTP":
             return self._relu_first_party(x)
         share = x.share
@@ -741,8 +827,8 @@ class TwoPartyGates:
             self.view.append(flat.clone())
         n = flat.numel()
         if self.dealer is not None:
-            self.dealer.announce(relu_triple_requests(n), device=share.device)
-        d = self.drelu_shares(share)
+            self.dealer.announce(relu_triple_requests(n, narrow=narrow), device=share.device)
+        d = self._narrow_drelu(flat) if narrow else self.drelu_shares(share)
         r_b, r_a, a, c = relu_mask_shares(torch.Size([n]), self.rank, share.device)
         if self.fault == "reuse_mask":                      # BROKEN: the same mask every evaluation
             a = torch.full_like(a, 0x5DEECE66D * (self.rank + 1))
@@ -758,6 +844,23 @@ class TwoPartyGates:
         result._tensor = x._tensor.shallow_copy()        # MPCTensor.shallow_copy shares _tensor
         result._tensor.share = out.view(share.shape)
         return result
+
+    def _narrow_drelu(self, flat: torch.Tensor) -> torch.Tensor:
+        """XOR-shares (0/1) of [y >= 0] for |y| < 2^k, k = NARROW_BITS, from a comparison mask r.
+
+        The parties open c = y + 2^k + r (mod 2^64): uniform, r is fresh and uniform. With
+        y' = y + 2^k in [0, 2^(k+1)), y' = (c - r) mod 2^(k+1), and y >= 0 exactly when bit k of
+        y' is set: c_k xor r_k xor [c mod 2^k < r mod 2^k] (`borrow_shares`)."""
+        n = flat.numel()
+        r, rho_low, rho_top = comparison_mask_shares(torch.Size([n]), self.rank, flat.device)
+        masked = flat + r if self.fault != "unmasked_compare" else flat.clone()   # BROKEN: unmasked
+        if self.rank == 0:
+            masked += 1 << NARROW_BITS
+        (c,) = self.comm.all_reduce([masked], batched=True)
+        d = borrow_shares(c, rho_low, self.rank, self._and) ^ unpack_bits(rho_top, n)
+        if self.rank == 0:
+            d ^= (c >> NARROW_BITS) & 1
+        return d
 
     def _relu_first_party(self, x):
         """`relu` with CrypTen's trusted-first-party provider (a bit conversion and a Beaver
