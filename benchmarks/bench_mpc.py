@@ -278,7 +278,7 @@ class MPCRandomness:
 
 class MPCRandomness224:
     """The CSPRNG's cost at full size (only with MPC_BENCH_DENSENET121=1; ~1 min of party
-    start-up and about 18 s per image per row on 2 quiet cores: 17.7 s CSPRNG, 21.8 s
+    start-up and about 12 s per image per row on 2 quiet cores: 11.1 s CSPRNG, 12.1 s
     rng=torch, `suite run` with batch 4 on 4 NIH images, 2026-12-02, README "MPC engines"):
     random DenseNet-121 at 224 px, one batch of MPC_BENCH_BATCH images (default 2), dealer triples, rng=csprng against
     rng=torch in the same `setup_cache`. Wall time per image, CPU time of the busier party per
