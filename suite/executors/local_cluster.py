@@ -5,10 +5,6 @@ which would stop every Ray process of this user, other people's included).
 
     with LocalRayCluster(nodes=2, cores=[[0], [1]]) as cluster:
         run(..., executor=ExecutorSpec("ray", address=cluster.address))
-
-The nodes run in sessions of their own (a Ctrl-C at the terminal does not reach them), so a
-driver that is killed would leave them running: while the cluster is up, SIGTERM and SIGINT
-stop its nodes first, then do what they did before (the default: the driver ends).
 """
 
 from __future__ import annotations
@@ -16,12 +12,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -53,10 +47,8 @@ def _node_process(cores: list[int] | None) -> None:
 class LocalRayCluster:
     def __init__(self, nodes: int = 2, cpus_per_node: int = 1, cores: list[list[int]] | None = None,
                  object_store_mb: int = 100, slot_resource: str = DEFAULT_SLOT_RESOURCE,
-                 start_timeout_s: float = 300.0, stop_on_signals: bool = True) -> None:
+                 start_timeout_s: float = 300.0) -> None:
         self.n_nodes, self.cpus, self.cores = nodes, cpus_per_node, cores
-        self.stop_on_signals = stop_on_signals      # False only for the test's positive control
-        self._previous_handlers: dict[int, object] = {}
         self.object_store = object_store_mb * 2**20
         self.slot_resource, self.start_timeout_s = slot_resource, start_timeout_s
         self.procs: list[subprocess.Popen] = []
@@ -111,42 +103,18 @@ class LocalRayCluster:
             return False
 
     def __enter__(self) -> "LocalRayCluster":
-        """The head, and the other nodes as soon as its GCS port listens (they register while
-        the head's raylet is still starting); then one wait until every node's slot is there."""
-        self._catch_signals()
         try:
             self._start_node(0, head=True)
-            self._wait(self._head_listening, "the head node's GCS", range(0, 1))
+            self._wait(lambda: self._head_listening() and self._registered(1), "the head node",
+                       range(0, 1))
             for i in range(1, self.n_nodes):
                 self._start_node(i, head=False)
             self._wait(lambda: self._registered(self.n_nodes), f"{self.n_nodes} nodes",
-                       range(0, self.n_nodes))
+                       range(1, self.n_nodes))
         except BaseException:
             self.stop()
             raise
         return self
-
-    def _catch_signals(self) -> None:
-        """SIGTERM / SIGINT stop the nodes before the driver goes (main thread only: Python
-        runs signal handlers there)."""
-        if not self.stop_on_signals or threading.current_thread() is not threading.main_thread():
-            return
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            self._previous_handlers[sig] = signal.getsignal(sig)
-            signal.signal(sig, self._on_signal)
-
-    def _release_signals(self) -> None:
-        for sig, handler in self._previous_handlers.items():
-            signal.signal(sig, handler)
-        self._previous_handlers = {}
-
-    def _on_signal(self, signum, frame) -> None:
-        previous = self._previous_handlers.get(signum, signal.SIG_DFL)
-        self.stop()                                   # also puts the previous handlers back
-        if callable(previous):
-            previous(signum, frame)                   # SIGINT's: KeyboardInterrupt
-        elif previous == signal.SIG_DFL:
-            os.kill(os.getpid(), signum)              # the default action, now restored
 
     def _registered(self, n_nodes: int) -> bool:
         """Ask the cluster (from a child process, so this one stays free of Ray state) whether
@@ -180,9 +148,7 @@ class LocalRayCluster:
         return found
 
     def stop(self) -> None:
-        """Every process of every node (workers, raylets, GCS), by id; then the temp folder.
-        Safe to call twice (a signal, then the `with` block's exit)."""
-        self._release_signals()
+        """Every process of every node (workers, raylets, GCS), by id; then the temp folder."""
         procs = []
         for p in self.procs:
             try:
