@@ -307,12 +307,12 @@ if [ -z "$CHECKPOINT" ]; then
   PIDS+=($!)
   wait "${PIDS[-1]}" || { tail -20 "$WORK/vendor/train.log" >&2; echo "error: training failed" >&2; exit 1; }
 fi
-# the labels from the checkpoint's metadata (torch alone: building the net, as the model owners
-# do, would import torchxrayvision and torchvision for nothing here)
+# the labels from the checkpoint's metadata (building the net, as the model owners do, would
+# import torchxrayvision and torchvision for nothing here)
 LABELS="$("$PY" -c "
-import sys, torch
-meta = torch.load(sys.argv[1], map_location='cpu', weights_only=False)['meta']
-print(','.join(p for p in meta['pathologies'] if p))" "$CHECKPOINT")"
+import sys
+from suite.models import checkpoint_meta
+print(','.join(p for p in checkpoint_meta(sys.argv[1])['pathologies'] if p))" "$CHECKPOINT")"
 log "vendor model $CHECKPOINT, labels $LABELS"
 
 # ------------------------------------------------------------------ one session per channel

@@ -104,12 +104,28 @@ def save_checkpoint(bundle: ModelBundle, path: Path, recipe: dict[str, Any] | No
     tmp.replace(path)
 
 
-def load_checkpoint(path: Path) -> ModelBundle:
+def _read_checkpoint(path: Path) -> dict[str, Any]:
     path = Path(path)
     if not path.exists():
         raise SuiteError(f"model checkpoint not found: {path}")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=False)
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # a truncated or foreign file
+        raise SuiteError(f"cannot read model checkpoint {path}: {type(exc).__name__}: {exc}") from None
+
+
+def checkpoint_meta(path: Path) -> dict[str, Any]:
+    """A checkpoint's metadata (labels, resolution, architecture, recipe) without building its
+    network, which would import torchxrayvision and torchvision."""
+    try:
+        return _read_checkpoint(path)["meta"]
+    except (KeyError, TypeError) as exc:
+        raise SuiteError(f"cannot read model checkpoint {path}: {type(exc).__name__}: {exc}") from None
+
+
+def load_checkpoint(path: Path) -> ModelBundle:
+    payload = _read_checkpoint(path)
+    try:
         meta = payload["meta"]
         net = build_densenet(meta["architecture"], len(meta["pathologies"]))
         net.load_state_dict(payload["state_dict"])

@@ -276,7 +276,7 @@ class CrypTenBackend(PartyBackend):
     # ------------------------------------------------------------------ lifecycle
 
     def setup(self, ctx: BackendContext) -> None:
-        from backends.mpc.plan import model_owner_fixed_point
+        from backends.mpc.plan import gate_fixed_point, model_owner_fixed_point
 
         o = self.options
         plan, params = self._model_owner_plan(ctx)
@@ -284,8 +284,7 @@ class CrypTenBackend(PartyBackend):
             try:
                 plan, params, self._calibration, self._precision = model_owner_fixed_point(
                     plan, params, ctx.model.resolution, o.precision_bits, o.truncation, o.scaling,
-                    narrow_relu=o.triples == "ttp" and o.relu == "packed",
-                    rounding="pair" if o.triples == "ttp" else "circuit")
+                    **gate_fixed_point(o.triples, o.relu))
             except ValueError as exc:
                 raise SuiteError(f"mpc: {exc}") from None
         else:                             # the remote model owner chooses; 0 adopts its choice
@@ -351,7 +350,7 @@ class CrypTenBackend(PartyBackend):
     # ------------------------------------------------------------------ extra figures
 
     def _precision_rows(self) -> list[dict]:
-        from backends.mpc.plan import EMULATED_IMAGES
+        from backends.mpc.plan import EMULATED_IMAGES, gate_fixed_point
 
         cal = getattr(self, "_calibration", None)
         if cal is None:
@@ -374,7 +373,7 @@ class CrypTenBackend(PartyBackend):
                                  f"{min(cal.images, EMULATED_IMAGES)} of the calibration images, by the "
                                  f"model owner's plaintext emulation (mpc_plan.FixedPointOps); "
                                  f"|dp| <= a quarter of it"})
-        if self.options.triples == "ttp" and self.options.relu == "packed":
+        if gate_fixed_point(self.options.triples, self.options.relu)["narrow_relu"]:
             rows.append({"metric": "relu_comparison_bits", "value": cal.comparison_bits, "unit": "bits",
                          "higher_is_better": False,
                          "note": "width of every ReLU's sign comparison (the max-pool's are 64): 32 when "

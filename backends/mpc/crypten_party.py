@@ -299,9 +299,7 @@ class CrypTenOps:
         return self._product("matmul", x, w if isinstance(w, PlainWeight) else w.transpose(0, 1)) + b
 
     def relu(self, x):
-        if self._relu is None:
-            return x.relu()
-        return self._relu(x, narrow=True) if self.narrow else self._relu(x)
+        return self._relu(x, narrow=True) if self.narrow else self._relu_wide(x)
 
     def _relu_wide(self, x):
         return self._relu(x) if self._relu is not None else x.relu()
@@ -579,15 +577,14 @@ def _standalone(argv: list[str]) -> int:
         return 0
     if not a.checkpoint or not a.labels:
         p.error("model-owner needs --checkpoint and --labels")
-    from backends.mpc.plan import build_plan, model_owner_fixed_point
+    from backends.mpc.plan import build_plan, gate_fixed_point, model_owner_fixed_point
     from suite.models import load_checkpoint
 
     bundle = load_checkpoint(Path(a.checkpoint)).restricted([x for x in a.labels.split(",") if x])
     plan, params = build_plan(bundle.net, a.pre_mode)
     plan, params, cal, settings["precision_bits"] = model_owner_fixed_point(
         plan, params, bundle.resolution, a.precision_bits, a.truncation, a.scaling,
-        narrow_relu=a.triples == "ttp" and a.relu == "packed",
-        rounding="pair" if a.triples == "ttp" else "circuit")
+        **gate_fixed_point(a.triples, a.relu))
     settings["comparison_bits"] = cal.comparison_bits
     print(f"[model owner] fixed point: {settings['precision_bits']} fractional bits "
           f"({cal.headroom_bits(settings['precision_bits']):.1f} bits of headroom on calibration)",

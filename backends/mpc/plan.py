@@ -307,6 +307,14 @@ def model_owner_precision(plan: Plan, params: dict[str, torch.Tensor], resolutio
     return cal, choose_precision(requested, truncation, cal)
 
 
+def gate_fixed_point(triples: str, relu: str) -> dict[str, object]:
+    """`model_owner_fixed_point`'s protocol arguments for these gates: the narrow ReLU
+    comparison needs the dealer's masks and the packed ReLU; truncation pairs (the dealer's)
+    round otherwise than the carry circuit."""
+    return {"narrow_relu": triples == "ttp" and relu == "packed",
+            "rounding": "pair" if triples == "ttp" else "circuit"}
+
+
 def model_owner_fixed_point(plan: Plan, params: dict[str, torch.Tensor], resolution: int, requested: int,
                             truncation: str, scaling: str = "channels", narrow_relu: bool = False,
                             rounding: str = "pair") -> tuple[Plan, dict[str, torch.Tensor], Calibration, int]:

@@ -93,12 +93,17 @@ def carry_tree(g: torch.Tensor, p: torch.Tensor, and_fn: AndFn, first_level: int
     n = g.shape[-1] if first_level == 0 else int(n)
     word = torch.arange(n, device=g.device)                # where each element lives: word index, bit slot
     slot = torch.zeros(n, dtype=torch.long)
+
+    def follow_pack(words_after: int, shift: int) -> None:  # `_pack` moved the second half up
+        nonlocal word, slot
+        moved = word >= words_after
+        word = torch.where(moved, word - words_after, word)
+        slot = torch.where(moved, slot + shift, slot)
+
     count = n
     for level in range(first_level):                       # the packings already done
         count = (count + 1) // 2
-        moved = word >= count
-        word = torch.where(moved, word - count, word)
-        slot = torch.where(moved, slot + (1 << level), slot)
+        follow_pack(count, 1 << level)
     for level in range(first_level, 6):
         shift = 1 << level
         m = _signed(LEVEL_MASKS[level])
@@ -106,12 +111,9 @@ def carry_tree(g: torch.Tensor, p: torch.Tensor, and_fn: AndFn, first_level: int
         p_lo, p_hi = p & m, (p >> shift) & m
         if level < 5:
             t_g, t_p = and_fn([p_hi, p_hi], [g_lo, p_lo])
-            h = (g.shape[-1] + 1) // 2            # words after packing
             # AND outputs are random in every bit of each share: mask before packing
             g, p = _pack((g_hi ^ t_g) & m, shift), _pack(t_p & m, shift)
-            moved = word >= h
-            word = torch.where(moved, word - h, word)
-            slot = torch.where(moved, slot + shift, slot)
+            follow_pack(g.shape[-1], shift)
         else:
             (t_g,) = and_fn([p_hi], [g_lo])
             g = g_hi ^ t_g
@@ -181,6 +183,12 @@ _SPREAD = [(16, 0x0000FFFF0000FFFF), (8, 0x00FF00FF00FF00FF), (4, 0x0F0F0F0F0F0F
            (2, 0x3333333333333333), (1, 0x5555555555555555)]
 
 
+def comparison_mask_words(n: int) -> tuple[int, int]:
+    """Words of a comparison mask's bit shares for n elements: its low NARROW_BITS bits in
+    `pack_low_bits` layout (two elements per word), and its bit NARROW_BITS (`pack_bits`)."""
+    return (n + 1) // 2, (n + 63) // 64
+
+
 def pack_low_bits(v: torch.Tensor) -> torch.Tensor:
     """The low 32 bits of each int64 (last axis, n) as the carry tree's layout after its first
     packing: bit i of element e at position 2i (+1 for the second half's elements), ceil(n/2)
@@ -231,7 +239,7 @@ def relu_triple_requests(n: int, dealer: bool = True, narrow: bool = False) -> l
     what the trusted-first-party variant draws; narrow: the NARROW_BITS comparison)."""
     size = torch.Size
     if narrow:
-        return ([("cmp_mask", (size([n]),))] + _level_requests((n + 1) // 2, 1)
+        return ([("cmp_mask", (size([n]),))] + _level_requests(comparison_mask_words(n)[0], 1)
                 + [("relu_mask", (size([n]),))])
     out = _tree_requests(n)
     if dealer:
@@ -268,8 +276,7 @@ def comparison_mask_shares(size: torch.Size, rank: int, device=None) -> tuple[to
     client = ttp_provider.TTPClient.get()
     generator = client.get_generator(device=device)
     ring = ttp_provider.generate_random_ring_element
-    n = int(torch.Size(size).numel())
-    low, top = (n + 1) // 2, (n + 63) // 64
+    low, top = comparison_mask_words(int(torch.Size(size).numel()))
     r = ring(size, generator=generator, device=device)
     if rank == 0:
         bits = client.ttp_request("cmp_mask", device, size)
@@ -373,8 +380,7 @@ def result_size(func_name: str, args: tuple, kwargs: dict) -> torch.Size:
     if func_name in ("trunc_pair", "relu_mask"):
         return torch.Size([2, *args[0]])
     if func_name == "cmp_mask":
-        n = int(torch.Size(args[0]).numel())
-        return torch.Size([(n + 1) // 2 + (n + 63) // 64])
+        return torch.Size([sum(comparison_mask_words(int(torch.Size(args[0]).numel())))])
     if func_name == "weight_masks":
         return torch.Size([1])
     if func_name == "plain_product":
